@@ -1,0 +1,256 @@
+//! Command-line interface: argument parsing and the commands themselves.
+//!
+//! `serve` and `run` build the stack in-process; the other commands are thin
+//! HTTP clients of a running daemon at `MESHBOX_URL`. Signal handling stays in
+//! `main`, which hands a shutdown future in.
+
+mod client;
+mod run;
+mod serve;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_memory_mb, EnvValue, NetworkPolicy, Runtime, ServiceSpec, SpecError};
+
+/// Resolves when the process is asked to stop (SIGINT/SIGTERM).
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot reach meshbox at {url} (is `meshbox serve` running?)")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        message: String,
+        logs: Vec<String>,
+    },
+    #[error("unexpected answer from meshbox")]
+    Decode(#[source] reqwest::Error),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Orchestrator(#[from] crate::orchestrator::OrchestratorError),
+    #[error("the tool reported an error")]
+    ToolError,
+    #[error("server exited ({0})")]
+    ServerExit(crate::orchestrator::ExitReason),
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "meshbox", version, about = "Run MCP servers in sandboxes and serve their tools over HTTP")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon a broker talks to.
+    Serve(serve::ServeArgs),
+    /// Run one server sandboxed, bridging this process's stdin/stdout to it
+    /// (use as an MCP client's command instead of `npx`/`uvx`).
+    Run(run::RunArgs),
+    /// Deploy (or replace) a service: MESH/NAME SOURCE [-- ARGS].
+    Deploy(DeployArgs),
+    /// List a mesh's services.
+    Ls {
+        #[arg(default_value = "default")]
+        mesh: String,
+    },
+    /// Show a service's status as JSON.
+    Status { service: String },
+    /// List a service's tools.
+    Tools { service: String },
+    /// Call a tool: MESH/NAME TOOL [JSON arguments].
+    Call {
+        service: String,
+        tool: String,
+        #[arg(default_value = "{}")]
+        arguments: String,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Show a service's logs.
+    Logs {
+        service: String,
+        #[arg(short = 'n', long = "lines", default_value_t = 100)]
+        lines: usize,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Restart a service now.
+    Restart { service: String },
+    /// Stop and remove a service.
+    Rm { service: String },
+}
+
+/// Limits and environment, as docker spells them.
+#[derive(Debug, Clone, Args, Default)]
+pub struct SpecArgs {
+    /// Memory limit, e.g. 256m or 1g.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU share, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Most processes/threads the server may have.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// none | full | allow=host:port,...
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Environment for the server, K=V (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Runtime when detection should be overridden: node, python or bun.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Program to run instead of the detected entry (arguments go after --).
+    #[arg(long)]
+    pub command: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// MESH/NAME
+    pub service: String,
+    /// npm:PKG, pypi:REQ, git:URL#REF, path:DIR (a relative path is made absolute)
+    pub source: String,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Per-call timeout in milliseconds.
+    #[arg(long)]
+    pub call_timeout_ms: Option<u64>,
+    /// Arguments for the server.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+/// `path:./dir` and bare directories become `path:/abs/dir`.
+pub fn absolutize_source(source: &str) -> Result<String, CliError> {
+    let rel = match source.strip_prefix("path:") {
+        Some(p) => p,
+        None if !source.contains(':') && std::path::Path::new(source).is_dir() => source,
+        None => return Ok(source.to_owned()),
+    };
+    let p = PathBuf::from(rel);
+    let abs = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()
+            .map_err(|source| CliError::Io {
+                context: "failed to read the current directory".into(),
+                source,
+            })?
+            .join(p)
+    };
+    let abs = abs.canonicalize().unwrap_or(abs);
+    Ok(format!("path:{}", abs.display()))
+}
+
+impl SpecArgs {
+    pub fn into_spec(self, source: &str, args: Vec<String>) -> Result<ServiceSpec, CliError> {
+        let mut env = BTreeMap::new();
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| CliError::Usage(format!("--env `{kv}` must be K=V")))?;
+            env.insert(k.to_owned(), EnvValue::Literal(v.to_owned()));
+        }
+        let runtime = match self.runtime.as_deref() {
+            None => None,
+            Some(r) => Some(
+                serde_json::from_value::<Runtime>(serde_json::Value::String(r.to_owned()))
+                    .map_err(|_| CliError::Usage(format!("--runtime `{r}`: expected node, python or bun")))?,
+            ),
+        };
+        let (command, args) = match self.command {
+            Some(c) => (Some(std::iter::once(c).chain(args).collect()), Vec::new()),
+            None => (None, args),
+        };
+        let spec = ServiceSpec {
+            source: absolutize_source(source)?,
+            args,
+            command,
+            env,
+            runtime,
+            memory_mb: self.memory.as_deref().map(parse_memory_mb).transpose()?,
+            cpus: self.cpus,
+            pids: self.pids,
+            network: match self.network.as_deref() {
+                Some(n) => NetworkPolicy::parse_cli(n)?,
+                None => NetworkPolicy::Unset,
+            },
+            ..Default::default()
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// Runs a parsed command line to completion.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<i32, CliError> {
+    match cli.command {
+        Command::Serve(args) => serve::serve(args, shutdown).await.map(|()| 0),
+        Command::Run(args) => run::run(args, shutdown).await,
+        other => client::dispatch(other, shutdown).await.map(|()| 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let s = absolutize_source("path:.").unwrap();
+        assert!(s.starts_with("path:/"), "{s}");
+        assert_eq!(absolutize_source("npm:x").unwrap(), "npm:x");
+    }
+
+    #[test]
+    fn spec_args() {
+        let a = SpecArgs {
+            memory: Some("256m".into()),
+            cpus: Some(0.5),
+            network: Some("none".into()),
+            env: vec!["A=1".into()],
+            ..Default::default()
+        };
+        let s = a.into_spec("path:/x", vec!["--flag".into()]).unwrap();
+        assert_eq!(s.memory_mb, Some(256));
+        assert_eq!(s.args, vec!["--flag"]);
+        assert!(s.network.is_none());
+        let bad = SpecArgs {
+            env: vec!["NOEQUALS".into()],
+            ..Default::default()
+        };
+        assert!(bad.into_spec("path:/x", vec![]).is_err());
+        let bad = SpecArgs {
+            memory: Some("1k".into()),
+            ..Default::default()
+        };
+        assert!(bad.into_spec("path:/x", vec![]).is_err(), "below 16 MiB");
+    }
+}

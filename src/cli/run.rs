@@ -1,0 +1,106 @@
+//! `meshbox run`: one sandboxed server whose stdio is this process's stdio, so
+//! an MCP client can use `meshbox run SOURCE` where it used `npx`/`uvx`.
+//! Bytes pass through untouched; meshbox does not parse the protocol here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::io::AsyncWriteExt;
+
+use super::{CliError, Shutdown, SpecArgs};
+use crate::config::EnvValue;
+use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
+use crate::orchestrator::{wait_exit, Limits, Orchestrator, SandboxSpec};
+use crate::source::{launch_from_dir, Source};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// npm:PKG, pypi:REQ, git:URL#REF, path:DIR (a relative path is made absolute)
+    pub source: String,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Do not use cgroups for limits.
+    #[arg(long)]
+    pub no_cgroups: bool,
+    /// Arguments for the server.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
+    let spec = args.spec.into_spec(&args.source, args.args)?;
+    let source: Source = spec.source.parse()?;
+    let launch = match &source {
+        Source::Path(dir) => launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?,
+        other => {
+            return Err(CliError::Source(crate::source::SourceError::Unsupported {
+                kind: other.kind(),
+            }))
+        }
+    };
+    let home = super::serve::default_data_dir().join("home").join("_run");
+    std::fs::create_dir_all(&home).map_err(|source| CliError::Io {
+        context: format!("failed to create `{}`", home.display()),
+        source,
+    })?;
+    let mut env = BTreeMap::from([
+        ("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        ("HOME".to_owned(), home.to_string_lossy().into_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    for (k, v) in &spec.env {
+        if let EnvValue::Literal(s) = v {
+            env.insert(k.clone(), s.clone());
+        }
+    }
+    let backend = ProcessBackend::new(ProcessConfig {
+        cgroups: !args.no_cgroups,
+        ..Default::default()
+    });
+    let mut sandbox = backend
+        .spawn(SandboxSpec {
+            argv: launch.argv,
+            env,
+            workdir: Some(launch.workdir),
+            limits: Limits {
+                memory_mb: spec.memory_mb,
+                cpus: spec.cpus,
+                pids: spec.pids,
+            },
+            network: spec.network.clone(),
+            labels: BTreeMap::from([("meshbox.service".into(), "run".into())]),
+        })
+        .await?;
+    let mut stdin = sandbox.io.stdin;
+    let mut stdout = sandbox.io.stdout;
+    let mut stderr = sandbox.io.stderr;
+    // Client → server; EOF from the client closes the server's stdin.
+    let to_server = tokio::spawn(async move {
+        let mut ours = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut ours, &mut stdin).await;
+        let _ = stdin.shutdown().await;
+    });
+    let from_server = tokio::spawn(async move {
+        let mut ours = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut stdout, &mut ours).await;
+        let _ = ours.flush().await;
+    });
+    let errors = tokio::spawn(async move {
+        let mut ours = tokio::io::stderr();
+        let _ = tokio::io::copy(&mut stderr, &mut ours).await;
+    });
+    let reason = tokio::select! {
+        r = wait_exit(&mut sandbox.exit) => r,
+        _ = shutdown => sandbox.handle.stop(Duration::from_secs(3)).await,
+    };
+    to_server.abort();
+    // Let the last replies reach the client.
+    let _ = tokio::time::timeout(Duration::from_secs(2), from_server).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), errors).await;
+    Ok(match (reason.code, reason.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    })
+}

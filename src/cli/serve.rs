@@ -1,0 +1,127 @@
+//! `meshbox serve`: the daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tracing::info;
+
+use super::{CliError, Shutdown};
+use crate::api::{self, ApiConfig};
+use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
+use crate::orchestrator::Orchestrator;
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Docker when an engine answers, else process.
+    Auto,
+    Process,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; a non-loopback address needs a token.
+    #[arg(long, default_value = "127.0.0.1:7901")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token (else MESHBOX_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Where meshbox keeps its state, caches and server homes.
+    #[arg(long, env = "MESHBOX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+    /// Seconds a server has for initialize + tools/list.
+    #[arg(long, default_value_t = 30)]
+    pub handshake_timeout: u64,
+    /// Do not use cgroups for limits (rlimits only).
+    #[arg(long)]
+    pub no_cgroups: bool,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = api::DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+}
+
+/// The token from `--token-file` or `MESHBOX_TOKEN`, if any.
+pub fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CliError> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|source| CliError::Io {
+                    context: format!("failed to read token file `{}`", f.display()),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("MESHBOX_TOKEN").ok().map(|t| t.trim().to_owned()),
+    };
+    match token {
+        Some(t) if t.is_empty() => Err(CliError::Usage("the bearer token is empty".into())),
+        other => Ok(other),
+    }
+}
+
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("meshbox");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/meshbox"),
+        None => PathBuf::from("/var/lib/meshbox"),
+    }
+}
+
+pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> {
+    let token = read_token(args.token_file.as_ref())?;
+    if token.is_none() && !args.listen.ip().is_loopback() {
+        return Err(CliError::Usage(format!(
+            "refusing to listen on {} without a token: set --token-file or MESHBOX_TOKEN, or listen on a loopback address",
+            args.listen
+        )));
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir).map_err(|source| CliError::Io {
+        context: format!("failed to create data dir `{}`", data_dir.display()),
+        source,
+    })?;
+    let backend: Arc<dyn Orchestrator> = match args.backend {
+        Backend::Auto | Backend::Process => Arc::new(ProcessBackend::new(ProcessConfig {
+            cgroups: !args.no_cgroups,
+            ..Default::default()
+        })),
+    };
+    let mut config = SupervisorConfig::new(data_dir.clone());
+    config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
+    let supervisor = Arc::new(Supervisor::new(backend, config));
+    let router = api::router(
+        supervisor.clone(),
+        ApiConfig {
+            token,
+            body_limit: args.body_limit,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| CliError::Io {
+            context: format!("failed to listen on {}", args.listen),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| CliError::Io {
+        context: "failed to read the listening address".into(),
+        source,
+    })?;
+    info!(%addr, backend = supervisor.backend(), data_dir = %data_dir.display(), "meshbox listening");
+    // Machine-readable for tests and scripts that bind port 0.
+    eprintln!("meshbox listening on http://{addr}");
+    let served = api::serve(listener, router, shutdown).await;
+    info!("stopping services");
+    supervisor.shutdown().await;
+    served.map_err(|source| CliError::Io {
+        context: "HTTP server failed".into(),
+        source,
+    })
+}

@@ -1,0 +1,215 @@
+//! Runtime and entry detection for a server's directory.
+
+use std::path::{Component, Path};
+
+use serde_json::Value;
+
+use super::SourceError;
+use crate::config::Runtime;
+
+/// bun lockfile/bunfig → bun, package.json → node, pyproject/requirements/*.py → python.
+pub fn detect_runtime(dir: &Path) -> Option<Runtime> {
+    let has = |f: &str| dir.join(f).exists();
+    if has("bun.lockb") || has("bun.lock") || has("bunfig.toml") {
+        Some(Runtime::Bun)
+    } else if has("package.json") {
+        Some(Runtime::Node)
+    } else if has("pyproject.toml")
+        || has("requirements.txt")
+        || has("server.py")
+        || has("main.py")
+    {
+        Some(Runtime::Python)
+    } else {
+        None
+    }
+}
+
+/// A relative path that stays inside its directory.
+fn inside(rel: &str) -> bool {
+    let p = Path::new(rel);
+    !rel.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// The entry from package.json: the `bin` named like the package (its
+/// basename for scoped names), else the only `bin`, else `main`.
+pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> {
+    let name = pkg.get("name").and_then(Value::as_str).unwrap_or("");
+    let base = name.rsplit('/').next().unwrap_or(name);
+    match pkg.get("bin") {
+        Some(Value::String(s)) => return Ok(Some(s.clone())),
+        Some(Value::Object(bins)) if !bins.is_empty() => {
+            if let Some(Value::String(s)) = bins.get(base).or_else(|| bins.get(name)) {
+                return Ok(Some(s.clone()));
+            }
+            if bins.len() == 1 {
+                if let Some(Value::String(s)) = bins.values().next() {
+                    return Ok(Some(s.clone()));
+                }
+            }
+            let names: Vec<&str> = bins.keys().map(String::as_str).collect();
+            return Err(format!(
+                "package.json has several bins and none is named `{base}`: {}; give `command`",
+                names.join(", ")
+            ));
+        }
+        _ => {}
+    }
+    Ok(pkg.get("main").and_then(Value::as_str).map(str::to_owned))
+}
+
+fn read_package_json(dir: &Path) -> Result<Option<Value>, SourceError> {
+    let path = dir.join("package.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| SourceError::NoEntry {
+            dir: dir.to_path_buf(),
+            hint: format!("package.json is not valid JSON: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SourceError::Read { path, source }),
+    }
+}
+
+/// `[project.scripts]` names of a pyproject.toml, in order.
+pub(crate) fn pyproject_scripts(text: &str) -> Vec<String> {
+    let mut in_scripts = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_scripts = line == "[project.scripts]";
+            continue;
+        }
+        if in_scripts {
+            if let Some((k, _)) = line.split_once('=') {
+                let k = k.trim().trim_matches('"').trim_matches('\'');
+                if !k.is_empty() && !k.starts_with('#') {
+                    out.push(k.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The command that starts the server in `dir` with `runtime`.
+pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, SourceError> {
+    let no_entry = |hint: String| SourceError::NoEntry {
+        dir: dir.to_path_buf(),
+        hint,
+    };
+    match runtime {
+        Runtime::Node | Runtime::Bun => {
+            let mut candidates = Vec::new();
+            if let Some(pkg) = read_package_json(dir)? {
+                if let Some(e) = package_json_entry(&pkg).map_err(no_entry)? {
+                    candidates.push(e);
+                }
+            }
+            candidates.extend(
+                ["dist/index.js", "build/index.js", "index.js", "src/index.js"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
+            if runtime == Runtime::Bun {
+                candidates.extend(["index.ts", "src/index.ts"].iter().map(|s| s.to_string()));
+            }
+            for c in candidates {
+                if !inside(&c) {
+                    return Err(no_entry(format!("entry `{c}` points outside the directory")));
+                }
+                if dir.join(&c).is_file() {
+                    return Ok(match runtime {
+                        Runtime::Bun => vec!["bun".into(), "run".into(), c],
+                        _ => vec!["node".into(), c],
+                    });
+                }
+            }
+            Err(no_entry(
+                "no package.json bin/main and none of dist/index.js, build/index.js, index.js, src/index.js exists".into(),
+            ))
+        }
+        Runtime::Python => {
+            let venv_bin = dir.join(".venv/bin");
+            if let Ok(text) = std::fs::read_to_string(dir.join("pyproject.toml")) {
+                for script in pyproject_scripts(&text) {
+                    let p = venv_bin.join(&script);
+                    if inside(&script) && p.is_file() {
+                        return Ok(vec![p.to_string_lossy().into_owned()]);
+                    }
+                }
+            }
+            let python = if venv_bin.join("python").exists() {
+                venv_bin.join("python").to_string_lossy().into_owned()
+            } else {
+                "python3".into()
+            };
+            for c in ["server.py", "main.py", "src/server.py", "src/main.py", "__main__.py"] {
+                if dir.join(c).is_file() {
+                    return Ok(vec![python, c.into()]);
+                }
+            }
+            Err(no_entry(
+                "no pyproject script installed and none of server.py, main.py, src/server.py, src/main.py exists".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn runtime_detection() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(detect_runtime(d.path()), None);
+        std::fs::write(d.path().join("server.py"), "").unwrap();
+        assert_eq!(detect_runtime(d.path()), Some(Runtime::Python));
+        std::fs::write(d.path().join("package.json"), "{}").unwrap();
+        assert_eq!(detect_runtime(d.path()), Some(Runtime::Node));
+        std::fs::write(d.path().join("bunfig.toml"), "").unwrap();
+        assert_eq!(detect_runtime(d.path()), Some(Runtime::Bun));
+    }
+
+    #[test]
+    fn bins() {
+        let p = json!({"name": "@s/tool", "bin": {"other": "o.js", "tool": "t.js"}});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("t.js"));
+        let p = json!({"name": "x", "bin": {"only": "o.js"}});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("o.js"));
+        let p = json!({"name": "x", "bin": {"a": "a.js", "b": "b.js"}});
+        let e = package_json_entry(&p).unwrap_err();
+        assert!(e.contains("a, b"), "{e}");
+        let p = json!({"name": "x", "bin": "cli.js", "main": "m.js"});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("cli.js"));
+        let p = json!({"name": "x", "main": "m.js"});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("m.js"));
+    }
+
+    #[test]
+    fn node_entry_and_escape() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("package.json"), r#"{"main":"../../etc/passwd"}"#).unwrap();
+        assert!(detect_entry(d.path(), Runtime::Node).is_err());
+        std::fs::write(d.path().join("package.json"), r#"{"main":"srv.js"}"#).unwrap();
+        std::fs::write(d.path().join("srv.js"), "").unwrap();
+        assert_eq!(detect_entry(d.path(), Runtime::Node).unwrap(), vec!["node", "srv.js"]);
+    }
+
+    #[test]
+    fn python_entry() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(detect_entry(d.path(), Runtime::Python).is_err());
+        std::fs::create_dir(d.path().join("src")).unwrap();
+        std::fs::write(d.path().join("src/server.py"), "").unwrap();
+        assert_eq!(detect_entry(d.path(), Runtime::Python).unwrap(), vec!["python3", "src/server.py"]);
+        assert_eq!(
+            pyproject_scripts("[project]\nname='x'\n[project.scripts]\nmcp-x = \"x:main\"\n[tool.y]\nz=1\n"),
+            vec!["mcp-x"]
+        );
+    }
+}

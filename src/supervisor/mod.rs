@@ -1,0 +1,313 @@
+//! The supervisor: a registry of services keyed (mesh, name), each with a
+//! lifecycle task that starts, watches, health-checks and restarts it.
+//!
+//! It holds a `dyn Orchestrator` and never names a backend. It validates
+//! everything it is given before touching the registry, so bad input changes
+//! nothing.
+
+pub mod backoff;
+pub mod health;
+pub mod logs;
+pub mod service;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::info;
+
+pub use backoff::BackoffConfig;
+pub use health::Health;
+pub use service::{Phase, Service, ServiceStatus};
+
+use crate::config::{validate_name, ServiceSpec, SpecError};
+use crate::mcp::CallError;
+use crate::orchestrator::{Limits, Orchestrator, OrchestratorError, SandboxSpec};
+use crate::source::{Source, SourceError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub mesh: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// A key from untrusted names, validated.
+    pub fn parse(mesh: &str, name: &str) -> Result<Self, SpecError> {
+        validate_name("mesh", mesh)?;
+        validate_name("service name", name)?;
+        Ok(ServiceKey {
+            mesh: mesh.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.mesh, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("spec cannot be run here: {0}")]
+    Unsupported(#[source] OrchestratorError),
+    #[error("service {key} not found")]
+    NotFound { key: ServiceKey },
+    #[error("service {key} is {status}{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    NotRunning {
+        key: ServiceKey,
+        status: Phase,
+        last_error: Option<String>,
+    },
+    #[error("service {key} failed to start: {message}")]
+    StartFailed {
+        key: ServiceKey,
+        message: String,
+        logs: Vec<String>,
+    },
+    #[error("call to {key} failed")]
+    Call {
+        key: ServiceKey,
+        #[source]
+        source: CallError,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    pub data_dir: PathBuf,
+    /// Budget for `initialize` + `tools/list`.
+    pub handshake_timeout: Duration,
+    /// Grace between closing stdin, SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    pub backoff: BackoffConfig,
+    pub log_lines: usize,
+    pub max_line: usize,
+    /// PATH given to servers (PATH carries no secrets; everything else is curated).
+    pub server_path: String,
+    /// Overrides every service's health interval (tests).
+    pub health_interval: Option<Duration>,
+    /// How long a deploy waits for its service to come up.
+    pub deploy_timeout: Duration,
+}
+
+impl SupervisorConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        SupervisorConfig {
+            data_dir,
+            handshake_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(3),
+            backoff: BackoffConfig::default(),
+            log_lines: logs::DEFAULT_LOG_LINES,
+            max_line: crate::mcp::framing::DEFAULT_MAX_LINE,
+            server_path: std::env::var("PATH")
+                .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            health_interval: None,
+            deploy_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+pub struct Supervisor {
+    orchestrator: Arc<dyn Orchestrator>,
+    config: Arc<SupervisorConfig>,
+    services: RwLock<HashMap<ServiceKey, Arc<Service>>>,
+    /// Serializes deploys and removals of the same key.
+    key_locks: Mutex<HashMap<ServiceKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Supervisor {
+    pub fn new(orchestrator: Arc<dyn Orchestrator>, config: SupervisorConfig) -> Self {
+        Supervisor {
+            orchestrator,
+            config: Arc::new(config),
+            services: RwLock::new(HashMap::new()),
+            key_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.orchestrator.backend()
+    }
+
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.read().expect("registry poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn key_lock(&self, key: &ServiceKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.key_locks
+            .lock()
+            .expect("poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub fn get(&self, key: &ServiceKey) -> Result<Arc<Service>, SupervisorError> {
+        self.services
+            .read()
+            .expect("registry poisoned")
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })
+    }
+
+    /// Checks a spec completely, without side effects.
+    pub fn validate(&self, spec: &ServiceSpec) -> Result<Source, SupervisorError> {
+        spec.validate()?;
+        let source: Source = spec.source.parse()?;
+        if let Source::Image(_) = source {
+            if self.backend() != "docker" {
+                return Err(SourceError::Unsupported { kind: "image" }.into());
+            }
+        }
+        let probe = SandboxSpec {
+            argv: vec!["probe".into()],
+            limits: Limits {
+                memory_mb: spec.memory_mb,
+                cpus: spec.cpus,
+                pids: spec.pids,
+            },
+            network: spec.network.clone(),
+            ..Default::default()
+        };
+        self.orchestrator
+            .check(&probe)
+            .map_err(SupervisorError::Unsupported)?;
+        Ok(source)
+    }
+
+    /// Deploys (or replaces) a service and waits until it runs or fails.
+    pub async fn deploy(
+        &self,
+        key: ServiceKey,
+        spec: ServiceSpec,
+    ) -> Result<ServiceStatus, SupervisorError> {
+        let source = self.validate(&spec)?;
+        let lock = self.key_lock(&key);
+        let _guard = lock.lock().await;
+        let old = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .remove(&key);
+        if let Some(old) = old {
+            info!(service = %key, "replacing");
+            old.stop().await;
+        }
+        let svc = Service::launch(
+            key.clone(),
+            spec,
+            source,
+            self.orchestrator.clone(),
+            self.config.clone(),
+        );
+        self.services
+            .write()
+            .expect("registry poisoned")
+            .insert(key.clone(), svc.clone());
+        self.wait_up(&svc).await
+    }
+
+    async fn wait_up(&self, svc: &Service) -> Result<ServiceStatus, SupervisorError> {
+        let phase = svc.settled(Instant::now() + self.config.deploy_timeout).await;
+        let status = svc.status();
+        if phase == Phase::Running {
+            return Ok(status);
+        }
+        Err(SupervisorError::StartFailed {
+            key: svc.key.clone(),
+            message: status
+                .last_error
+                .unwrap_or_else(|| format!("service is {phase}")),
+            logs: svc.logs.tail(20).0,
+        })
+    }
+
+    /// Stops and forgets a service.
+    pub async fn undeploy(&self, key: &ServiceKey) -> Result<(), SupervisorError> {
+        let lock = self.key_lock(key);
+        let _guard = lock.lock().await;
+        let svc = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .remove(key)
+            .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })?;
+        svc.stop().await;
+        info!(service = %key, "undeployed");
+        Ok(())
+    }
+
+    /// Restarts a service now (no backoff) and waits for it to come back.
+    pub async fn restart(&self, key: &ServiceKey) -> Result<ServiceStatus, SupervisorError> {
+        let svc = self.get(key)?;
+        if matches!(svc.phase(), Phase::Failed | Phase::Stopped) {
+            // Its lifecycle task is over: a redeploy of the same spec.
+            let spec = svc.spec.clone();
+            return self.deploy(key.clone(), spec).await;
+        }
+        let mut phases = svc.status_changes();
+        svc.request(service::Control::Restart);
+        // Wait for the service to leave `running`, then to settle again.
+        let deadline = Instant::now() + self.config.deploy_timeout;
+        let _ = tokio::time::timeout_at(deadline, phases.wait_for(|p| *p != Phase::Running)).await;
+        self.wait_up(&svc).await
+    }
+
+    pub fn list(&self, mesh: Option<&str>) -> Vec<ServiceStatus> {
+        let services: Vec<Arc<Service>> = self
+            .services
+            .read()
+            .expect("registry poisoned")
+            .values()
+            .filter(|s| mesh.is_none_or(|m| s.key.mesh == m))
+            .cloned()
+            .collect();
+        let mut out: Vec<ServiceStatus> = services.iter().map(|s| s.status()).collect();
+        out.sort_by(|a, b| (&a.mesh, &a.name).cmp(&(&b.mesh, &b.name)));
+        out
+    }
+
+    pub async fn call(
+        &self,
+        key: &ServiceKey,
+        tool: &str,
+        arguments: Value,
+        timeout: Option<Duration>,
+    ) -> Result<Value, SupervisorError> {
+        let svc = self.get(key)?;
+        let timeout = timeout.unwrap_or_else(|| svc.spec.call_timeout());
+        svc.call(tool, arguments, timeout).await
+    }
+
+    /// Stops every service, concurrently.
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Service>> = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
+    }
+}
