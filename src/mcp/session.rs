@@ -207,8 +207,9 @@ fn encode(msg: &Value) -> Bytes {
 /// A live MCP session with one server.
 pub struct Session {
     client: Client,
-    tools: watch::Receiver<Arc<Vec<Value>>>,
-    tools_tx: Arc<watch::Sender<Arc<Vec<Value>>>>,
+    /// `None` until the handshake's `tools/list` (or a refresh) answered.
+    tools: watch::Receiver<Option<Arc<Vec<Value>>>>,
+    tools_tx: Arc<watch::Sender<Option<Arc<Vec<Value>>>>>,
     actor: tokio::task::JoinHandle<()>,
     refresher: tokio::task::JoinHandle<()>,
 }
@@ -253,7 +254,7 @@ impl Session {
             next_id: Arc::new(AtomicU64::new(1)),
             closed: closed_rx,
         };
-        let (tools_tx, tools_rx) = watch::channel(Arc::new(Vec::new()));
+        let (tools_tx, tools_rx) = watch::channel(None);
         let tools_tx = Arc::new(tools_tx);
         let refresher = {
             let client = client.clone();
@@ -263,7 +264,7 @@ impl Session {
                 while list_changed_rx.recv().await.is_some() {
                     match client.list_tools(Duration::from_secs(30)).await {
                         Ok(tools) => {
-                            tools_tx.send_replace(Arc::new(tools));
+                            tools_tx.send_replace(Some(Arc::new(tools)));
                         }
                         Err(e) => log(
                             LogStream::Meshbox,
@@ -302,8 +303,15 @@ impl Session {
         })?;
         self.client.notify("notifications/initialized", None)?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let tools = self.client.list_tools(left.max(Duration::from_millis(1))).await?;
-        self.tools_tx.send_replace(Arc::new(tools));
+        let tools = Arc::new(self.client.list_tools(left.max(Duration::from_millis(1))).await?);
+        // A refresh after `list_changed` may have finished first; its list is newer.
+        self.tools_tx.send_if_modified(|cur| {
+            let first = cur.is_none();
+            if first {
+                *cur = Some(tools);
+            }
+            first
+        });
         Ok(ServerInfo {
             protocol_version,
             info: result.get("serverInfo").cloned().unwrap_or(Value::Null),
@@ -333,13 +341,13 @@ impl Session {
     /// Re-reads the tool list (all pages) and publishes it.
     pub async fn refresh_tools(&self, timeout: Duration) -> Result<Arc<Vec<Value>>, CallError> {
         let tools = Arc::new(self.client.list_tools(timeout).await?);
-        self.tools_tx.send_replace(tools.clone());
+        self.tools_tx.send_replace(Some(tools.clone()));
         Ok(tools)
     }
 
     /// The last tool list the server gave.
     pub fn tools(&self) -> Arc<Vec<Value>> {
-        self.tools.borrow().clone()
+        self.tools.borrow().clone().unwrap_or_default()
     }
 
     /// Resolves when the session has ended, with the reason.
@@ -577,6 +585,286 @@ impl Actor {
                 (self.log)(LogStream::Stdout, &format!("[{level}] {text}"));
             }
             _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
+
+    use super::*;
+
+    /// The server end of a session under test: reads requests, writes anything.
+    struct Fake {
+        lines: Lines<BufReader<DuplexStream>>,
+        out: DuplexStream,
+    }
+
+    impl Fake {
+        async fn recv(&mut self) -> Value {
+            let line = self.lines.next_line().await.unwrap().expect("client closed");
+            serde_json::from_str(&line).unwrap()
+        }
+        async fn send_raw(&mut self, s: &str) {
+            self.out.write_all(s.as_bytes()).await.unwrap();
+            self.out.write_all(b"\n").await.unwrap();
+        }
+        async fn send(&mut self, v: Value) {
+            self.send_raw(&v.to_string()).await;
+        }
+        async fn reply(&mut self, id: &Value, result: Value) {
+            self.send(json!({"jsonrpc": "2.0", "id": id, "result": result})).await;
+        }
+        /// Answers initialize (with `version`), expects initialized, answers tools/list.
+        async fn handshake(&mut self, version: &str) {
+            let init = self.recv().await;
+            assert_eq!(init["method"], "initialize");
+            assert_eq!(init["params"]["protocolVersion"], crate::mcp::LATEST_PROTOCOL_VERSION);
+            self.reply(&init["id"], json!({"protocolVersion": version, "capabilities": {}})).await;
+            let n = self.recv().await;
+            assert_eq!(n["method"], "notifications/initialized");
+            assert!(n.get("id").is_none());
+            let list = self.recv().await;
+            self.reply(&list["id"], json!({"tools": [{"name": "t"}]})).await;
+        }
+    }
+
+    type Logs = Arc<Mutex<Vec<(LogStream, String)>>>;
+
+    fn start(max_line: usize) -> (Session, Fake, watch::Sender<Option<ExitReason>>, Logs) {
+        let (client_w, server_r) = tokio::io::duplex(1 << 20);
+        let (server_w, client_r) = tokio::io::duplex(1 << 20);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let logs: Logs = Arc::default();
+        let sink = {
+            let logs = logs.clone();
+            Arc::new(move |s: LogStream, l: &str| logs.lock().unwrap().push((s, l.to_owned())))
+        };
+        let session = Session::start(
+            client_r,
+            client_w,
+            exit_rx,
+            sink,
+            SessionConfig {
+                max_line,
+                roots: vec![json!({"uri": "file:///data", "name": "data"})],
+                exit_grace: Duration::from_millis(100),
+            },
+        );
+        let fake = Fake {
+            lines: BufReader::new(server_r).lines(),
+            out: server_w,
+        };
+        (session, fake, exit_tx, logs)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn handshake_accepts_an_older_version_and_pages_tools() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            let init = f.recv().await;
+            f.reply(&init["id"], json!({"protocolVersion": "2024-11-05", "capabilities": {}, "serverInfo": {"name": "x"}})).await;
+            assert_eq!(f.recv().await["method"], "notifications/initialized");
+            let p1 = f.recv().await;
+            assert_eq!(p1["params"], json!({}));
+            f.reply(&p1["id"], json!({"tools": [{"name": "a"}], "nextCursor": "c1"})).await;
+            let p2 = f.recv().await;
+            assert_eq!(p2["params"]["cursor"], "c1");
+            f.reply(&p2["id"], json!({"tools": [{"name": "b"}, {"name": "c", "x-extra": 1}]})).await;
+            f
+        });
+        let info = s.handshake(T).await.unwrap();
+        assert_eq!(info.protocol_version, "2024-11-05");
+        assert_eq!(info.info["name"], "x");
+        let tools = s.tools();
+        let names: Vec<_> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(tools[2]["x-extra"], 1, "unknown fields pass through");
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unsupported_version_is_refused() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        tokio::spawn(async move {
+            let init = f.recv().await;
+            f.reply(&init["id"], json!({"protocolVersion": "1999-01-01"})).await;
+            f
+        });
+        let err = s.handshake(T).await.unwrap_err();
+        assert!(err.to_string().contains("1999-01-01"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_matched_out_of_order() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            let mut reqs = Vec::new();
+            for _ in 0..20 {
+                reqs.push(f.recv().await);
+            }
+            // Answer newest first.
+            for r in reqs.iter().rev() {
+                let n = r["params"]["arguments"]["n"].clone();
+                f.reply(&r["id"], json!({"n": n})).await;
+            }
+            f
+        });
+        s.handshake(T).await.unwrap();
+        let s = Arc::new(s);
+        let calls = (0..20).map(|i| {
+            let s = s.clone();
+            async move { s.call_tool("t", json!({"n": i}), T).await.unwrap()["n"].clone() }
+        });
+        let got = futures_util::future::join_all(calls).await;
+        assert_eq!(got, (0..20).map(|i| json!(i)).collect::<Vec<_>>());
+        server.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_sends_cancelled_and_session_lives_on() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            let hung = f.recv().await;
+            let cancel = f.recv().await;
+            assert_eq!(cancel["method"], "notifications/cancelled");
+            assert_eq!(cancel["params"]["requestId"], hung["id"]);
+            // A late reply to the cancelled request is ignored.
+            f.reply(&hung["id"], json!({"late": true})).await;
+            let next = f.recv().await;
+            f.reply(&next["id"], json!({"ok": true})).await;
+            f
+        });
+        s.handshake(T).await.unwrap();
+        let err = s.call_tool("hang", json!({}), Duration::from_secs(25)).await.unwrap_err();
+        assert!(matches!(err, CallError::Timeout(d) if d == Duration::from_secs(25)));
+        let ok = s.call_tool("t", json!({}), T).await.unwrap();
+        assert_eq!(ok["ok"], true);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn answers_server_requests() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            f.send(json!({"jsonrpc": "2.0", "id": "p1", "method": "ping"})).await;
+            let a = f.recv().await;
+            assert_eq!((a["id"].clone(), a["result"].clone()), (json!("p1"), json!({})));
+            f.send(json!({"jsonrpc": "2.0", "id": 7, "method": "roots/list"})).await;
+            let a = f.recv().await;
+            assert_eq!(a["result"]["roots"][0]["uri"], "file:///data");
+            f.send(json!({"jsonrpc": "2.0", "id": 8, "method": "sampling/createMessage", "params": {}})).await;
+            let a = f.recv().await;
+            assert_eq!(a["error"]["code"], -32601);
+            f
+        });
+        s.handshake(T).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn list_changed_refreshes_tools() {
+        let (s, mut f, _exit, _logs) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            f.send(json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})).await;
+            let list = f.recv().await;
+            assert_eq!(list["method"], "tools/list");
+            f.reply(&list["id"], json!({"tools": [{"name": "t"}, {"name": "new"}]})).await;
+            f
+        });
+        s.handshake(T).await.unwrap();
+        let _f = server.await.unwrap();
+        for _ in 0..100 {
+            if s.tools().len() == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("tool list not refreshed: {:?} {:?}", s.tools(), _logs.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_lines_go_to_logs() {
+        let (s, mut f, _exit, logs) = start(1024);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            let r = f.recv().await;
+            f.send_raw("starting up... not json").await;
+            f.send_raw(&"y".repeat(5000)).await;
+            f.send_raw("[1,2,3]").await;
+            f.reply(&r["id"], json!({"fine": true})).await;
+            f
+        });
+        s.handshake(T).await.unwrap();
+        let r = s.call_tool("t", json!({}), T).await.unwrap();
+        assert_eq!(r["fine"], true);
+        let logs = logs.lock().unwrap().clone();
+        assert!(logs.contains(&(LogStream::Stdout, "starting up... not json".into())), "{logs:?}");
+        assert!(logs.iter().any(|(s, l)| *s == LogStream::Meshbox && l.contains("5000 bytes")), "{logs:?}");
+        assert!(logs.contains(&(LogStream::Stdout, "[1,2,3]".into())));
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn pending_calls_fail_at_once_when_the_server_dies() {
+        let (s, mut f, exit, _) = start(1 << 20);
+        let server = tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            let _ = f.recv().await;
+            f
+        });
+        s.handshake(T).await.unwrap();
+        let s = Arc::new(s);
+        let call = {
+            let s = s.clone();
+            tokio::spawn(async move { s.call_tool("t", json!({}), Duration::from_secs(60)).await })
+        };
+        let f = server.await.unwrap();
+        let started = std::time::Instant::now();
+        exit.send_replace(Some(ExitReason {
+            code: None,
+            signal: Some(9),
+            oom_killed: true,
+        }));
+        drop(f);
+        let err = call.await.unwrap().unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        match &err {
+            CallError::Exited(r) => assert!(r.oom_killed),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("out of memory"), "{err}");
+        // Later calls fail at once with the same reason.
+        let again = s.call_tool("t", json!({}), T).await.unwrap_err();
+        assert!(matches!(again, CallError::Exited(_)), "{again:?}");
+        assert!(matches!(s.closed().await, CallError::Exited(_)));
+    }
+
+    #[tokio::test]
+    async fn rpc_errors_carry_code_and_message() {
+        let (s, mut f, _exit, _) = start(1 << 20);
+        tokio::spawn(async move {
+            f.handshake("2025-11-25").await;
+            let r = f.recv().await;
+            f.send(json!({"jsonrpc": "2.0", "id": r["id"], "error": {"code": -32000, "message": "boom", "data": {"k": 1}}})).await;
+            f
+        });
+        s.handshake(T).await.unwrap();
+        match s.call_tool("t", json!({}), T).await.unwrap_err() {
+            CallError::Rpc { code, message, data } => {
+                assert_eq!((code, message.as_str()), (-32000, "boom"));
+                assert_eq!(data.unwrap()["k"], 1);
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 }
