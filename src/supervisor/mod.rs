@@ -174,10 +174,15 @@ impl Supervisor {
     pub fn validate(&self, spec: &ServiceSpec) -> Result<Source, SupervisorError> {
         spec.validate()?;
         let source: Source = spec.source.parse()?;
-        if let Source::Image(_) = source {
-            if self.backend() != "docker" {
+        match &source {
+            Source::Image(_) if self.backend() != "docker" => {
                 return Err(SourceError::Unsupported { kind: "image" }.into());
             }
+            // A local directory is checked now: a missing dir or entry is bad input.
+            Source::Path(dir) => {
+                crate::source::launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?;
+            }
+            _ => {}
         }
         let probe = SandboxSpec {
             argv: vec!["probe".into()],

@@ -1,0 +1,191 @@
+//! Shared harness for integration tests: a real `meshbox serve` on
+//! 127.0.0.1:0 with its own data dir, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn meshbox_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshbox")
+}
+
+pub struct Daemon {
+    child: Child,
+    pub url: String,
+    pub data: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[], &[])
+    }
+
+    /// Starts `meshbox serve` with extra args and environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(meshbox_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(args)
+            .env_remove("MESHBOX_TOKEN")
+            .env("MESHBOX_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start meshbox serve");
+        let stderr = child.stderr.take().unwrap();
+        let mut reader = BufReader::new(stderr);
+        let mut url = None;
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Some(u) = line.trim().strip_prefix("meshbox listening on ") {
+                url = Some(u.to_owned());
+                break;
+            }
+            line.clear();
+        }
+        // Keep draining stderr so the daemon never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                eprint!("[meshbox] {sink}");
+                sink.clear();
+            }
+        });
+        let url = url.unwrap_or_else(|| panic!("meshbox serve did not start: {:?}", child.try_wait()));
+        let token = env.iter().find(|(k, _)| *k == "MESHBOX_TOKEN").map(|(_, v)| v.to_string());
+        Daemon {
+            child,
+            url,
+            data,
+            http: reqwest::Client::new(),
+            token,
+        }
+    }
+
+    pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{}", self.url, path));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.req(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.req(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.req(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.req(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Deploys the python fixture as `mesh/name` with extra server args and spec fields.
+    pub async fn deploy_py(&self, mesh: &str, name: &str, args: &[&str], extra: Value) -> (u16, Value) {
+        let mut spec = json!({
+            "source": format!("path:{}", fixture("py_server").display()),
+            "args": args,
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        self.put(&format!("/v1/meshes/{mesh}/services/{name}"), spec).await
+    }
+
+    pub async fn call(&self, mesh: &str, name: &str, tool: &str, args: Value) -> (u16, Value) {
+        self.post(
+            &format!("/v1/meshes/{mesh}/services/{name}/call"),
+            json!({"tool": tool, "arguments": args}),
+        )
+        .await
+    }
+
+    pub async fn status(&self, mesh: &str, name: &str) -> Value {
+        self.get(&format!("/v1/meshes/{mesh}/services/{name}")).await.1
+    }
+
+    /// Polls the status until `pred` holds, or panics after `limit`.
+    pub async fn wait_status(&self, mesh: &str, name: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let s = self.status(mesh, name).await;
+            if pred(&s) {
+                return s;
+            }
+            if start.elapsed() > limit {
+                panic!("status never matched: {s}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY-free: the pid is our own child.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn text_of(result: &Value) -> String {
+    result["result"]["content"][0]["text"].as_str().unwrap_or_default().to_owned()
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie still has /proc/PID; read its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
