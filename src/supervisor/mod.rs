@@ -270,11 +270,8 @@ impl Supervisor {
             let spec = svc.spec.clone();
             return self.deploy(key.clone(), spec).await;
         }
-        let mut phases = svc.status_changes();
-        svc.request(service::Control::Restart);
-        // Wait for the service to leave `running`, then to settle again.
-        let deadline = Instant::now() + self.config.deploy_timeout;
-        let _ = tokio::time::timeout_at(deadline, phases.wait_for(|p| *p != Phase::Running)).await;
+        svc.restart_and_wait(Instant::now() + self.config.deploy_timeout)
+            .await;
         self.wait_up(&svc).await
     }
 
@@ -316,3 +313,6 @@ impl Supervisor {
         futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

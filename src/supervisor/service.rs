@@ -117,6 +117,9 @@ pub struct Service {
     backend: &'static str,
     state: Mutex<State>,
     phase: watch::Sender<Phase>,
+    /// Counts start attempts that have settled (running, or failed to start),
+    /// so a waiter cannot miss a restart that was over before it looked.
+    attempts: watch::Sender<u64>,
     session: watch::Sender<Option<Arc<Session>>>,
     pub logs: Arc<LogRing>,
     control: mpsc::UnboundedSender<Control>,
@@ -161,6 +164,7 @@ impl Service {
             }),
             spec,
             phase: watch::channel(Phase::Installing).0,
+            attempts: watch::channel(0).0,
             session: watch::channel(None).0,
             logs: Arc::new(LogRing::new(config.log_lines)),
             control: control_tx,
@@ -181,6 +185,18 @@ impl Service {
 
     pub(crate) fn status_changes(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
+    }
+
+    /// Restarts now and waits until the new start attempt has settled.
+    pub(crate) async fn restart_and_wait(&self, deadline: Instant) {
+        let mut attempts = self.attempts.subscribe();
+        let before = *attempts.borrow_and_update();
+        self.request(Control::Restart);
+        let _ = tokio::time::timeout_at(deadline, attempts.wait_for(|n| *n > before)).await;
+    }
+
+    fn attempt_settled(&self) {
+        self.attempts.send_modify(|n| *n += 1);
     }
 
     fn set_phase(&self, p: Phase) {
@@ -340,6 +356,7 @@ impl Service {
                 self.note(&format!("start failed: {e}"));
                 self.state().last_error = Some(e);
                 self.set_phase(Phase::Failed);
+                self.attempt_settled();
                 return;
             }
         };
@@ -379,6 +396,7 @@ impl Service {
                 Outcome::StartFailed(e) => {
                     self.note(&format!("start failed: {e}"));
                     self.state().last_error = Some(e);
+                    self.attempt_settled();
                     if !ever_ran {
                         // Never came up: a bad entry or server, not a flaky one.
                         self.set_phase(Phase::Failed);
@@ -511,6 +529,7 @@ impl Service {
         }
         self.session.send_replace(Some(session.clone()));
         self.set_phase(Phase::Running);
+        self.attempt_settled();
         info!(tools = session.tools().len(), "running");
         let outcome = self
             .supervise(&session, &mut sandbox.exit, &*handle, config, control, started)
