@@ -47,7 +47,11 @@ pub fn validate_name(what: &'static str, value: &str) -> Result<(), SpecError> {
         Ok(())
     } else {
         // Never echo control characters or huge inputs back verbatim.
-        let shown: String = value.chars().take(80).flat_map(char::escape_default).collect();
+        let shown: String = value
+            .chars()
+            .take(80)
+            .flat_map(char::escape_default)
+            .collect();
         Err(SpecError::InvalidName { what, value: shown })
     }
 }
@@ -141,9 +145,7 @@ impl fmt::Display for NetworkPolicy {
 #[serde(untagged)]
 pub enum EnvValue {
     Literal(String),
-    File {
-        file: PathBuf,
-    },
+    File { file: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,7 +260,10 @@ impl ServiceSpec {
             return Err(SpecError::field("source", "must not be empty"));
         }
         if self.args.len() > MAX_ARGS {
-            return Err(SpecError::field("args", format!("has more than {MAX_ARGS} items")));
+            return Err(SpecError::field(
+                "args",
+                format!("has more than {MAX_ARGS} items"),
+            ));
         }
         for a in &self.args {
             check_str("args", a)?;
@@ -268,14 +273,20 @@ impl ServiceSpec {
                 return Err(SpecError::field("command", "must name a program"));
             }
             if cmd.len() > MAX_ARGS {
-                return Err(SpecError::field("command", format!("has more than {MAX_ARGS} items")));
+                return Err(SpecError::field(
+                    "command",
+                    format!("has more than {MAX_ARGS} items"),
+                ));
             }
             for a in cmd {
                 check_str("command", a)?;
             }
         }
         if self.env.len() > MAX_ENV {
-            return Err(SpecError::field("env", format!("has more than {MAX_ENV} entries")));
+            return Err(SpecError::field(
+                "env",
+                format!("has more than {MAX_ENV} entries"),
+            ));
         }
         for (k, v) in &self.env {
             if !is_env_key(k) {
@@ -283,7 +294,10 @@ impl ServiceSpec {
                     "env",
                     format!(
                         "key `{}` is not a valid variable name",
-                        k.chars().take(64).flat_map(char::escape_default).collect::<String>()
+                        k.chars()
+                            .take(64)
+                            .flat_map(char::escape_default)
+                            .collect::<String>()
                     ),
                 ));
             }
@@ -303,7 +317,10 @@ impl ServiceSpec {
         }
         if let Some(m) = self.memory_mb {
             if !(16..=65536).contains(&m) {
-                return Err(SpecError::field("memory_mb", "must be between 16 and 65536"));
+                return Err(SpecError::field(
+                    "memory_mb",
+                    "must be between 16 and 65536",
+                ));
             }
         }
         if let Some(c) = self.cpus {
@@ -326,7 +343,10 @@ impl ServiceSpec {
         }
         if let NetworkPolicy::Allow { allow } = &self.network {
             if allow.is_empty() {
-                return Err(SpecError::field("network.allow", "must list at least one host:port"));
+                return Err(SpecError::field(
+                    "network.allow",
+                    "must list at least one host:port",
+                ));
             }
             for a in allow {
                 validate_allow_entry(a)?;
@@ -334,10 +354,16 @@ impl ServiceSpec {
         }
         if let Some(h) = &self.health {
             if !(1..=86_400).contains(&h.interval_s) {
-                return Err(SpecError::field("health.interval_s", "must be between 1 and 86400"));
+                return Err(SpecError::field(
+                    "health.interval_s",
+                    "must be between 1 and 86400",
+                ));
             }
             if !(1..=3600).contains(&h.timeout_s) {
-                return Err(SpecError::field("health.timeout_s", "must be between 1 and 3600"));
+                return Err(SpecError::field(
+                    "health.timeout_s",
+                    "must be between 1 and 3600",
+                ));
             }
             if !(1..=100).contains(&h.failure_threshold) {
                 return Err(SpecError::field(
@@ -364,12 +390,19 @@ fn validate_allow_entry(entry: &str) -> Result<(), SpecError> {
             "network.allow",
             format!(
                 "entry `{}` must be host:port or *.domain:port",
-                entry.chars().take(80).flat_map(char::escape_default).collect::<String>()
+                entry
+                    .chars()
+                    .take(80)
+                    .flat_map(char::escape_default)
+                    .collect::<String>()
             ),
         )
     };
     let (host, port) = entry.rsplit_once(':').ok_or_else(bad)?;
-    port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
     let host = host.strip_prefix("*.").unwrap_or(host);
     let ok = !host.is_empty()
         && host.len() <= 253
@@ -411,7 +444,17 @@ mod tests {
         assert!(validate_name("mesh", "acme").is_ok());
         assert!(validate_name("mesh", "a-b_c9").is_ok());
         assert!(validate_name("mesh", &"a".repeat(64)).is_ok());
-        for bad in ["", "-a", "_a", "a/b", "..", "a b", "a\0", "é", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "-a",
+            "_a",
+            "a/b",
+            "..",
+            "a b",
+            "a\0",
+            "é",
+            &"a".repeat(65),
+        ] {
             assert!(validate_name("mesh", bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -440,12 +483,16 @@ mod tests {
     fn network_forms() {
         let s = ServiceSpec::from_json(br#"{"source":"p","network":"none"}"#).unwrap();
         assert!(s.network.is_none());
-        let s = ServiceSpec::from_json(br#"{"source":"p","network":{"allow":["a.b:443","*.c.d:80"]}}"#)
-            .unwrap();
+        let s =
+            ServiceSpec::from_json(br#"{"source":"p","network":{"allow":["a.b:443","*.c.d:80"]}}"#)
+                .unwrap();
         assert!(matches!(s.network, NetworkPolicy::Allow { .. }));
         assert!(ServiceSpec::from_json(br#"{"source":"p","network":"some"}"#).is_err());
         assert!(ServiceSpec::from_json(br#"{"source":"p","network":{"allow":["x"]}}"#).is_err());
-        assert_eq!(NetworkPolicy::parse_cli("none").unwrap(), NetworkPolicy::Mode(NetworkMode::None));
+        assert_eq!(
+            NetworkPolicy::parse_cli("none").unwrap(),
+            NetworkPolicy::Mode(NetworkMode::None)
+        );
         assert!(NetworkPolicy::parse_cli("allow=a.b:1,c.d:2").is_ok());
     }
 

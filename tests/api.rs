@@ -63,10 +63,16 @@ async fn deploy_lists_all_pages_and_reports_honest_status() {
     let (code, logs) = d.get("/v1/meshes/acme/services/py/logs?lines=50").await;
     assert_eq!(code, 200);
     let lines = logs["lines"].as_array().unwrap();
-    let started = lines.iter().filter_map(Value::as_str).find(|l| l.contains("py-fixture started"));
+    let started = lines
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|l| l.contains("py-fixture started"));
     let started = started.unwrap_or_else(|| panic!("{logs}"));
     assert!(started.contains(" [stderr] "), "{started}");
-    assert!(humantime::parse_rfc3339(started.split(' ').next().unwrap()).is_ok(), "{started}");
+    assert!(
+        humantime::parse_rfc3339(started.split(' ').next().unwrap()).is_ok(),
+        "{started}"
+    );
 
     let (code, _) = d.delete("/v1/meshes/acme/services/py").await;
     assert_eq!(code, 204);
@@ -94,7 +100,11 @@ async fn fifty_concurrent_calls_overlap() {
     });
     futures_util::future::join_all(calls).await;
     // Run one after another they would take 50 × ≥130 ms = 6.5 s or more.
-    assert!(started.elapsed() < Duration::from_millis(6500), "calls did not overlap: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(6500),
+        "calls did not overlap: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -111,9 +121,19 @@ async fn crash_mid_call_fails_fast_and_restarts() {
     };
     let started = Instant::now();
     let ((slow_code, slow_body), (crash_code, crash_body)) = tokio::join!(slow, crash);
-    assert!(started.elapsed() < Duration::from_secs(2), "pending calls waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "pending calls waited {:?}",
+        started.elapsed()
+    );
     assert_eq!(crash_code, 503, "{crash_body}");
-    assert!(crash_body["error"].as_str().unwrap().contains("exit code 1"), "{crash_body}");
+    assert!(
+        crash_body["error"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 1"),
+        "{crash_body}"
+    );
     assert_eq!(slow_code, 503, "{slow_body}");
 
     // A call made while it restarts waits for it instead of failing.
@@ -129,23 +149,33 @@ async fn crash_mid_call_fails_fast_and_restarts() {
     let (_, logs) = d.get("/v1/meshes/m/services/crashy/logs?lines=100").await;
     let all = logs["lines"].to_string();
     assert!(all.contains("crashing on purpose"), "{all}");
-    assert!(all.contains("[meshbox] server exited: exit code 1"), "{all}");
+    assert!(
+        all.contains("[meshbox] server exited: exit code 1"),
+        "{all}"
+    );
 }
 
 #[tokio::test]
 async fn silent_server_times_out_and_stays_usable() {
     let d = Daemon::start();
-    let (code, _) = d.deploy_py("m", "hang", &[], json!({"call_timeout_ms": 800})).await;
+    let (code, _) = d
+        .deploy_py("m", "hang", &[], json!({"call_timeout_ms": 800}))
+        .await;
     assert_eq!(code, 200);
     let (code, r) = d.call("m", "hang", "hang", json!({})).await;
     assert_eq!(code, 504, "{r}");
     assert!(r["error"].as_str().unwrap().contains("800ms"), "{r}");
     // A per-call timeout overrides the spec's.
     let (code, _) = d
-        .post("/v1/meshes/m/services/hang/call", json!({"tool": "hang", "timeout_ms": 100}))
+        .post(
+            "/v1/meshes/m/services/hang/call",
+            json!({"tool": "hang", "timeout_ms": 100}),
+        )
         .await;
     assert_eq!(code, 504);
-    let (code, r) = d.call("m", "hang", "echo", json!({"text": "still here"})).await;
+    let (code, r) = d
+        .call("m", "hang", "echo", json!({"text": "still here"}))
+        .await;
     assert_eq!(code, 200);
     assert_eq!(text_of(&r), "still here");
     // The server was told about the cancellation.
@@ -161,7 +191,9 @@ async fn garbage_on_stdout_is_logged_not_fatal() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["tools"].as_array().unwrap().len(), 15);
     for i in 0..5 {
-        let (code, r) = d.call("m", "g", "echo", json!({"text": format!("n{i}")})).await;
+        let (code, r) = d
+            .call("m", "g", "echo", json!({"text": format!("n{i}")}))
+            .await;
         assert_eq!(code, 200);
         assert_eq!(text_of(&r), format!("n{i}"));
     }
@@ -176,7 +208,9 @@ async fn ten_megabyte_reply() {
     let d = Daemon::start();
     let (code, _) = d.deploy_py("m", "big", &[], json!({})).await;
     assert_eq!(code, 200);
-    let (code, r) = d.call("m", "big", "big", json!({"bytes": 10_000_000})).await;
+    let (code, r) = d
+        .call("m", "big", "big", json!({"bytes": 10_000_000}))
+        .await;
     assert_eq!(code, 200);
     assert_eq!(text_of(&r).len(), 10_000_000);
     let (code, r) = d.call("m", "big", "echo", json!({"text": "after"})).await;
@@ -187,12 +221,20 @@ async fn ten_megabyte_reply() {
 #[tokio::test]
 async fn exit_during_initialize_fails_with_log_tail() {
     let d = Daemon::start();
-    let (code, e) = d.deploy_py("m", "dead", &["--exit-during-init"], json!({})).await;
+    let (code, e) = d
+        .deploy_py("m", "dead", &["--exit-during-init"], json!({}))
+        .await;
     assert_eq!(code, 502, "{e}");
     let msg = e["error"].as_str().unwrap();
-    assert!(msg.contains("exited during initialize") && msg.contains("exit code 3"), "{msg}");
+    assert!(
+        msg.contains("exited during initialize") && msg.contains("exit code 3"),
+        "{msg}"
+    );
     let logs = e["logs"].to_string();
-    assert!(logs.contains("fixture: exiting during initialize"), "{logs}");
+    assert!(
+        logs.contains("fixture: exiting during initialize"),
+        "{logs}"
+    );
     let st = d.status("m", "dead").await;
     assert_eq!(st["status"], "failed");
     assert_eq!(st["last_exit"]["code"], 3);
@@ -222,10 +264,15 @@ async fn node_fixture_serves_tools() {
 async fn redeploy_replaces_and_restart_restarts() {
     let d = Daemon::start();
     let (_, first) = d.deploy_py("m", "r", &[], json!({})).await;
-    let (code, second) = d.deploy_py("m", "r", &[], json!({"call_timeout_ms": 1000})).await;
+    let (code, second) = d
+        .deploy_py("m", "r", &[], json!({"call_timeout_ms": 1000}))
+        .await;
     assert_eq!(code, 200);
     assert_ne!(first["pid"], second["pid"]);
-    assert!(!pid_alive(first["pid"].as_u64().unwrap() as u32), "old server left running");
+    assert!(
+        !pid_alive(first["pid"].as_u64().unwrap() as u32),
+        "old server left running"
+    );
     let (_, list) = d.get("/v1/meshes/m/services").await;
     assert_eq!(list["services"].as_array().unwrap().len(), 1);
 
@@ -244,11 +291,16 @@ async fn failing_pings_restart_the_server() {
     assert_eq!(code, 200, "{st}");
     let first = st["pid"].clone();
     let st = d
-        .wait_status("m", "deaf", UP, |s| s["restarts"].as_u64() >= Some(1) && s["status"] == "running")
+        .wait_status("m", "deaf", UP, |s| {
+            s["restarts"].as_u64() >= Some(1) && s["status"] == "running"
+        })
         .await;
     assert_ne!(st["pid"], first);
     let (_, logs) = d.get("/v1/meshes/m/services/deaf/logs?lines=200").await;
-    assert!(logs["lines"].to_string().contains("health checks failed"), "{logs}");
+    assert!(
+        logs["lines"].to_string().contains("health checks failed"),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
@@ -257,23 +309,39 @@ async fn readiness_tool_error_counts_as_unhealthy() {
     let health = json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 1, "tool": "fail"}});
     let (code, _) = d.deploy_py("m", "unready", &[], health).await;
     assert_eq!(code, 200);
-    d.wait_status("m", "unready", UP, |s| s["restarts"].as_u64() >= Some(1)).await;
+    d.wait_status("m", "unready", UP, |s| s["restarts"].as_u64() >= Some(1))
+        .await;
     // A readiness tool that succeeds keeps it healthy.
     let health = json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 1, "tool": "echo", "arguments": {"text": "ok"}}});
     let (code, _) = d.deploy_py("m", "ready", &[], health).await;
     assert_eq!(code, 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let st = d.status("m", "ready").await;
-    assert_eq!((st["restarts"].clone(), st["health"].clone()), (json!(0), json!("healthy")), "{st}");
+    assert_eq!(
+        (st["restarts"].clone(), st["health"].clone()),
+        (json!(0), json!("healthy")),
+        "{st}"
+    );
 }
 
 #[tokio::test]
 async fn servers_get_a_curated_environment() {
-    let d = Daemon::start_with(&[], &[("AWS_SECRET_ACCESS_KEY", "leak-me"), ("MESHBOX_SECRET_TEST", "x")]);
+    let d = Daemon::start_with(
+        &[],
+        &[
+            ("AWS_SECRET_ACCESS_KEY", "leak-me"),
+            ("MESHBOX_SECRET_TEST", "x"),
+        ],
+    );
     let secret = d.data.path().join("secret.txt");
     std::fs::write(&secret, "from-file\n").unwrap();
     let (code, st) = d
-        .deploy_py("m", "env", &[], json!({"env": {"API_KEY": "k1", "FROM_FILE": {"file": secret}}}))
+        .deploy_py(
+            "m",
+            "env",
+            &[],
+            json!({"env": {"API_KEY": "k1", "FROM_FILE": {"file": secret}}}),
+        )
         .await;
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["env"], json!(["API_KEY", "FROM_FILE"]), "keys only");
@@ -283,13 +351,26 @@ async fn servers_get_a_curated_environment() {
     assert_eq!(env["API_KEY"], "k1");
     assert_eq!(env["FROM_FILE"], "from-file");
     assert_eq!(env["LANG"], "C.UTF-8");
-    assert!(env["HOME"].as_str().unwrap().starts_with(d.data.path().to_str().unwrap()));
-    for leaked in ["AWS_SECRET_ACCESS_KEY", "MESHBOX_SECRET_TEST", "MESHBOX_LOG", "CARGO_MANIFEST_DIR"] {
+    assert!(env["HOME"]
+        .as_str()
+        .unwrap()
+        .starts_with(d.data.path().to_str().unwrap()));
+    for leaked in [
+        "AWS_SECRET_ACCESS_KEY",
+        "MESHBOX_SECRET_TEST",
+        "MESHBOX_LOG",
+        "CARGO_MANIFEST_DIR",
+    ] {
         assert!(env.get(leaked).is_none(), "{leaked} leaked into the server");
     }
     // A missing secret fails the deploy, naming the key and no value.
     let (code, e) = d
-        .deploy_py("m", "nosecret", &[], json!({"env": {"TOKEN": {"file": "/nonexistent/secret"}}}))
+        .deploy_py(
+            "m",
+            "nosecret",
+            &[],
+            json!({"env": {"TOKEN": {"file": "/nonexistent/secret"}}}),
+        )
         .await;
     assert_eq!(code, 502, "{e}");
     assert!(e["error"].as_str().unwrap().contains("TOKEN"), "{e}");
@@ -309,7 +390,10 @@ async fn wrapper_children_are_killed_with_the_group() {
     let wrapper_pid = st["pid"].as_u64().unwrap() as u32;
     let (_, r) = d.call("m", "wrapped", "pid", json!({})).await;
     let child_pid: u32 = text_of(&r).parse().unwrap_or_else(|_| panic!("{r}"));
-    assert_ne!(child_pid, wrapper_pid, "the tool ran in the wrapper's child");
+    assert_ne!(
+        child_pid, wrapper_pid,
+        "the tool ran in the wrapper's child"
+    );
     assert!(pid_alive(child_pid));
     let (code, _) = d.delete("/v1/meshes/m/services/wrapped").await;
     assert_eq!(code, 204);
@@ -333,18 +417,33 @@ async fn shutdown_stops_every_server() {
 async fn legacy_routes_work_like_the_seed_runner() {
     let d = Daemon::start();
     let (code, r) = d
-        .post("/load", json!({"name": "time", "sourcePath": fixture("py_server"), "env": {"A": "1"}}))
+        .post(
+            "/load",
+            json!({"name": "time", "sourcePath": fixture("py_server"), "env": {"A": "1"}}),
+        )
         .await;
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["status"], "running");
     assert_eq!(r["tools"].as_array().unwrap().len(), 15);
-    let (code, r) = d.post("/call", json!({"name": "time", "tool": "add", "args": {"a": 1, "b": 1}})).await;
+    let (code, r) = d
+        .post(
+            "/call",
+            json!({"name": "time", "tool": "add", "args": {"a": 1, "b": 1}}),
+        )
+        .await;
     assert_eq!(code, 200);
     assert_eq!(text_of(&r), "2");
-    let (code, r) = d.post("/call", json!({"name": "time", "tool": "rpc_error", "args": {}})).await;
+    let (code, r) = d
+        .post(
+            "/call",
+            json!({"name": "time", "tool": "rpc_error", "args": {}}),
+        )
+        .await;
     assert_eq!(code, 200);
     assert_eq!(r["error"], "tool blew up");
-    let (code, r) = d.post("/call", json!({"name": "nope", "tool": "add"})).await;
+    let (code, r) = d
+        .post("/call", json!({"name": "nope", "tool": "add"}))
+        .await;
     assert_eq!(code, 404, "{r}");
     let (_, h) = d.get("/health").await;
     assert_eq!(h["ok"], true);
@@ -366,21 +465,37 @@ async fn legacy_routes_work_like_the_seed_runner() {
     let (code, _) = d.post("/unload", json!({"name": "time"})).await;
     assert_eq!(code, 404);
     // Bad input is refused the same way as on /v1.
-    let (code, r) = d.post("/load", json!({"name": "../x", "sourcePath": "/tmp"})).await;
+    let (code, r) = d
+        .post("/load", json!({"name": "../x", "sourcePath": "/tmp"}))
+        .await;
     assert_eq!(code, 400, "{r}");
     let (code, r) = d.post("/load", json!({"name": "x"})).await;
     assert_eq!(code, 400);
     assert!(r["error"].as_str().unwrap().contains("sourcePath"));
-    let (code, r) = d.post("/load", json!({"name": "x", "sourcePath": "relative"})).await;
+    let (code, r) = d
+        .post("/load", json!({"name": "x", "sourcePath": "relative"}))
+        .await;
     assert_eq!(code, 400, "{r}");
-    let (code, r) = d.post("/load", json!({"name": "x", "gitUrl": "ext::sh -c id"})).await;
+    let (code, r) = d
+        .post("/load", json!({"name": "x", "gitUrl": "ext::sh -c id"}))
+        .await;
     assert_eq!(code, 400, "{r}");
-    let (code, r) = d.post("/load", json!({"name": "x", "sourcePath": "/tmp", "bogus": 1})).await;
+    let (code, r) = d
+        .post(
+            "/load",
+            json!({"name": "x", "sourcePath": "/tmp", "bogus": 1}),
+        )
+        .await;
     assert_eq!(code, 400);
     assert!(r["error"].as_str().unwrap().contains("bogus"), "{r}");
     let (code, r) = d.post("/load", json!({"name": "x", "sourcePath": fixture("py_server"), "runtime": "python", "env": {"B": "2"}})).await;
     assert_eq!(code, 200, "{r}");
-    let (code, r) = d.post("/load", json!({"name": "y", "sourcePath": fixture("py_server"), "uvxPackage": "x"})).await;
+    let (code, r) = d
+        .post(
+            "/load",
+            json!({"name": "y", "sourcePath": fixture("py_server"), "uvxPackage": "x"}),
+        )
+        .await;
     assert_eq!(code, 400, "{r}");
 }
 
@@ -389,34 +504,147 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let d = Daemon::start();
     let py = format!("path:{}", fixture("py_server").display());
     let cases: Vec<(&str, String, Value, &str)> = vec![
-        ("PUT", "/v1/meshes/acme/services/bad%20name".into(), json!({"source": py}), "service name"),
-        ("PUT", "/v1/meshes/-acme/services/x".into(), json!({"source": py}), "mesh"),
-        ("PUT", format!("/v1/meshes/{}/services/x", "a".repeat(65)), json!({"source": py}), "mesh"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "bogus": true}), "bogus"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "memory_mb": 1}), "memory_mb"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "cpus": 0}), "cpus"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "pids": 1_000_000}), "pids"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "call_timeout_ms": 0}), "call_timeout_ms"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "args": "notalist"}), "invalid type"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "path:relative"}), "absolute"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "path:/nonexistent/dir"}), "does not exist"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "npm:../../x"}), "npm"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "pypi:foo; rm -rf /"}), "PyPI"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "git:ext::sh -c id"}), "git"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "git:https://h/r#--upload-pack=x"}), "ref"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": "image:x"}), "image"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "network": {"allow": ["example.com:443"]}}), "allowlists"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": py, "env": {"BAD KEY": "v"}}), "env"),
-        ("PUT", "/v1/meshes/acme/services/x".into(), json!({"source": format!("{py}\u{0}")}), "NUL"),
-        ("POST", "/v1/meshes/acme/services/x/call".into(), json!({"tool": "echo", "extra": 1}), "extra"),
-        ("POST", "/v1/meshes/acme/services/x/call".into(), json!({"tool": "echo", "arguments": [1]}), "arguments"),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/bad%20name".into(),
+            json!({"source": py}),
+            "service name",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/-acme/services/x".into(),
+            json!({"source": py}),
+            "mesh",
+        ),
+        (
+            "PUT",
+            format!("/v1/meshes/{}/services/x", "a".repeat(65)),
+            json!({"source": py}),
+            "mesh",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "bogus": true}),
+            "bogus",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "memory_mb": 1}),
+            "memory_mb",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "cpus": 0}),
+            "cpus",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "pids": 1_000_000}),
+            "pids",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "call_timeout_ms": 0}),
+            "call_timeout_ms",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "args": "notalist"}),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "path:relative"}),
+            "absolute",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "path:/nonexistent/dir"}),
+            "does not exist",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "npm:../../x"}),
+            "npm",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "pypi:foo; rm -rf /"}),
+            "PyPI",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "git:ext::sh -c id"}),
+            "git",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "git:https://h/r#--upload-pack=x"}),
+            "ref",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": "image:x"}),
+            "image",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "network": {"allow": ["example.com:443"]}}),
+            "allowlists",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "env": {"BAD KEY": "v"}}),
+            "env",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": format!("{py}\u{0}")}),
+            "NUL",
+        ),
+        (
+            "POST",
+            "/v1/meshes/acme/services/x/call".into(),
+            json!({"tool": "echo", "extra": 1}),
+            "extra",
+        ),
+        (
+            "POST",
+            "/v1/meshes/acme/services/x/call".into(),
+            json!({"tool": "echo", "arguments": [1]}),
+            "arguments",
+        ),
     ];
     for (method, path, body, needle) in cases {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let (code, r) = d.req(m, &path, Some(body.clone())).await;
-        assert!((400..500).contains(&code), "{method} {path} {body}: {code} {r}");
-        let msg = r["error"].as_str().unwrap_or_else(|| panic!("no error field: {r}"));
-        assert!(msg.contains(needle), "{method} {path}: `{msg}` does not mention `{needle}`");
+        assert!(
+            (400..500).contains(&code),
+            "{method} {path} {body}: {code} {r}"
+        );
+        let msg = r["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {r}"));
+        assert!(
+            msg.contains(needle),
+            "{method} {path}: `{msg}` does not mention `{needle}`"
+        );
     }
     // Not JSON, empty, and too deep.
     let raw = |body: Vec<u8>| {
@@ -428,7 +656,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
     };
     assert_eq!(raw(b"{not json".to_vec()).await.unwrap().status(), 400);
     assert_eq!(raw(Vec::new()).await.unwrap().status(), 400);
-    let deep = format!("{{\"source\":{}1{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep = format!(
+        "{{\"source\":{}1{}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
     assert_eq!(raw(deep.into_bytes()).await.unwrap().status(), 400);
     // Past the 1 MiB body limit.
     let huge = json!({"source": py, "args": ["x".repeat(2 * 1024 * 1024)]}).to_string();
@@ -448,12 +680,21 @@ async fn bad_input_is_refused_and_changes_nothing() {
 async fn bearer_token_guards_everything_but_health() {
     let d = Daemon::start_with(&[], &[("MESHBOX_TOKEN", "s3cret")]);
     let anon = reqwest::Client::new();
-    let r = anon.get(format!("{}/v1/health", d.url)).send().await.unwrap();
+    let r = anon
+        .get(format!("{}/v1/health", d.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     for path in ["/v1/meshes/m/services", "/health", "/list"] {
         let r = anon.get(format!("{}{path}", d.url)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path}");
-        let r = anon.get(format!("{}{path}", d.url)).bearer_auth("s3cre").send().await.unwrap();
+        let r = anon
+            .get(format!("{}{path}", d.url))
+            .bearer_auth("s3cre")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401, "{path}");
     }
     let (code, _) = d.get("/v1/meshes/m/services").await;
@@ -463,11 +704,20 @@ async fn bearer_token_guards_everything_but_health() {
 #[test]
 fn non_loopback_listen_without_token_is_refused() {
     let out = std::process::Command::new(common::meshbox_bin())
-        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir", "/tmp/meshbox-refuse-test"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            "/tmp/meshbox-refuse-test",
+        ])
         .env_remove("MESHBOX_TOKEN")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error: refusing to listen on 0.0.0.0:0 without a token"), "{err}");
+    assert!(
+        err.starts_with("error: refusing to listen on 0.0.0.0:0 without a token"),
+        "{err}"
+    );
 }

@@ -28,7 +28,15 @@ fn run_bridges_stdio_to_the_sandboxed_server() {
     // A relative path, as an MCP client config would give it.
     let mut child = Command::new(meshbox_bin())
         .current_dir(fixture(""))
-        .args(["run", "path:py_server", "--memory", "256m", "--", "--page-size", "100"])
+        .args([
+            "run",
+            "path:py_server",
+            "--memory",
+            "256m",
+            "--",
+            "--page-size",
+            "100",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -37,10 +45,14 @@ fn run_bridges_stdio_to_the_sandboxed_server() {
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut send = |v: Value| writeln!(stdin, "{v}").unwrap();
-    send(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}));
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    );
     send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
-    send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 20, "b": 22}}}));
+    send(
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 20, "b": 22}}}),
+    );
     let mut read = || {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
@@ -49,18 +61,23 @@ fn run_bridges_stdio_to_the_sandboxed_server() {
     assert_eq!(read()["result"]["protocolVersion"], "2025-06-18");
     assert_eq!(read()["result"]["tools"].as_array().unwrap().len(), 15);
     assert_eq!(read()["result"]["content"][0]["text"], "42");
-    drop(send);
     drop(stdin); // the client goes away: the server sees EOF and exits
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(err.contains("py-fixture started"), "server stderr passes through: {err}");
+    assert!(
+        err.contains("py-fixture started"),
+        "server stderr passes through: {err}"
+    );
 }
 
 #[test]
 fn run_reports_bad_sources_as_one_error_line() {
-    let out = Command::new(meshbox_bin()).args(["run", "npm:../../x"]).output().unwrap();
+    let out = Command::new(meshbox_bin())
+        .args(["run", "npm:../../x"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: invalid source"), "{err}");
@@ -71,13 +88,27 @@ async fn client_commands_drive_the_daemon() {
     let d = Daemon::start();
     let dir = fixture("py_server");
     let dir = dir.to_str().unwrap();
-    let (code, out, err) = cli(&d, &["deploy", "acme/time", &format!("path:{dir}"), "--memory", "128m", "--env", "A=1"]);
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "deploy",
+            "acme/time",
+            &format!("path:{dir}"),
+            "--memory",
+            "128m",
+            "--env",
+            "A=1",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("acme/time running (15 tools"), "{out}");
 
     let (code, out, _) = cli(&d, &["ls", "acme"]);
     assert_eq!(code, 0);
-    assert!(out.contains("acme/time") && out.contains("running"), "{out}");
+    assert!(
+        out.contains("acme/time") && out.contains("running"),
+        "{out}"
+    );
 
     let (code, out, _) = cli(&d, &["status", "acme/time"]);
     assert_eq!(code, 0);
@@ -118,12 +149,18 @@ async fn client_commands_drive_the_daemon() {
     assert_eq!(code, 0);
     let (code, _, err) = cli(&d, &["status", "acme/time"]);
     assert_eq!(code, 1);
-    assert_eq!(err.lines().next().unwrap(), "error: service acme/time not found");
+    assert_eq!(
+        err.lines().next().unwrap(),
+        "error: service acme/time not found"
+    );
 
     // Usage errors: one error line, exit 2, nothing sent.
     let (code, _, err) = cli(&d, &["deploy", "no-slash", "path:/tmp"]);
     assert_eq!(code, 2);
-    assert!(err.starts_with("error: `no-slash`: expected MESH/NAME"), "{err}");
+    assert!(
+        err.starts_with("error: `no-slash`: expected MESH/NAME"),
+        "{err}"
+    );
     let (code, _, err) = cli(&d, &["deploy", "a/b c", "path:/tmp"]);
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = cli(&d, &["deploy", "a/b", "path:/tmp", "--memory", "lots"]);
@@ -132,9 +169,21 @@ async fn client_commands_drive_the_daemon() {
     assert_eq!(code, 2);
     assert!(err.contains("not valid JSON"), "{err}");
     // A failed deploy prints the error and the server's last log lines.
-    let (code, _, err) = cli(&d, &["deploy", "acme/dead", &format!("path:{dir}"), "--", "--exit-during-init"]);
+    let (code, _, err) = cli(
+        &d,
+        &[
+            "deploy",
+            "acme/dead",
+            &format!("path:{dir}"),
+            "--",
+            "--exit-during-init",
+        ],
+    );
     assert_eq!(code, 1);
-    assert!(err.starts_with("error: service acme/dead failed to start"), "{err}");
+    assert!(
+        err.starts_with("error: service acme/dead failed to start"),
+        "{err}"
+    );
     assert!(err.contains("fixture: exiting during initialize"), "{err}");
 }
 
@@ -147,6 +196,9 @@ fn unreachable_daemon_is_one_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error: cannot reach meshbox at http://127.0.0.1:9"), "{err}");
+    assert!(
+        err.starts_with("error: cannot reach meshbox at http://127.0.0.1:9"),
+        "{err}"
+    );
     assert!(err.contains("caused by:"), "{err}");
 }

@@ -29,31 +29,45 @@ fn cgroup_dir(pid: u64, controller: &str) -> Option<std::path::PathBuf> {
     text.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
         let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        ctrls
-            .split(',')
-            .any(|c| c == controller)
-            .then(|| std::path::Path::new("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/')))
+        ctrls.split(',').any(|c| c == controller).then(|| {
+            std::path::Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'))
+        })
     })
 }
 
 #[tokio::test]
 async fn cgroup_limits_are_enforced_and_reported() {
-    if !is_root() && skip("needs root") || !cgroups_writable() && skip("cgroups are not writable here") {
+    if !is_root() && skip("needs root")
+        || !cgroups_writable() && skip("cgroups are not writable here")
+    {
         return;
     }
     let d = Daemon::start();
     let (code, st) = d
-        .deploy_py("lim", "cg", &[], json!({"memory_mb": 64, "cpus": 0.5, "pids": 32}))
+        .deploy_py(
+            "lim",
+            "cg",
+            &[],
+            json!({"memory_mb": 64, "cpus": 0.5, "pids": 32}),
+        )
         .await;
     assert_eq!(code, 200, "{st}");
     let enforced = &st["limits"]["enforced"];
-    assert_eq!(enforced, &json!({"memory": true, "cpus": true, "pids": true, "network": true}), "{st}");
+    assert_eq!(
+        enforced,
+        &json!({"memory": true, "cpus": true, "pids": true, "network": true}),
+        "{st}"
+    );
     assert_eq!(st["limits"]["memory_mb"], 64);
     let pid = st["pid"].as_u64().unwrap();
     if let Some(dir) = cgroup_dir(pid, "memory") {
         let limit = std::fs::read_to_string(dir.join("memory.limit_in_bytes")).unwrap();
         assert_eq!(limit.trim(), (64u64 << 20).to_string());
-        let quota = std::fs::read_to_string(cgroup_dir(pid, "cpu").unwrap().join("cpu.cfs_quota_us")).unwrap();
+        let quota =
+            std::fs::read_to_string(cgroup_dir(pid, "cpu").unwrap().join("cpu.cfs_quota_us"))
+                .unwrap();
         assert_eq!(quota.trim(), "50000");
     }
 
@@ -61,13 +75,18 @@ async fn cgroup_limits_are_enforced_and_reported() {
     let (code, r) = d.call("lim", "cg", "threads", json!({"n": 100})).await;
     assert_eq!(code, 200, "{r}");
     let started: u64 = text_of(&r).parse().unwrap();
-    assert!(started < 32, "pids limit not enforced: {started} threads started");
+    assert!(
+        started < 32,
+        "pids limit not enforced: {started} threads started"
+    );
 
     // memory: past the limit the OOM killer ends the server, status says so, and it restarts.
     let (code, r) = d.call("lim", "cg", "alloc", json!({"mb": 256})).await;
     assert_eq!(code, 503, "{r}");
     let st = d
-        .wait_status("lim", "cg", Duration::from_secs(20), |s| s["status"] == "running" && s["restarts"] == 1)
+        .wait_status("lim", "cg", Duration::from_secs(20), |s| {
+            s["status"] == "running" && s["restarts"] == 1
+        })
         .await;
     assert_eq!(st["last_exit"]["oom_killed"], true, "{st}");
     assert_eq!(st["last_exit"]["signal"], 9, "{st}");
@@ -99,12 +118,16 @@ async fn network_none_cuts_the_server_off() {
     let d = Daemon::start();
     let target = json!({"host": "127.0.0.1", "port": port});
 
-    let (code, st) = d.deploy_py("net", "open", &[], json!({"network": "full"})).await;
+    let (code, st) = d
+        .deploy_py("net", "open", &[], json!({"network": "full"}))
+        .await;
     assert_eq!(code, 200, "{st}");
     let (_, r) = d.call("net", "open", "connect", target.clone()).await;
     assert_eq!(text_of(&r), "connected", "{r}");
 
-    let (code, st) = d.deploy_py("net", "closed", &[], json!({"network": "none"})).await;
+    let (code, st) = d
+        .deploy_py("net", "closed", &[], json!({"network": "none"}))
+        .await;
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["network"], "none");
     assert_eq!(st["limits"]["enforced"]["network"], true);

@@ -205,5 +205,7 @@ async fn logs(State(st): State<AppState>, q: QueryResult) -> Result<Json<Value>,
         .name
         .ok_or_else(|| ApiError::BadRequest("query parameter `name` is required".into()))?;
     let svc = st.supervisor.get(&key(&name)?)?;
-    Ok(Json(json!({"lines": svc.logs.tail(q.lines.unwrap_or(50)).0})))
+    Ok(Json(
+        json!({"lines": svc.logs.tail(q.lines.unwrap_or(50)).0}),
+    ))
 }

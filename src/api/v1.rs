@@ -39,7 +39,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
         let Path((mesh, name)) = Path::<(String, String)>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        Ok(Key(ServiceKey::parse(&mesh, &name).map_err(|e| ApiError::BadRequest(e.to_string()))?))
+        Ok(Key(
+            ServiceKey::parse(&mesh, &name).map_err(|e| ApiError::BadRequest(e.to_string()))?
+        ))
     }
 }
 
@@ -100,14 +102,20 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
-pub(crate) fn check_call(tool: &str, arguments: &Value, timeout_ms: Option<u64>) -> Result<(), ApiError> {
+pub(crate) fn check_call(
+    tool: &str,
+    arguments: &Value,
+    timeout_ms: Option<u64>,
+) -> Result<(), ApiError> {
     if tool.is_empty() || tool.len() > 256 || tool.chars().any(char::is_control) {
         return Err(ApiError::BadRequest(
             "field `tool` must be 1 to 256 characters without control characters".into(),
         ));
     }
     if !arguments.is_object() {
-        return Err(ApiError::BadRequest("field `arguments` must be a JSON object".into()));
+        return Err(ApiError::BadRequest(
+            "field `arguments` must be a JSON object".into(),
+        ));
     }
     if let Some(t) = timeout_ms {
         if !(1..=3_600_000).contains(&t) {
@@ -127,7 +135,12 @@ async fn call(
     check_call(&body.tool, &body.arguments, body.timeout_ms)?;
     let result = st
         .supervisor
-        .call(&key, &body.tool, body.arguments, body.timeout_ms.map(Duration::from_millis))
+        .call(
+            &key,
+            &body.tool,
+            body.arguments,
+            body.timeout_ms.map(Duration::from_millis),
+        )
         .await?;
     Ok(Json(json!({ "result": result })))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{Command, CliError, DeployArgs, Shutdown};
+use super::{CliError, Command, DeployArgs, Shutdown};
 use crate::supervisor::ServiceKey;
 
 struct Client {
@@ -27,11 +27,18 @@ impl Client {
         Ok(Client {
             http,
             base,
-            token: std::env::var("MESHBOX_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: std::env::var("MESHBOX_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
         })
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), CliError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), CliError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -49,7 +56,8 @@ impl Client {
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         if status.is_success() {
             return Ok((status, value));
@@ -62,7 +70,12 @@ impl Client {
         let logs = value
             .get("logs")
             .and_then(Value::as_array)
-            .map(|l| l.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .map(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default();
         Err(CliError::Api {
             status: status.as_u16(),
@@ -104,9 +117,18 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
         Command::Deploy(args) => deploy(&c, args).await,
         Command::Ls { mesh } => {
             crate::config::validate_name("mesh", &mesh)?;
-            let (_, v) = c.send(Method::GET, &format!("/v1/meshes/{mesh}/services"), None).await?;
-            let services = v.get("services").and_then(Value::as_array).cloned().unwrap_or_default();
-            println!("{:<24} {:<11} {:<10} {:>8} {:>5}  SOURCE", "NAME", "STATUS", "HEALTH", "RESTARTS", "TOOLS");
+            let (_, v) = c
+                .send(Method::GET, &format!("/v1/meshes/{mesh}/services"), None)
+                .await?;
+            let services = v
+                .get("services")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            println!(
+                "{:<24} {:<11} {:<10} {:>8} {:>5}  SOURCE",
+                "NAME", "STATUS", "HEALTH", "RESTARTS", "TOOLS"
+            );
             for s in services {
                 let f = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
                 println!(
@@ -129,8 +151,15 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
         }
         Command::Tools { service } => {
             let key = parse_key(&service)?;
-            let (_, v) = c.send(Method::GET, &format!("{}/tools", service_path(&key)), None).await?;
-            for t in v.get("tools").and_then(Value::as_array).cloned().unwrap_or_default() {
+            let (_, v) = c
+                .send(Method::GET, &format!("{}/tools", service_path(&key)), None)
+                .await?;
+            for t in v
+                .get("tools")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
                 let name = t.get("name").and_then(Value::as_str).unwrap_or("?");
                 let desc = t.get("description").and_then(Value::as_str).unwrap_or("");
                 let first = desc.lines().next().unwrap_or("");
@@ -151,7 +180,13 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
             if let Some(t) = timeout_ms {
                 body["timeout_ms"] = json!(t);
             }
-            let (_, v) = c.send(Method::POST, &format!("{}/call", service_path(&key)), Some(body)).await?;
+            let (_, v) = c
+                .send(
+                    Method::POST,
+                    &format!("{}/call", service_path(&key)),
+                    Some(body),
+                )
+                .await?;
             let result = v.get("result").cloned().unwrap_or(Value::Null);
             print_json(&result);
             if result.get("isError").and_then(Value::as_bool) == Some(true) {
@@ -159,10 +194,16 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
             }
             Ok(())
         }
-        Command::Logs { service, lines, follow } => {
+        Command::Logs {
+            service,
+            lines,
+            follow,
+        } => {
             let key = parse_key(&service)?;
             let path = format!("{}/logs", service_path(&key));
-            let (_, v) = c.send(Method::GET, &format!("{path}?lines={lines}"), None).await?;
+            let (_, v) = c
+                .send(Method::GET, &format!("{path}?lines={lines}"), None)
+                .await?;
             let mut next = print_lines(&v);
             if !follow {
                 return Ok(());
@@ -173,13 +214,25 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                     _ = &mut shutdown => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                let (_, v) = c.send(Method::GET, &format!("{path}?since={next}&lines=1000"), None).await?;
+                let (_, v) = c
+                    .send(
+                        Method::GET,
+                        &format!("{path}?since={next}&lines=1000"),
+                        None,
+                    )
+                    .await?;
                 next = print_lines(&v).max(next);
             }
         }
         Command::Restart { service } => {
             let key = parse_key(&service)?;
-            let (_, v) = c.send(Method::POST, &format!("{}/restart", service_path(&key)), None).await?;
+            let (_, v) = c
+                .send(
+                    Method::POST,
+                    &format!("{}/restart", service_path(&key)),
+                    None,
+                )
+                .await?;
             summarize(&v);
             Ok(())
         }
@@ -193,7 +246,12 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
 }
 
 fn print_lines(v: &Value) -> u64 {
-    for l in v.get("lines").and_then(Value::as_array).cloned().unwrap_or_default() {
+    for l in v
+        .get("lines")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
         if let Some(s) = l.as_str() {
             println!("{s}");
         }

@@ -57,7 +57,11 @@ pub enum CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "meshbox", version, about = "Run MCP servers in sandboxes and serve their tools over HTTP")]
+#[command(
+    name = "meshbox",
+    version,
+    about = "Run MCP servers in sandboxes and serve their tools over HTTP"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -182,7 +186,9 @@ impl SpecArgs {
             None => None,
             Some(r) => Some(
                 serde_json::from_value::<Runtime>(serde_json::Value::String(r.to_owned()))
-                    .map_err(|_| CliError::Usage(format!("--runtime `{r}`: expected node, python or bun")))?,
+                    .map_err(|_| {
+                        CliError::Usage(format!("--runtime `{r}`: expected node, python or bun"))
+                    })?,
             ),
         };
         let (command, args) = match self.command {

@@ -32,7 +32,9 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let spec = args.spec.into_spec(&args.source, args.args)?;
     let source: Source = spec.source.parse()?;
     let launch = match &source {
-        Source::Path(dir) => launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?,
+        Source::Path(dir) => {
+            launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?
+        }
         other => {
             return Err(CliError::Source(crate::source::SourceError::Unsupported {
                 kind: other.kind(),
@@ -45,7 +47,10 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         source,
     })?;
     let mut env = BTreeMap::from([
-        ("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        (
+            "PATH".to_owned(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        ),
         ("HOME".to_owned(), home.to_string_lossy().into_owned()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
     ]);

@@ -57,7 +57,9 @@ pub fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CliError> {
                 .trim()
                 .to_owned(),
         ),
-        None => std::env::var("MESHBOX_TOKEN").ok().map(|t| t.trim().to_owned()),
+        None => std::env::var("MESHBOX_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned()),
     };
     match token {
         Some(t) if t.is_empty() => Err(CliError::Usage("the bearer token is empty".into())),

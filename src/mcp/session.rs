@@ -1,9 +1,10 @@
 //! The MCP client session: JSON-RPC 2.0 over newline-delimited stdio.
 //!
-//! One actor task owns the pending-request map and `select!`s over the reader,
-//! the command queue and the server's exit signal; one writer task owns the
-//! server's stdin, so messages never interleave and a slow reader on the other
-//! side never blocks replies from being read. Messages are plain
+//! One actor task owns the pending-request map and `select!`s over the command
+//! queue, the reader and the server's exit signal. Writers share the server's
+//! stdin through one lock, so messages never interleave; callers write their
+//! own requests (no extra task hop on the hot path) and the actor never waits
+//! on stdin, so a server that stops reading never blocks replies being read. Messages are plain
 //! `serde_json::Value`s: unknown methods and fields pass through untouched.
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use tracing::{debug, warn};
 
 use super::framing::{Frame, LineCodec, DEFAULT_MAX_LINE};
 use super::{negotiate_version, LATEST_PROTOCOL_VERSION};
-use crate::orchestrator::{wait_exit, ExitReason};
+use crate::orchestrator::{wait_exit, BoxWrite, ExitReason};
 
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,26 +96,37 @@ pub struct ServerInfo {
 type Reply = Result<Value, CallError>;
 
 enum Command {
+    /// Registers a reply slot; the caller writes the request itself afterwards.
     Request {
         id: u64,
-        line: Bytes,
         reply: oneshot::Sender<Reply>,
     },
-    Notify {
-        line: Bytes,
-    },
-    Cancel {
-        id: u64,
-        reason: &'static str,
-    },
-    /// Close the server's stdin: the polite way to ask it to exit.
-    Close,
+    /// Forgets a request that timed out.
+    Cancel { id: u64 },
+}
+
+/// The server's stdin, shared by everyone who writes; `None` once closed.
+type SharedWriter = Arc<tokio::sync::Mutex<Option<BoxWrite>>>;
+
+/// Writes one whole line; false when stdin is closed or broken.
+async fn write_line(writer: &SharedWriter, line: &[u8]) -> bool {
+    let mut guard = writer.lock().await;
+    let Some(w) = guard.as_mut() else {
+        return false;
+    };
+    if w.write_all(line).await.is_err() || w.flush().await.is_err() {
+        debug!("server stdin closed");
+        *guard = None;
+        return false;
+    }
+    true
 }
 
 /// Cheap handle for sending requests; clones share the id counter.
 #[derive(Clone)]
 struct Client {
     commands: mpsc::UnboundedSender<Command>,
+    writer: SharedWriter,
     next_id: Arc<AtomicU64>,
     closed: watch::Receiver<Option<CallError>>,
 }
@@ -132,37 +144,42 @@ impl Client {
         let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let line = encode(&msg);
         let (tx, rx) = oneshot::channel();
+        // Registered before it is written, so the reply always finds its slot.
         self.commands
-            .send(Command::Request {
-                id,
-                line,
-                reply: tx,
-            })
+            .send(Command::Request { id, reply: tx })
             .map_err(|_| self.closed_error())?;
+        // A failed write means the server is going; the actor then fails the
+        // slot with its exit reason, so just wait for the answer.
+        write_line(&self.writer, &line).await;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(self.closed_error()),
             Err(_) => {
+                let _ = self.commands.send(Command::Cancel { id });
                 // `initialize` must never be cancelled (MCP spec).
                 if method != "initialize" {
-                    let _ = self.commands.send(Command::Cancel {
-                        id,
-                        reason: "timeout",
-                    });
+                    let cancel = encode(&json!({
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": id, "reason": "timeout"},
+                    }));
+                    write_line(&self.writer, &cancel).await;
                 }
                 Err(CallError::Timeout(timeout))
             }
         }
     }
 
-    fn notify(&self, method: &str, params: Option<Value>) -> Result<(), CallError> {
+    async fn notify(&self, method: &str, params: Option<Value>) -> Result<(), CallError> {
         let msg = match params {
             Some(p) => json!({"jsonrpc": "2.0", "method": method, "params": p}),
             None => json!({"jsonrpc": "2.0", "method": method}),
         };
-        self.commands
-            .send(Command::Notify { line: encode(&msg) })
-            .map_err(|_| self.closed_error())
+        if write_line(&self.writer, &encode(&msg)).await {
+            Ok(())
+        } else {
+            Err(self.closed_error())
+        }
     }
 
     async fn list_tools(&self, timeout: Duration) -> Result<Vec<Value>, CallError> {
@@ -177,7 +194,11 @@ impl Client {
             let result = self.request("tools/list", params, timeout).await?;
             match result.get("tools") {
                 Some(Value::Array(page)) => tools.extend(page.iter().cloned()),
-                Some(_) => return Err(CallError::Protocol("tools/list: `tools` is not an array".into())),
+                Some(_) => {
+                    return Err(CallError::Protocol(
+                        "tools/list: `tools` is not an array".into(),
+                    ))
+                }
                 None => {}
             }
             match result.get("nextCursor") {
@@ -236,13 +257,13 @@ impl Session {
         W: AsyncWrite + Send + Unpin + 'static,
     {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed_rx) = watch::channel(None);
         let (list_changed_tx, mut list_changed_rx) = mpsc::channel::<()>(1);
-        tokio::spawn(write_loop(writer, out_rx));
+        let writer: SharedWriter =
+            Arc::new(tokio::sync::Mutex::new(Some(Box::pin(writer) as BoxWrite)));
         let actor = Actor {
             pending: HashMap::new(),
-            out: Some(out_tx),
+            out: Some(writer.clone()),
             log: log.clone(),
             roots: config.roots.clone(),
             list_changed: list_changed_tx,
@@ -251,6 +272,7 @@ impl Session {
         let actor = tokio::spawn(actor.run(frames, cmd_rx, exit, closed_tx, config.exit_grace));
         let client = Client {
             commands: cmd_tx,
+            writer,
             next_id: Arc::new(AtomicU64::new(1)),
             closed: closed_rx,
         };
@@ -295,15 +317,23 @@ impl Session {
         let answered = result
             .get("protocolVersion")
             .and_then(Value::as_str)
-            .ok_or_else(|| CallError::Protocol("initialize: no protocolVersion in answer".into()))?;
+            .ok_or_else(|| {
+                CallError::Protocol("initialize: no protocolVersion in answer".into())
+            })?;
         let protocol_version = negotiate_version(answered).ok_or_else(|| {
             CallError::Protocol(format!(
                 "server speaks protocol version {answered}, which meshbox does not support"
             ))
         })?;
-        self.client.notify("notifications/initialized", None)?;
+        self.client
+            .notify("notifications/initialized", None)
+            .await?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let tools = Arc::new(self.client.list_tools(left.max(Duration::from_millis(1))).await?);
+        let tools = Arc::new(
+            self.client
+                .list_tools(left.max(Duration::from_millis(1)))
+                .await?,
+        );
         // A refresh after `list_changed` may have finished first; its list is newer.
         self.tools_tx.send_if_modified(|cur| {
             let first = cur.is_none();
@@ -335,7 +365,10 @@ impl Session {
     }
 
     pub async fn ping(&self, timeout: Duration) -> Result<(), CallError> {
-        self.client.request("ping", json!({}), timeout).await.map(|_| ())
+        self.client
+            .request("ping", json!({}), timeout)
+            .await
+            .map(|_| ())
     }
 
     /// Re-reads the tool list (all pages) and publishes it.
@@ -353,13 +386,23 @@ impl Session {
     /// Resolves when the session has ended, with the reason.
     pub async fn closed(&self) -> CallError {
         let mut rx = self.client.closed.clone();
-        let reason = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+        let reason = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|v| v.clone());
         reason.unwrap_or_else(|| CallError::Closed("session ended".into()))
     }
 
     /// Closes the server's stdin; replies already on their way are still read.
     pub fn close(&self) {
-        let _ = self.client.commands.send(Command::Close);
+        let writer = self.client.writer.clone();
+        tokio::spawn(async move {
+            let w = writer.lock().await.take();
+            if let Some(mut w) = w {
+                let _ = w.shutdown().await;
+            }
+        });
     }
 
     pub fn is_closed(&self) -> bool {
@@ -367,30 +410,10 @@ impl Session {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    while let Some(line) = rx.recv().await {
-        if let Err(e) = writer.write_all(&line).await {
-            debug!(error = %e, "server stdin closed");
-            return;
-        }
-        // Drain what is queued before flushing: one flush per burst.
-        while let Ok(more) = rx.try_recv() {
-            if writer.write_all(&more).await.is_err() {
-                return;
-            }
-        }
-        if writer.flush().await.is_err() {
-            return;
-        }
-    }
-    // Queue closed: closing stdin tells the server to exit.
-    let _ = writer.shutdown().await;
-}
-
 struct Actor {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
-    /// `None` once the session is closing: stdin is then closed.
-    out: Option<mpsc::UnboundedSender<Bytes>>,
+    /// For answers to the server's requests; `None` once every handle is gone.
+    out: Option<SharedWriter>,
     log: LogSink,
     roots: Vec<Value>,
     list_changed: mpsc::Sender<()>,
@@ -413,18 +436,8 @@ impl Actor {
         let mut commands_open = true;
         let reason = loop {
             let next = tokio::select! {
+                // Commands first: a request is registered before its reply is read.
                 biased;
-                frame = frames.next() => match frame {
-                    Some(Ok(frame)) => {
-                        self.on_frame(frame);
-                        Next::Continue
-                    }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "reading server stdout failed");
-                        Next::StreamEnded
-                    }
-                    None => Next::StreamEnded,
-                },
                 cmd = commands.recv(), if commands_open => {
                     match cmd {
                         Some(cmd) => self.on_command(cmd),
@@ -436,6 +449,17 @@ impl Actor {
                     }
                     Next::Continue
                 }
+                frame = frames.next() => match frame {
+                    Some(Ok(frame)) => {
+                        self.on_frame(frame);
+                        Next::Continue
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "reading server stdout failed");
+                        Next::StreamEnded
+                    }
+                    None => Next::StreamEnded,
+                },
                 reason = wait_exit(&mut exit) => Next::Exited(reason),
             };
             match next {
@@ -472,28 +496,20 @@ impl Actor {
         }
     }
 
+    /// Writes without waiting: the actor must never block on the server's stdin.
     fn send(&self, line: Bytes) {
-        if let Some(out) = &self.out {
-            let _ = out.send(line);
+        if let Some(out) = self.out.clone() {
+            tokio::spawn(async move { write_line(&out, &line).await });
         }
     }
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Request { id, line, reply } => {
+            Command::Request { id, reply } => {
                 self.pending.insert(id, reply);
-                self.send(line);
             }
-            Command::Notify { line } => self.send(line),
-            Command::Close => self.out = None,
-            Command::Cancel { id, reason } => {
-                if self.pending.remove(&id).is_some() {
-                    self.send(encode(&json!({
-                        "jsonrpc": "2.0",
-                        "method": "notifications/cancelled",
-                        "params": {"requestId": id, "reason": reason},
-                    })));
-                }
+            Command::Cancel { id } => {
+                self.pending.remove(&id);
             }
         }
     }
@@ -549,7 +565,10 @@ impl Actor {
                 data: err.get_mut("data").map(Value::take),
             })
         } else {
-            Ok(msg.get_mut("result").map(Value::take).unwrap_or(Value::Null))
+            Ok(msg
+                .get_mut("result")
+                .map(Value::take)
+                .unwrap_or(Value::Null))
         };
         let _ = reply.send(result);
     }
@@ -576,7 +595,10 @@ impl Actor {
             }
             "notifications/message" => {
                 let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                let level = params.get("level").and_then(Value::as_str).unwrap_or("info");
+                let level = params
+                    .get("level")
+                    .and_then(Value::as_str)
+                    .unwrap_or("info");
                 let data = params.get("data").cloned().unwrap_or(Value::Null);
                 let text = match data {
                     Value::String(s) => s,
@@ -605,7 +627,12 @@ mod tests {
 
     impl Fake {
         async fn recv(&mut self) -> Value {
-            let line = self.lines.next_line().await.unwrap().expect("client closed");
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("client closed");
             serde_json::from_str(&line).unwrap()
         }
         async fn send_raw(&mut self, s: &str) {
@@ -616,19 +643,28 @@ mod tests {
             self.send_raw(&v.to_string()).await;
         }
         async fn reply(&mut self, id: &Value, result: Value) {
-            self.send(json!({"jsonrpc": "2.0", "id": id, "result": result})).await;
+            self.send(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+                .await;
         }
         /// Answers initialize (with `version`), expects initialized, answers tools/list.
         async fn handshake(&mut self, version: &str) {
             let init = self.recv().await;
             assert_eq!(init["method"], "initialize");
-            assert_eq!(init["params"]["protocolVersion"], crate::mcp::LATEST_PROTOCOL_VERSION);
-            self.reply(&init["id"], json!({"protocolVersion": version, "capabilities": {}})).await;
+            assert_eq!(
+                init["params"]["protocolVersion"],
+                crate::mcp::LATEST_PROTOCOL_VERSION
+            );
+            self.reply(
+                &init["id"],
+                json!({"protocolVersion": version, "capabilities": {}}),
+            )
+            .await;
             let n = self.recv().await;
             assert_eq!(n["method"], "notifications/initialized");
             assert!(n.get("id").is_none());
             let list = self.recv().await;
-            self.reply(&list["id"], json!({"tools": [{"name": "t"}]})).await;
+            self.reply(&list["id"], json!({"tools": [{"name": "t"}]}))
+                .await;
         }
     }
 
@@ -672,10 +708,18 @@ mod tests {
             assert_eq!(f.recv().await["method"], "notifications/initialized");
             let p1 = f.recv().await;
             assert_eq!(p1["params"], json!({}));
-            f.reply(&p1["id"], json!({"tools": [{"name": "a"}], "nextCursor": "c1"})).await;
+            f.reply(
+                &p1["id"],
+                json!({"tools": [{"name": "a"}], "nextCursor": "c1"}),
+            )
+            .await;
             let p2 = f.recv().await;
             assert_eq!(p2["params"]["cursor"], "c1");
-            f.reply(&p2["id"], json!({"tools": [{"name": "b"}, {"name": "c", "x-extra": 1}]})).await;
+            f.reply(
+                &p2["id"],
+                json!({"tools": [{"name": "b"}, {"name": "c", "x-extra": 1}]}),
+            )
+            .await;
             f
         });
         let info = s.handshake(T).await.unwrap();
@@ -693,7 +737,8 @@ mod tests {
         let (s, mut f, _exit, _) = start(1 << 20);
         tokio::spawn(async move {
             let init = f.recv().await;
-            f.reply(&init["id"], json!({"protocolVersion": "1999-01-01"})).await;
+            f.reply(&init["id"], json!({"protocolVersion": "1999-01-01"}))
+                .await;
             f
         });
         let err = s.handshake(T).await.unwrap_err();
@@ -743,7 +788,10 @@ mod tests {
             f
         });
         s.handshake(T).await.unwrap();
-        let err = s.call_tool("hang", json!({}), Duration::from_secs(25)).await.unwrap_err();
+        let err = s
+            .call_tool("hang", json!({}), Duration::from_secs(25))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CallError::Timeout(d) if d == Duration::from_secs(25)));
         let ok = s.call_tool("t", json!({}), T).await.unwrap();
         assert_eq!(ok["ok"], true);
@@ -755,10 +803,15 @@ mod tests {
         let (s, mut f, _exit, _) = start(1 << 20);
         let server = tokio::spawn(async move {
             f.handshake("2025-11-25").await;
-            f.send(json!({"jsonrpc": "2.0", "id": "p1", "method": "ping"})).await;
+            f.send(json!({"jsonrpc": "2.0", "id": "p1", "method": "ping"}))
+                .await;
             let a = f.recv().await;
-            assert_eq!((a["id"].clone(), a["result"].clone()), (json!("p1"), json!({})));
-            f.send(json!({"jsonrpc": "2.0", "id": 7, "method": "roots/list"})).await;
+            assert_eq!(
+                (a["id"].clone(), a["result"].clone()),
+                (json!("p1"), json!({}))
+            );
+            f.send(json!({"jsonrpc": "2.0", "id": 7, "method": "roots/list"}))
+                .await;
             let a = f.recv().await;
             assert_eq!(a["result"]["roots"][0]["uri"], "file:///data");
             f.send(json!({"jsonrpc": "2.0", "id": 8, "method": "sampling/createMessage", "params": {}})).await;
@@ -775,10 +828,15 @@ mod tests {
         let (s, mut f, _exit, _logs) = start(1 << 20);
         let server = tokio::spawn(async move {
             f.handshake("2025-11-25").await;
-            f.send(json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})).await;
+            f.send(json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}))
+                .await;
             let list = f.recv().await;
             assert_eq!(list["method"], "tools/list");
-            f.reply(&list["id"], json!({"tools": [{"name": "t"}, {"name": "new"}]})).await;
+            f.reply(
+                &list["id"],
+                json!({"tools": [{"name": "t"}, {"name": "new"}]}),
+            )
+            .await;
             f
         });
         s.handshake(T).await.unwrap();
@@ -789,7 +847,11 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("tool list not refreshed: {:?} {:?}", s.tools(), _logs.lock().unwrap());
+        panic!(
+            "tool list not refreshed: {:?} {:?}",
+            s.tools(),
+            _logs.lock().unwrap()
+        );
     }
 
     #[tokio::test]
@@ -808,8 +870,15 @@ mod tests {
         let r = s.call_tool("t", json!({}), T).await.unwrap();
         assert_eq!(r["fine"], true);
         let logs = logs.lock().unwrap().clone();
-        assert!(logs.contains(&(LogStream::Stdout, "starting up... not json".into())), "{logs:?}");
-        assert!(logs.iter().any(|(s, l)| *s == LogStream::Meshbox && l.contains("5000 bytes")), "{logs:?}");
+        assert!(
+            logs.contains(&(LogStream::Stdout, "starting up... not json".into())),
+            "{logs:?}"
+        );
+        assert!(
+            logs.iter()
+                .any(|(s, l)| *s == LogStream::Meshbox && l.contains("5000 bytes")),
+            "{logs:?}"
+        );
         assert!(logs.contains(&(LogStream::Stdout, "[1,2,3]".into())));
         drop(server);
     }
@@ -860,7 +929,11 @@ mod tests {
         });
         s.handshake(T).await.unwrap();
         match s.call_tool("t", json!({}), T).await.unwrap_err() {
-            CallError::Rpc { code, message, data } => {
+            CallError::Rpc {
+                code,
+                message,
+                data,
+            } => {
                 assert_eq!((code, message.as_str()), (-32000, "boom"));
                 assert_eq!(data.unwrap()["k"], 1);
             }

@@ -91,7 +91,11 @@ impl fmt::Display for ExitReason {
 
 /// Waits for an exit signal and returns its reason (default if the sender vanished).
 pub async fn wait_exit(rx: &mut watch::Receiver<Option<ExitReason>>) -> ExitReason {
-    let reason = rx.wait_for(Option::is_some).await.ok().and_then(|r| r.clone());
+    let reason = rx
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|r| r.clone());
     reason.unwrap_or_else(|| rx.borrow().clone().unwrap_or_default())
 }
 

@@ -50,7 +50,9 @@ impl Default for ProcessConfig {
 #[derive(Debug, Clone)]
 enum Hierarchy {
     /// cgroup v2: one directory (ours), with controllers delegated to children.
-    V2 { base: PathBuf },
+    V2 {
+        base: PathBuf,
+    },
     /// cgroup v1: one mount per controller.
     V1 {
         memory: Option<PathBuf>,
@@ -103,7 +105,11 @@ impl ProcessBackend {
         };
         format!(
             "{cg}; network namespaces: {}",
-            if self.can_unshare_net { "yes" } else { "no (not root)" }
+            if self.can_unshare_net {
+                "yes"
+            } else {
+                "no (not root)"
+            }
         )
     }
 
@@ -135,7 +141,9 @@ fn detect_hierarchy(parent: &str) -> Hierarchy {
     let mut v2 = None;
     for line in mountinfo.lines() {
         // id parent major:minor root mountpoint opts... - fstype source superopts
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let fields: Vec<&str> = left.split(' ').collect();
         let rfields: Vec<&str> = right.split(' ').collect();
         if fields.len() < 5 || rfields.len() < 3 {
@@ -186,7 +194,10 @@ fn detect_hierarchy(parent: &str) -> Hierarchy {
 fn prepare_v2(mount: &Path, own: &str, parent: &str) -> Option<PathBuf> {
     let controllers = fs::read_to_string(mount.join(own).join("cgroup.controllers")).ok()?;
     let needed = ["memory", "cpu", "pids"];
-    if !needed.iter().all(|c| controllers.split_whitespace().any(|x| x == *c)) {
+    if !needed
+        .iter()
+        .all(|c| controllers.split_whitespace().any(|x| x == *c))
+    {
         return None;
     }
     let here = mount.join(own);
@@ -228,7 +239,8 @@ impl Cgroups {
                 }
                 if let Some(c) = limits.cpus {
                     let quota = ((c * 100_000.0).round() as u64).max(1000);
-                    enforced.cpus = fs::write(dir.join("cpu.max"), format!("{quota} 100000")).is_ok();
+                    enforced.cpus =
+                        fs::write(dir.join("cpu.max"), format!("{quota} 100000")).is_ok();
                 }
                 if let Some(p) = limits.pids {
                     enforced.pids = fs::write(dir.join("pids.max"), p.to_string()).is_ok();
@@ -240,7 +252,8 @@ impl Cgroups {
                     if fs::create_dir(&dir).is_ok() {
                         cg.dirs.push(dir.clone());
                         let bytes = (mb * 1024 * 1024).to_string();
-                        enforced.memory = fs::write(dir.join("memory.limit_in_bytes"), &bytes).is_ok();
+                        enforced.memory =
+                            fs::write(dir.join("memory.limit_in_bytes"), &bytes).is_ok();
                         // Equal memory+swap: no swapping past the limit (absent without swap accounting).
                         let _ = fs::write(dir.join("memory.memsw.limit_in_bytes"), &bytes);
                         cg.memory = Some((dir, false));
@@ -276,8 +289,14 @@ impl Cgroups {
     }
 
     fn oom_killed(&self) -> bool {
-        let Some((dir, v2)) = &self.memory else { return false };
-        let file = if *v2 { "memory.events" } else { "memory.oom_control" };
+        let Some((dir, v2)) = &self.memory else {
+            return false;
+        };
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         fs::read_to_string(dir.join(file))
             .unwrap_or_default()
             .lines()
@@ -399,7 +418,13 @@ impl Orchestrator for ProcessBackend {
             .cloned()
             .ok_or_else(|| OrchestratorError::Setup("empty command".into()))?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let label = |k: &str| spec.labels.get(k).map(String::as_str).unwrap_or("x").to_owned();
+        let label = |k: &str| {
+            spec.labels
+                .get(k)
+                .map(String::as_str)
+                .unwrap_or("x")
+                .to_owned()
+        };
         let name = format!(
             "{}_{}_{}_{}",
             label("meshbox.mesh"),
@@ -416,7 +441,8 @@ impl Orchestrator for ProcessBackend {
             .then(|| spec.limits.memory_mb.unwrap_or(0) * 1024 * 1024);
         let rlimit_nproc = (spec.limits.pids.is_some() && !by_cgroup.pids && !self.is_root)
             .then(|| spec.limits.pids.unwrap_or(0));
-        enforced.memory = spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimit_data.is_some());
+        enforced.memory =
+            spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimit_data.is_some());
         enforced.cpus = by_cgroup.cpus;
         enforced.pids = by_cgroup.pids || rlimit_nproc.is_some();
         let unshare_net = spec.network.is_none();

@@ -14,10 +14,7 @@ pub fn detect_runtime(dir: &Path) -> Option<Runtime> {
         Some(Runtime::Bun)
     } else if has("package.json") {
         Some(Runtime::Node)
-    } else if has("pyproject.toml")
-        || has("requirements.txt")
-        || has("server.py")
-        || has("main.py")
+    } else if has("pyproject.toml") || has("requirements.txt") || has("server.py") || has("main.py")
     {
         Some(Runtime::Python)
     } else {
@@ -63,10 +60,12 @@ pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> 
 fn read_package_json(dir: &Path) -> Result<Option<Value>, SourceError> {
     let path = dir.join("package.json");
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| SourceError::NoEntry {
-            dir: dir.to_path_buf(),
-            hint: format!("package.json is not valid JSON: {e}"),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SourceError::NoEntry {
+                dir: dir.to_path_buf(),
+                hint: format!("package.json is not valid JSON: {e}"),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SourceError::Read { path, source }),
     }
@@ -109,16 +108,23 @@ pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, SourceE
                 }
             }
             candidates.extend(
-                ["dist/index.js", "build/index.js", "index.js", "src/index.js"]
-                    .iter()
-                    .map(|s| s.to_string()),
+                [
+                    "dist/index.js",
+                    "build/index.js",
+                    "index.js",
+                    "src/index.js",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
             );
             if runtime == Runtime::Bun {
                 candidates.extend(["index.ts", "src/index.ts"].iter().map(|s| s.to_string()));
             }
             for c in candidates {
                 if !inside(&c) {
-                    return Err(no_entry(format!("entry `{c}` points outside the directory")));
+                    return Err(no_entry(format!(
+                        "entry `{c}` points outside the directory"
+                    )));
                 }
                 if dir.join(&c).is_file() {
                     return Ok(match runtime {
@@ -146,7 +152,13 @@ pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, SourceE
             } else {
                 "python3".into()
             };
-            for c in ["server.py", "main.py", "src/server.py", "src/main.py", "__main__.py"] {
+            for c in [
+                "server.py",
+                "main.py",
+                "src/server.py",
+                "src/main.py",
+                "__main__.py",
+            ] {
                 if dir.join(c).is_file() {
                     return Ok(vec![python, c.into()]);
                 }
@@ -193,11 +205,18 @@ mod tests {
     #[test]
     fn node_entry_and_escape() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("package.json"), r#"{"main":"../../etc/passwd"}"#).unwrap();
+        std::fs::write(
+            d.path().join("package.json"),
+            r#"{"main":"../../etc/passwd"}"#,
+        )
+        .unwrap();
         assert!(detect_entry(d.path(), Runtime::Node).is_err());
         std::fs::write(d.path().join("package.json"), r#"{"main":"srv.js"}"#).unwrap();
         std::fs::write(d.path().join("srv.js"), "").unwrap();
-        assert_eq!(detect_entry(d.path(), Runtime::Node).unwrap(), vec!["node", "srv.js"]);
+        assert_eq!(
+            detect_entry(d.path(), Runtime::Node).unwrap(),
+            vec!["node", "srv.js"]
+        );
     }
 
     #[test]
@@ -206,9 +225,14 @@ mod tests {
         assert!(detect_entry(d.path(), Runtime::Python).is_err());
         std::fs::create_dir(d.path().join("src")).unwrap();
         std::fs::write(d.path().join("src/server.py"), "").unwrap();
-        assert_eq!(detect_entry(d.path(), Runtime::Python).unwrap(), vec!["python3", "src/server.py"]);
         assert_eq!(
-            pyproject_scripts("[project]\nname='x'\n[project.scripts]\nmcp-x = \"x:main\"\n[tool.y]\nz=1\n"),
+            detect_entry(d.path(), Runtime::Python).unwrap(),
+            vec!["python3", "src/server.py"]
+        );
+        assert_eq!(
+            pyproject_scripts(
+                "[project]\nname='x'\n[project.scripts]\nmcp-x = \"x:main\"\n[tool.y]\nz=1\n"
+            ),
             vec!["mcp-x"]
         );
     }

@@ -75,7 +75,10 @@ impl fmt::Display for Source {
                 name,
                 version: Some(v),
             } => write!(f, "npm:{name}@{v}"),
-            Source::Npm { name, version: None } => write!(f, "npm:{name}"),
+            Source::Npm {
+                name,
+                version: None,
+            } => write!(f, "npm:{name}"),
             Source::Pypi { requirement } => write!(f, "pypi:{requirement}"),
             Source::Git {
                 url,
@@ -119,7 +122,11 @@ impl FromStr for Source {
             "image" => parse_image(rest),
             other => Err(invalid(format!(
                 "unknown source kind `{}` (expected path, npm, pypi, git or image)",
-                other.chars().take(32).flat_map(char::escape_default).collect::<String>()
+                other
+                    .chars()
+                    .take(32)
+                    .flat_map(char::escape_default)
+                    .collect::<String>()
             ))),
         }
     }
@@ -130,7 +137,9 @@ fn parse_path(rest: &str) -> Result<Source, SourceError> {
     if !p.is_absolute() {
         return Err(invalid("path: sources need an absolute directory"));
     }
-    if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return Err(invalid("path: sources may not contain `..`"));
     }
     if rest.chars().any(char::is_control) {
@@ -147,7 +156,9 @@ fn valid_npm_name(name: &str) -> bool {
             && !p.starts_with('.')
             && !p.starts_with('_')
             && p.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b'~')
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'-' | b'.' | b'_' | b'~')
             })
     };
     if name.len() > 214 {
@@ -166,7 +177,10 @@ fn valid_version_spec(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 128
         && !v.starts_with('-')
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+' | b'_' | b'~' | b'^' | b'*' | b'x'))
+        && v.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(b, b'.' | b'-' | b'+' | b'_' | b'~' | b'^' | b'*' | b'x')
+        })
 }
 
 fn parse_npm(rest: &str) -> Result<Source, SourceError> {
@@ -178,14 +192,20 @@ fn parse_npm(rest: &str) -> Result<Source, SourceError> {
     if !valid_npm_name(name) {
         return Err(invalid(format!(
             "`{}` is not a valid npm package name",
-            name.chars().take(80).flat_map(char::escape_default).collect::<String>()
+            name.chars()
+                .take(80)
+                .flat_map(char::escape_default)
+                .collect::<String>()
         )));
     }
     if let Some(v) = version {
         if !valid_version_spec(v) {
             return Err(invalid(format!(
                 "`{}` is not a valid npm version",
-                v.chars().take(80).flat_map(char::escape_default).collect::<String>()
+                v.chars()
+                    .take(80)
+                    .flat_map(char::escape_default)
+                    .collect::<String>()
             )));
         }
     }
@@ -219,13 +239,20 @@ fn parse_pypi(rest: &str) -> Result<Source, SourceError> {
         None => (None, tail),
     };
     let extras_ok = extras.is_none_or(|e| {
-        e.split(',')
-            .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+        e.split(',').all(|x| {
+            !x.is_empty()
+                && x.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
     });
     let spec_ok = spec.is_empty()
         || (matches!(spec.as_bytes()[0], b'=' | b'<' | b'>' | b'~' | b'!')
             && spec.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'=' | b'<' | b'>' | b'~' | b'!' | b'.' | b',' | b'*' | b'+')
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'=' | b'<' | b'>' | b'~' | b'!' | b'.' | b',' | b'*' | b'+'
+                    )
             }));
     if name_ok && extras_ok && spec_ok {
         Ok(Source::Pypi {
@@ -246,7 +273,8 @@ fn valid_git_ref(r: &str) -> bool {
         && !r.starts_with('/')
         && !r.contains("..")
         && !r.ends_with(".lock")
-        && r.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
 }
 
 fn parse_git(rest: &str) -> Result<Source, SourceError> {
@@ -258,10 +286,14 @@ fn parse_git(rest: &str) -> Result<Source, SourceError> {
         return Err(invalid("git: url must not be empty or start with `-`"));
     }
     if has_control_or_space(url) {
-        return Err(invalid("git: url must not contain whitespace or control characters"));
+        return Err(invalid(
+            "git: url must not contain whitespace or control characters",
+        ));
     }
     if url.contains("::") {
-        return Err(invalid("git: remote helpers (`ext::`, `fd::`, ...) are not allowed"));
+        return Err(invalid(
+            "git: remote helpers (`ext::`, `fd::`, ...) are not allowed",
+        ));
     }
     let scheme_ok = ["https://", "ssh://", "file://"].iter().any(|s| {
         url.strip_prefix(s)
@@ -288,12 +320,17 @@ fn parse_git(rest: &str) -> Result<Source, SourceError> {
 
 /// `git@host:path` (the scp-like form git accepts), with a plain user and host.
 fn is_scp_like(url: &str) -> bool {
-    let Some((userhost, path)) = url.split_once(':') else { return false };
-    let Some((user, host)) = userhost.split_once('@') else { return false };
+    let Some((userhost, path)) = url.split_once(':') else {
+        return false;
+    };
+    let Some((user, host)) = userhost.split_once('@') else {
+        return false;
+    };
     let word = |s: &str| {
         !s.is_empty()
             && !s.starts_with('-')
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
     };
     word(user) && word(host) && !path.is_empty() && !path.starts_with('-') && !path.starts_with('/')
 }
@@ -302,7 +339,9 @@ fn parse_image(rest: &str) -> Result<Source, SourceError> {
     let ok = !rest.is_empty()
         && rest.len() <= 255
         && !rest.starts_with('-')
-        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/' | b':' | b'@'));
+        && rest.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/' | b':' | b'@')
+        });
     if ok {
         Ok(Source::Image(rest.to_owned()))
     } else {
@@ -382,7 +421,18 @@ mod tests {
                 version: Some("^2".into())
             }
         );
-        for s in ["npm:../../x", "npm:", "npm:A", "npm:.x", "npm:a b", "npm:a;rm", "npm:@a", "npm:a@", "npm:a@-x", "npm:a@1 2"] {
+        for s in [
+            "npm:../../x",
+            "npm:",
+            "npm:A",
+            "npm:.x",
+            "npm:a b",
+            "npm:a;rm",
+            "npm:@a",
+            "npm:a@",
+            "npm:a@-x",
+            "npm:a@1 2",
+        ] {
             bad(s);
         }
     }
@@ -392,7 +442,15 @@ mod tests {
         ok("pypi:mcp-server-time");
         ok("pypi:mcp-server-time==0.6.2");
         ok("pypi:mcp[cli]>=1.0,<2");
-        for s in ["pypi:", "pypi:foo; rm -rf /", "pypi:-e x", "pypi:foo @ http://x", "pypi:../x", "pypi:a[", "pypi:a b"] {
+        for s in [
+            "pypi:",
+            "pypi:foo; rm -rf /",
+            "pypi:-e x",
+            "pypi:foo @ http://x",
+            "pypi:../x",
+            "pypi:a[",
+            "pypi:a b",
+        ] {
             bad(s);
         }
     }
@@ -433,7 +491,13 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["npm:@a/b@1.0.0", "pypi:x==1", "git:https://h/r#main", "path:/x", "image:a:b"] {
+        for s in [
+            "npm:@a/b@1.0.0",
+            "pypi:x==1",
+            "git:https://h/r#main",
+            "path:/x",
+            "image:a:b",
+        ] {
             assert_eq!(ok(s).to_string(), s);
         }
     }

@@ -103,8 +103,14 @@ mod tests {
             let got = secs(b.on_exit(Duration::ZERO));
             assert!(got <= e && got >= e * 0.75, "got {got}, expected ~{e}");
         }
-        assert_eq!(b.on_exit(Duration::ZERO), Action::Crashed(Duration::from_secs(300)));
-        assert_eq!(b.on_exit(Duration::from_secs(1)), Action::Crashed(Duration::from_secs(300)));
+        assert_eq!(
+            b.on_exit(Duration::ZERO),
+            Action::Crashed(Duration::from_secs(300))
+        );
+        assert_eq!(
+            b.on_exit(Duration::from_secs(1)),
+            Action::Crashed(Duration::from_secs(300))
+        );
     }
 
     #[test]

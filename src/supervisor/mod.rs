@@ -180,7 +180,12 @@ impl Supervisor {
             }
             // A local directory is checked now: a missing dir or entry is bad input.
             Source::Path(dir) => {
-                crate::source::launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?;
+                crate::source::launch_from_dir(
+                    dir,
+                    spec.runtime,
+                    spec.command.as_deref(),
+                    &spec.args,
+                )?;
             }
             _ => {}
         }
@@ -233,7 +238,9 @@ impl Supervisor {
     }
 
     async fn wait_up(&self, svc: &Service) -> Result<ServiceStatus, SupervisorError> {
-        let phase = svc.settled(Instant::now() + self.config.deploy_timeout).await;
+        let phase = svc
+            .settled(Instant::now() + self.config.deploy_timeout)
+            .await;
         let status = svc.status();
         if phase == Phase::Running {
             return Ok(status);

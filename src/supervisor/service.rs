@@ -131,8 +131,13 @@ enum Outcome {
     Stopped,
     /// Spawn or handshake failed.
     StartFailed(String),
-    Exited { reason: ExitReason, ran_for: Duration },
-    Unhealthy { ran_for: Duration },
+    Exited {
+        reason: ExitReason,
+        ran_for: Duration,
+    },
+    Unhealthy {
+        ran_for: Duration,
+    },
     RestartRequested,
 }
 
@@ -181,10 +186,6 @@ impl Service {
 
     pub fn phase(&self) -> Phase {
         *self.phase.borrow()
-    }
-
-    pub(crate) fn status_changes(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
     }
 
     /// Restarts now and waits until the new start attempt has settled.
@@ -258,7 +259,9 @@ impl Service {
     pub async fn settled(&self, deadline: Instant) -> Phase {
         let mut rx = self.phase.subscribe();
         let wait = async {
-            let r = rx.wait_for(|p| *p == Phase::Running || p.is_settled_down()).await;
+            let r = rx
+                .wait_for(|p| *p == Phase::Running || p.is_settled_down())
+                .await;
             r.map(|p| *p).ok()
         };
         match tokio::time::timeout_at(deadline, wait).await {
@@ -322,7 +325,10 @@ impl Service {
     }
 
     /// Resolves the spec into what to run: source, entry, environment.
-    fn prepare(&self, config: &SupervisorConfig) -> Result<(Launch, BTreeMap<String, String>), String> {
+    fn prepare(
+        &self,
+        config: &SupervisorConfig,
+    ) -> Result<(Launch, BTreeMap<String, String>), String> {
         let launch = match &self.source {
             Source::Path(dir) => launch_from_dir(
                 dir,
@@ -508,10 +514,7 @@ impl Service {
         if let Err(e) = handshake {
             let msg = match &e {
                 CallError::Exited(r) => format!("server exited during initialize ({r})"),
-                CallError::Timeout(d) => format!(
-                    "no answer to initialize within {}s",
-                    d.as_secs()
-                ),
+                CallError::Timeout(d) => format!("no answer to initialize within {}s", d.as_secs()),
                 other => format!("MCP handshake failed: {other}"),
             };
             drop(session);
@@ -532,7 +535,14 @@ impl Service {
         self.attempt_settled();
         info!(tools = session.tools().len(), "running");
         let outcome = self
-            .supervise(&session, &mut sandbox.exit, &*handle, config, control, started)
+            .supervise(
+                &session,
+                &mut sandbox.exit,
+                &*handle,
+                config,
+                control,
+                started,
+            )
             .await;
         self.state().tools = session.tools();
         self.session.send_replace(None);
@@ -626,7 +636,10 @@ async fn check_health(session: &Session, spec: &HealthSpec) -> bool {
     match &spec.tool {
         None => true,
         Some(tool) => {
-            let args = spec.arguments.clone().unwrap_or(Value::Object(Default::default()));
+            let args = spec
+                .arguments
+                .clone()
+                .unwrap_or(Value::Object(Default::default()));
             match session.call_tool(tool, args, timeout).await {
                 Ok(result) => result.get("isError").and_then(Value::as_bool) != Some(true),
                 Err(_) => false,

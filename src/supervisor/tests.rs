@@ -33,7 +33,10 @@ impl SandboxHandle for FakeHandle {
         self.0.send_if_modified(|r| {
             let first = r.is_none();
             if first {
-                *r = Some(ExitReason { code: Some(0), ..Default::default() });
+                *r = Some(ExitReason {
+                    code: Some(0),
+                    ..Default::default()
+                });
             }
             first
         });
@@ -43,7 +46,10 @@ impl SandboxHandle for FakeHandle {
         self.0.send_if_modified(|r| {
             let first = r.is_none();
             if first {
-                *r = Some(ExitReason { signal: Some(9), ..Default::default() });
+                *r = Some(ExitReason {
+                    signal: Some(9),
+                    ..Default::default()
+                });
             }
             first
         });
@@ -85,10 +91,16 @@ impl Orchestrator for Fake {
                     _ => continue,
                 };
                 let reply = json!({"jsonrpc": "2.0", "id": id, "result": result});
-                server_w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+                server_w
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .unwrap();
                 if script == Script::CrashAfterHandshake && msg["method"] == "tools/list" {
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    exit.send_replace(Some(ExitReason { code: Some(1), ..Default::default() }));
+                    exit.send_replace(Some(ExitReason {
+                        code: Some(1),
+                        ..Default::default()
+                    }));
                     return;
                 }
             }
@@ -114,7 +126,10 @@ fn supervisor(script: Script) -> (Arc<Supervisor>, Arc<Fake>, tempfile::TempDir)
         script,
         spawns: StdMutex::new(Vec::new()),
     });
-    let sup = Supervisor::new(fake.clone(), SupervisorConfig::new(dir.path().to_path_buf()));
+    let sup = Supervisor::new(
+        fake.clone(),
+        SupervisorConfig::new(dir.path().to_path_buf()),
+    );
     (Arc::new(sup), fake, dir)
 }
 
@@ -145,9 +160,15 @@ async fn crash_loop_backs_off_then_crashes_and_retries_slowly() {
     wait_phase(&sup, Phase::Crashed).await;
     let spawns = fake.spawns.lock().unwrap().clone();
     assert_eq!(spawns.len(), 6, "first start + 5 restarts before crashed");
-    let gaps: Vec<f64> = spawns.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    let gaps: Vec<f64> = spawns
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
     for (gap, expect) in gaps.iter().zip([1.0, 2.0, 4.0, 8.0, 16.0]) {
-        assert!(*gap >= expect * 0.75 && *gap <= expect + 0.5, "gap {gap}, expected ~{expect}: {gaps:?}");
+        assert!(
+            *gap >= expect * 0.75 && *gap <= expect + 0.5,
+            "gap {gap}, expected ~{expect}: {gaps:?}"
+        );
     }
     let st = sup.get(&key()).unwrap().status();
     assert_eq!(st.status, Phase::Crashed);
@@ -155,14 +176,26 @@ async fn crash_loop_backs_off_then_crashes_and_retries_slowly() {
     assert_eq!(st.restarts, 5);
     // A call to a crashed service fails at once.
     let err = sup.call(&key(), "t", json!({}), None).await.unwrap_err();
-    assert!(matches!(err, SupervisorError::NotRunning { status: Phase::Crashed, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SupervisorError::NotRunning {
+                status: Phase::Crashed,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Not forgotten: retried on the slow schedule.
     let before = Instant::now();
     while fake.spawns.lock().unwrap().len() < 7 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let waited = before.elapsed();
-    assert!(waited >= Duration::from_secs(299), "retried after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(299),
+        "retried after {waited:?}"
+    );
     assert_eq!(fake.spawns.lock().unwrap().len(), 7);
 }
 
@@ -180,7 +213,10 @@ async fn unanswered_pings_restart_after_three_intervals() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let at = t0.elapsed();
-    assert!(at >= Duration::from_secs(95) && at < Duration::from_secs(110), "restarted at {at:?}");
+    assert!(
+        at >= Duration::from_secs(95) && at < Duration::from_secs(110),
+        "restarted at {at:?}"
+    );
     wait_phase(&sup, Phase::Running).await;
     assert_eq!(fake.spawns.lock().unwrap().len(), 2);
     assert_eq!(svc.status().restarts, 1);
@@ -198,7 +234,10 @@ async fn calls_wait_through_a_restart() {
     while !old.is_closed() {
         tokio::task::yield_now().await;
     }
-    let new = svc.session(Instant::now() + Duration::from_secs(25)).await.unwrap();
+    let new = svc
+        .session(Instant::now() + Duration::from_secs(25))
+        .await
+        .unwrap();
     assert!(!Arc::ptr_eq(&old, &new));
     assert_eq!(fake.spawns.lock().unwrap().len(), 2);
     // `restart` waits for the new run even when it is over at once.
@@ -217,10 +256,16 @@ async fn bad_specs_change_nothing() {
     let (sup, fake, dir) = supervisor(Script::Healthy);
     let mut s = spec(&dir);
     s.memory_mb = Some(1);
-    assert!(matches!(sup.deploy(key(), s).await, Err(SupervisorError::Spec(_))));
+    assert!(matches!(
+        sup.deploy(key(), s).await,
+        Err(SupervisorError::Spec(_))
+    ));
     let mut s = spec(&dir);
     s.source = "path:/definitely/not/here".into();
-    assert!(matches!(sup.deploy(key(), s).await, Err(SupervisorError::Source(_))));
+    assert!(matches!(
+        sup.deploy(key(), s).await,
+        Err(SupervisorError::Source(_))
+    ));
     assert!(sup.is_empty());
     assert!(fake.spawns.lock().unwrap().is_empty());
 }

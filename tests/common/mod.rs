@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn meshbox_bin() -> &'static str {
@@ -65,8 +67,12 @@ impl Daemon {
                 sink.clear();
             }
         });
-        let url = url.unwrap_or_else(|| panic!("meshbox serve did not start: {:?}", child.try_wait()));
-        let token = env.iter().find(|(k, _)| *k == "MESHBOX_TOKEN").map(|(_, v)| v.to_string());
+        let url =
+            url.unwrap_or_else(|| panic!("meshbox serve did not start: {:?}", child.try_wait()));
+        let token = env
+            .iter()
+            .find(|(k, _)| *k == "MESHBOX_TOKEN")
+            .map(|(_, v)| v.to_string());
         Daemon {
             child,
             url,
@@ -76,7 +82,12 @@ impl Daemon {
         }
     }
 
-    pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut r = self.http.request(method, format!("{}{}", self.url, path));
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
@@ -90,7 +101,8 @@ impl Daemon {
         let v = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         (status, v)
     }
@@ -112,7 +124,13 @@ impl Daemon {
     }
 
     /// Deploys the python fixture as `mesh/name` with extra server args and spec fields.
-    pub async fn deploy_py(&self, mesh: &str, name: &str, args: &[&str], extra: Value) -> (u16, Value) {
+    pub async fn deploy_py(
+        &self,
+        mesh: &str,
+        name: &str,
+        args: &[&str],
+        extra: Value,
+    ) -> (u16, Value) {
         let mut spec = json!({
             "source": format!("path:{}", fixture("py_server").display()),
             "args": args,
@@ -122,7 +140,8 @@ impl Daemon {
                 s.insert(k.clone(), v.clone());
             }
         }
-        self.put(&format!("/v1/meshes/{mesh}/services/{name}"), spec).await
+        self.put(&format!("/v1/meshes/{mesh}/services/{name}"), spec)
+            .await
     }
 
     pub async fn call(&self, mesh: &str, name: &str, tool: &str, args: Value) -> (u16, Value) {
@@ -134,11 +153,19 @@ impl Daemon {
     }
 
     pub async fn status(&self, mesh: &str, name: &str) -> Value {
-        self.get(&format!("/v1/meshes/{mesh}/services/{name}")).await.1
+        self.get(&format!("/v1/meshes/{mesh}/services/{name}"))
+            .await
+            .1
     }
 
     /// Polls the status until `pred` holds, or panics after `limit`.
-    pub async fn wait_status(&self, mesh: &str, name: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        mesh: &str,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let s = self.status(mesh, name).await;
@@ -160,7 +187,10 @@ impl Daemon {
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY-free: the pid is our own child.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().unwrap()
     }
 }
@@ -172,7 +202,10 @@ impl Drop for Daemon {
 }
 
 pub fn text_of(result: &Value) -> String {
-    result["result"]["content"][0]["text"].as_str().unwrap_or_default().to_owned()
+    result["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 pub fn pid_alive(pid: u32) -> bool {
@@ -186,6 +219,10 @@ pub fn pid_alive(pid: u32) -> bool {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
