@@ -145,6 +145,37 @@ async fn client_commands_drive_the_daemon() {
     assert_eq!(code, 0);
     assert!(out.contains("running"), "{out}");
 
+    // `logs -f` prints lines as they come.
+    let mut follow = Command::new(meshbox_bin())
+        .args(["logs", "acme/time", "-f", "-n", "0"])
+        .env("MESHBOX_URL", &d.url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let (code, _, _) = cli(&d, &["call", "acme/time", "crash"]);
+    assert_eq!(code, 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("[meshbox] server exited: exit code 1")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("logs -f never showed the exit: {seen:?}"),
+        }
+    }
+    follow.kill().unwrap();
+    let _ = follow.wait();
+
     let (code, _, _) = cli(&d, &["rm", "acme/time"]);
     assert_eq!(code, 0);
     let (code, _, err) = cli(&d, &["status", "acme/time"]);
