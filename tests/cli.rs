@@ -166,7 +166,10 @@ async fn client_commands_drive_the_daemon() {
     assert_eq!(code, 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("[meshbox] server exited: exit code 1")) {
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("[meshbox] server exited: exit code 1"))
+    {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => seen.push(l),

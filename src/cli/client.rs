@@ -277,11 +277,35 @@ async fn deploy(c: &Client, args: DeployArgs) -> Result<(), CliError> {
     spec.call_timeout_ms = args.call_timeout_ms;
     spec.validate()?;
     let body = serde_json::to_value(&spec).map_err(|e| CliError::Usage(e.to_string()))?;
-    let tty = std::io::stderr().is_terminal();
-    if tty {
-        eprintln!("deploying {key} from {} …", spec.source);
+    let path = service_path(&key);
+    let put = c.send(Method::PUT, &path, Some(body));
+    if !std::io::stderr().is_terminal() {
+        let (_, v) = put.await?;
+        summarize(&v);
+        return Ok(());
     }
-    let (_, v) = c.send(Method::PUT, &service_path(&key), Some(body)).await?;
+    // On a terminal, show the service's install/start notes while it comes up.
+    eprintln!("deploying {key} from {} …", spec.source);
+    tokio::pin!(put);
+    let mut next = 0u64;
+    let started = std::time::Instant::now();
+    let result = loop {
+        tokio::select! {
+            r = &mut put => break r,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Ok((_, v)) = c.send(Method::GET, &format!("{path}/logs?since={next}&lines=1000"), None).await {
+                    for l in v.get("lines").and_then(Value::as_array).into_iter().flatten() {
+                        if let Some(s) = l.as_str().filter(|s| s.contains(" [meshbox] ")) {
+                            eprintln!("  {}", s.split_once(" [meshbox] ").map_or(s, |(_, m)| m));
+                        }
+                    }
+                    next = v.get("next").and_then(Value::as_u64).unwrap_or(next);
+                }
+            }
+        }
+    };
+    let (_, v) = result?;
+    eprintln!("done in {:.1}s", started.elapsed().as_secs_f64());
     summarize(&v);
     Ok(())
 }

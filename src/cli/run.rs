@@ -3,6 +3,8 @@
 //! Bytes pass through untouched; meshbox does not parse the protocol here.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -12,7 +14,7 @@ use super::{CliError, Shutdown, SpecArgs};
 use crate::config::EnvValue;
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::{wait_exit, Limits, Orchestrator, SandboxSpec};
-use crate::source::{launch_from_dir, Source};
+use crate::source::{InstallConfig, Installer, Progress, Source};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -20,6 +22,9 @@ pub struct RunArgs {
     pub source: String,
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// Seconds one install step may take.
+    #[arg(long, default_value_t = 600)]
+    pub install_timeout: u64,
     /// Do not use cgroups for limits.
     #[arg(long)]
     pub no_cgroups: bool,
@@ -31,17 +36,26 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let spec = args.spec.into_spec(&args.source, args.args)?;
     let source: Source = spec.source.parse()?;
-    let launch = match &source {
-        Source::Path(dir) => {
-            launch_from_dir(dir, spec.runtime, spec.command.as_deref(), &spec.args)?
-        }
-        other => {
-            return Err(CliError::Source(crate::source::SourceError::Unsupported {
-                kind: other.kind(),
-            }))
-        }
+    let data_dir = super::serve::default_data_dir();
+    let mut install = InstallConfig::new(data_dir.join("cache"));
+    install.timeout = Duration::from_secs(args.install_timeout.max(1));
+    let installer = Installer::new(install);
+    // Progress on a terminal only: stdout is the MCP stream, pipes stay quiet.
+    let progress: Progress = if std::io::stderr().is_terminal() {
+        Arc::new(|line: &str| eprintln!("meshbox: {line}"))
+    } else {
+        crate::source::install::quiet()
     };
-    let home = super::serve::default_data_dir().join("home").join("_run");
+    let launch = installer
+        .acquire(
+            &source,
+            spec.runtime,
+            spec.command.as_deref(),
+            &spec.args,
+            &progress,
+        )
+        .await?;
+    let home = data_dir.join("home").join("_run");
     std::fs::create_dir_all(&home).map_err(|source| CliError::Io {
         context: format!("failed to create `{}`", home.display()),
         source,

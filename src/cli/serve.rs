@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Seconds a server has for initialize + tools/list.
     #[arg(long, default_value_t = 30)]
     pub handshake_timeout: u64,
+    /// Seconds one install step (npm install, pip install, git clone) may take.
+    #[arg(long, default_value_t = 600)]
+    pub install_timeout: u64,
     /// Do not use cgroups for limits (rlimits only).
     #[arg(long)]
     pub no_cgroups: bool,
@@ -98,6 +101,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     };
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
+    config.install.timeout = Duration::from_secs(args.install_timeout.max(1));
     let supervisor = Arc::new(Supervisor::new(backend, config));
     let router = api::router(
         supervisor.clone(),

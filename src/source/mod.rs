@@ -8,6 +8,7 @@
 //! code inside its install container.
 
 mod detect;
+pub mod install;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::str::FromStr;
 use crate::config::Runtime;
 
 pub use detect::{detect_entry, detect_runtime};
+pub use install::{InstallConfig, Installer, Progress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -33,6 +35,15 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what} failed ({status}){}", if tail.is_empty() { String::new() } else { format!(":\n{tail}") })]
+    Install {
+        what: String,
+        status: String,
+        /// The installer's last stderr lines.
+        tail: String,
+    },
+    #[error("{what} did not finish within {secs}s")]
+    InstallTimeout { what: String, secs: u64 },
     #[error("{tool} not found on PATH: {hint}")]
     MissingTool { tool: String, hint: String },
 }
@@ -385,6 +396,30 @@ pub fn launch_from_dir(
         workdir: dir.to_path_buf(),
         runtime,
     })
+}
+
+/// Checks a local directory before anything runs: it exists, and either an
+/// entry is found or a `build` script will make one.
+pub fn check_dir(
+    dir: &Path,
+    runtime: Option<Runtime>,
+    command: Option<&[String]>,
+) -> Result<(), SourceError> {
+    match launch_from_dir(dir, runtime, command, &[]) {
+        Ok(_) => Ok(()),
+        Err(e @ SourceError::NoEntry { .. }) => {
+            let builds = std::fs::read(dir.join("package.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|p| p.pointer("/scripts/build").is_some());
+            if builds {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

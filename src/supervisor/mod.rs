@@ -27,7 +27,7 @@ pub use service::{Phase, Service, ServiceStatus};
 use crate::config::{validate_name, ServiceSpec, SpecError};
 use crate::mcp::CallError;
 use crate::orchestrator::{Limits, Orchestrator, OrchestratorError, SandboxSpec};
-use crate::source::{Source, SourceError};
+use crate::source::{InstallConfig, Installer, Source, SourceError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -97,14 +97,15 @@ pub struct SupervisorConfig {
     pub server_path: String,
     /// Overrides every service's health interval (tests).
     pub health_interval: Option<Duration>,
-    /// How long a deploy waits for its service to come up.
+    /// How long a deploy waits for its service to come up (installs included).
     pub deploy_timeout: Duration,
+    /// Cache and timeout of source installs.
+    pub install: InstallConfig,
 }
 
 impl SupervisorConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         SupervisorConfig {
-            data_dir,
             handshake_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(3),
             backoff: BackoffConfig::default(),
@@ -113,13 +114,16 @@ impl SupervisorConfig {
             server_path: std::env::var("PATH")
                 .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
             health_interval: None,
-            deploy_timeout: Duration::from_secs(600),
+            deploy_timeout: Duration::from_secs(1800),
+            install: InstallConfig::new(data_dir.join("cache")),
+            data_dir,
         }
     }
 }
 
 pub struct Supervisor {
     orchestrator: Arc<dyn Orchestrator>,
+    installer: Arc<Installer>,
     config: Arc<SupervisorConfig>,
     services: RwLock<HashMap<ServiceKey, Arc<Service>>>,
     /// Serializes deploys and removals of the same key.
@@ -130,6 +134,7 @@ impl Supervisor {
     pub fn new(orchestrator: Arc<dyn Orchestrator>, config: SupervisorConfig) -> Self {
         Supervisor {
             orchestrator,
+            installer: Arc::new(Installer::new(config.install.clone())),
             config: Arc::new(config),
             services: RwLock::new(HashMap::new()),
             key_locks: Mutex::new(HashMap::new()),
@@ -180,12 +185,7 @@ impl Supervisor {
             }
             // A local directory is checked now: a missing dir or entry is bad input.
             Source::Path(dir) => {
-                crate::source::launch_from_dir(
-                    dir,
-                    spec.runtime,
-                    spec.command.as_deref(),
-                    &spec.args,
-                )?;
+                crate::source::check_dir(dir, spec.runtime, spec.command.as_deref())?;
             }
             _ => {}
         }
@@ -228,6 +228,7 @@ impl Supervisor {
             spec,
             source,
             self.orchestrator.clone(),
+            self.installer.clone(),
             self.config.clone(),
         );
         self.services

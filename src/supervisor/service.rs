@@ -25,7 +25,7 @@ use crate::mcp::{CallError, LogSink, LogStream, Session, SessionConfig};
 use crate::orchestrator::{
     wait_exit, Enforced, ExitReason, Limits, Orchestrator, SandboxHandle, SandboxSpec,
 };
-use crate::source::{launch_from_dir, Launch, Source};
+use crate::source::{Installer, Launch, Progress, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -148,6 +148,7 @@ impl Service {
         spec: ServiceSpec,
         source: Source,
         orchestrator: Arc<dyn Orchestrator>,
+        installer: Arc<Installer>,
         config: Arc<SupervisorConfig>,
     ) -> Arc<Service> {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -175,7 +176,10 @@ impl Service {
             control: control_tx,
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(svc.clone().lifecycle(orchestrator, config, control_rx));
+        let task = tokio::spawn(
+            svc.clone()
+                .lifecycle(orchestrator, installer, config, control_rx),
+        );
         *svc.task.lock().expect("poisoned") = Some(task);
         svc
     }
@@ -324,27 +328,29 @@ impl Service {
         Arc::new(move |stream, line| ring.push(stream, line))
     }
 
-    /// Resolves the spec into what to run: source, entry, environment.
-    fn prepare(
+    /// Resolves the spec into what to run: acquires the source (installing
+    /// it into the cache when needed), finds the entry, builds the environment.
+    async fn prepare(
         &self,
         config: &SupervisorConfig,
+        installer: &Installer,
     ) -> Result<(Launch, BTreeMap<String, String>), String> {
-        let launch = match &self.source {
-            Source::Path(dir) => launch_from_dir(
-                dir,
+        // Secrets first: a missing one fails fast, before any download.
+        let env = curated_env(config, &self.key, &self.spec.env)?;
+        let progress: Progress = {
+            let ring = self.logs.clone();
+            Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
+        };
+        let launch = installer
+            .acquire(
+                &self.source,
                 self.spec.runtime,
                 self.spec.command.as_deref(),
                 &self.spec.args,
+                &progress,
             )
-            .map_err(|e| crate::error_chain(&e))?,
-            other => {
-                return Err(format!(
-                    "{} sources are not supported yet; use path:<dir>",
-                    other.kind()
-                ))
-            }
-        };
-        let env = curated_env(config, &self.key, &self.spec.env)?;
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         Ok((launch, env))
     }
 
@@ -352,11 +358,12 @@ impl Service {
     async fn lifecycle(
         self: Arc<Self>,
         orchestrator: Arc<dyn Orchestrator>,
+        installer: Arc<Installer>,
         config: Arc<SupervisorConfig>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         self.set_phase(Phase::Installing);
-        let (launch, env) = match self.prepare(&config) {
+        let (launch, env) = match self.prepare(&config, &installer).await {
             Ok(x) => x,
             Err(e) => {
                 self.note(&format!("start failed: {e}"));

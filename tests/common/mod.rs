@@ -19,10 +19,22 @@ pub fn meshbox_bin() -> &'static str {
     env!("CARGO_BIN_EXE_meshbox")
 }
 
+/// The daemon's data dir: a temporary one, or one shared with an earlier daemon.
+pub struct DataDir {
+    path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 pub struct Daemon {
     child: Child,
     pub url: String,
-    pub data: tempfile::TempDir,
+    pub data: DataDir,
     pub http: reqwest::Client,
     pub token: Option<String>,
 }
@@ -34,7 +46,24 @@ impl Daemon {
 
     /// Starts `meshbox serve` with extra args and environment.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let data = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir {
+            path: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        };
+        Self::spawn(data, args, env)
+    }
+
+    /// A daemon on an existing data dir (the caller keeps it alive).
+    pub fn start_on(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let data = DataDir {
+            path: dir.to_path_buf(),
+            _tmp: None,
+        };
+        Self::spawn(data, &[], env)
+    }
+
+    fn spawn(data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(meshbox_bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())

@@ -1,0 +1,875 @@
+//! Acquiring sources into the cache: npm packages, PyPI requirements, git
+//! repositories, and dependency installs for local directories.
+//!
+//! Every external program runs from an argv array (never a shell), with a
+//! curated environment, in its own process group, under the install timeout;
+//! its stderr tail becomes the error. Installs are keyed by resolved identity
+//! (`name@version`, the requirement, the commit sha) and marked complete only
+//! when done, so a second deploy of the same thing downloads nothing.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::detect::{detect_runtime, package_json_entry};
+use super::{launch_from_dir, pypi_name, Launch, Source, SourceError};
+use crate::config::Runtime;
+
+/// Marker written last into a cache entry: its presence means "complete".
+const COMPLETE: &str = ".meshbox-complete";
+/// Runner variables an installer may see: proxies, CA bundles, registry config.
+/// None of them is a credential by itself; tokens stay out.
+const PASSTHROUGH: &[&str] = &[
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_FIND_LINKS",
+    "PIP_DEFAULT_TIMEOUT",
+    "UV_INDEX_URL",
+    "UV_EXTRA_INDEX_URL",
+    "npm_config_registry",
+    "NPM_CONFIG_REGISTRY",
+];
+
+/// Receives one line per install step, for a terminal or a service's log.
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+pub fn quiet() -> Progress {
+    Arc::new(|_| {})
+}
+
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    /// Root of the cache: `npm/`, `pypi/`, `git/` live below it.
+    pub cache_dir: PathBuf,
+    /// Budget of one install step (a clone, an `npm install`, ...).
+    pub timeout: Duration,
+    /// How long an unpinned npm spec (`latest`, `^1`) stays resolved.
+    pub resolve_ttl: Duration,
+    /// PATH for installers.
+    pub path: String,
+}
+
+impl InstallConfig {
+    pub fn new(cache_dir: PathBuf) -> Self {
+        InstallConfig {
+            cache_dir,
+            timeout: Duration::from_secs(600),
+            resolve_ttl: Duration::from_secs(3600),
+            path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        }
+    }
+}
+
+pub struct Installer {
+    config: InstallConfig,
+    env: BTreeMap<String, String>,
+    /// One install at a time per cache key.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A stable 64-bit FNV-1a hash, hex: cache names for arbitrary strings.
+fn fnv(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(15);
+    let mut out = lines[start..].join("\n");
+    if out.len() > 4000 {
+        let mut cut = out.len() - 4000;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out = out[cut..].to_owned();
+    }
+    out
+}
+
+fn exact_semver(v: &str) -> bool {
+    let core = v.split(['-', '+']).next().unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_sha(r: &str) -> bool {
+    r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Installer {
+    pub fn new(config: InstallConfig) -> Self {
+        let home = config.cache_dir.join("home");
+        let mut env = BTreeMap::from([
+            ("PATH".to_owned(), config.path.clone()),
+            ("HOME".to_owned(), home.to_string_lossy().into_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("GIT_TERMINAL_PROMPT".to_owned(), "0".to_owned()),
+            // Only these transports; `ext::` and friends are refused by git itself too.
+            ("GIT_ALLOW_PROTOCOL".to_owned(), "https:ssh:file".to_owned()),
+            ("GIT_CONFIG_NOSYSTEM".to_owned(), "1".to_owned()),
+            ("npm_config_update_notifier".to_owned(), "false".to_owned()),
+            ("PIP_DISABLE_PIP_VERSION_CHECK".to_owned(), "1".to_owned()),
+        ]);
+        for k in PASSTHROUGH {
+            if let Ok(v) = std::env::var(k) {
+                env.insert((*k).to_owned(), v);
+            }
+        }
+        Installer {
+            config,
+            env,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.config.cache_dir
+    }
+
+    fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("install locks poisoned")
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs one install step; its stdout on success, its stderr tail on failure.
+    async fn run(
+        &self,
+        what: &str,
+        argv: &[&str],
+        cwd: Option<&Path>,
+    ) -> Result<Vec<u8>, SourceError> {
+        let home = self.config.cache_dir.join("home");
+        std::fs::create_dir_all(&home).map_err(io_err(&home))?;
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| SourceError::MissingTool {
+            tool: argv[0].to_owned(),
+            hint: format!("{what} needs it ({e})"),
+        })?;
+        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (status, _, _) = tokio::join!(
+                child.wait(),
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err)
+            );
+            (status, out, err)
+        };
+        let (status, out, err) = match tokio::time::timeout(self.config.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                if pgid > 0 {
+                    // SAFETY: killpg has no memory-safety preconditions.
+                    unsafe { libc::killpg(pgid, libc::SIGKILL) };
+                }
+                return Err(SourceError::InstallTimeout {
+                    what: what.to_owned(),
+                    secs: self.config.timeout.as_secs(),
+                });
+            }
+        };
+        match status {
+            Ok(s) if s.success() => Ok(out),
+            Ok(s) => {
+                let mut t = tail(&err);
+                if t.is_empty() {
+                    t = tail(&out);
+                }
+                Err(SourceError::Install {
+                    what: what.to_owned(),
+                    status: s
+                        .code()
+                        .map_or_else(|| "killed".into(), |c| format!("exit code {c}")),
+                    tail: t,
+                })
+            }
+            Err(e) => Err(SourceError::Install {
+                what: what.to_owned(),
+                status: "wait failed".into(),
+                tail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Acquires a source and resolves how to start it.
+    pub async fn acquire(
+        &self,
+        source: &Source,
+        runtime: Option<Runtime>,
+        command: Option<&[String]>,
+        args: &[String],
+        progress: &Progress,
+    ) -> Result<Launch, SourceError> {
+        match source {
+            Source::Path(dir) => {
+                self.install_dir_deps(dir, runtime, command, progress)
+                    .await?;
+                launch_from_dir(dir, runtime, command, args)
+            }
+            Source::Npm { name, version } => {
+                self.npm(name, version.as_deref(), runtime, command, args, progress)
+                    .await
+            }
+            Source::Pypi { requirement } => self.pypi(requirement, command, args, progress).await,
+            Source::Git { url, reference } => {
+                let dir = self.git(url, reference.as_deref(), progress).await?;
+                let lock = self.lock(&dir.to_string_lossy());
+                let _guard = lock.lock().await;
+                self.install_dir_deps(&dir, runtime, command, progress)
+                    .await?;
+                launch_from_dir(&dir, runtime, command, args)
+            }
+            Source::Image(_) => Err(SourceError::Unsupported { kind: "image" }),
+        }
+    }
+
+    // ---- npm ----------------------------------------------------------------
+
+    async fn npm_resolve(&self, name: &str, spec: &str) -> Result<String, SourceError> {
+        if exact_semver(spec) {
+            return Ok(spec.to_owned());
+        }
+        let alias_dir = self.config.cache_dir.join("npm/.resolved");
+        let alias = alias_dir.join(fnv(&format!("{name}@{spec}")));
+        if let Ok(meta) = std::fs::metadata(&alias) {
+            let fresh = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .is_some_and(|age| age < self.config.resolve_ttl);
+            if fresh {
+                if let Ok(v) = std::fs::read_to_string(&alias) {
+                    if exact_semver(v.trim()) {
+                        return Ok(v.trim().to_owned());
+                    }
+                }
+            }
+        }
+        let target = format!("{name}@{spec}");
+        let out = self
+            .run(
+                &format!("npm view {target}"),
+                &["npm", "view", "--json", &target, "version"],
+                None,
+            )
+            .await?;
+        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        let version = match v {
+            Value::String(s) => Some(s),
+            Value::Array(a) => a.last().and_then(Value::as_str).map(str::to_owned),
+            _ => None,
+        }
+        .filter(|s| exact_semver(s))
+        .ok_or_else(|| SourceError::Install {
+            what: format!("npm view {target}"),
+            status: "no version".into(),
+            tail: format!("no published version of {name} matches `{spec}`"),
+        })?;
+        std::fs::create_dir_all(&alias_dir).map_err(io_err(&alias_dir))?;
+        std::fs::write(&alias, &version).map_err(io_err(&alias))?;
+        Ok(version)
+    }
+
+    async fn npm(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        runtime: Option<Runtime>,
+        command: Option<&[String]>,
+        args: &[String],
+        progress: &Progress,
+    ) -> Result<Launch, SourceError> {
+        let spec = version.unwrap_or("latest");
+        let resolved = self.npm_resolve(name, spec).await?;
+        let ident = format!("{name}@{resolved}");
+        let dir = self
+            .config
+            .cache_dir
+            .join("npm")
+            .join(format!("{}@{resolved}", name.replace('/', "+")));
+        let lock = self.lock(&ident);
+        let _guard = lock.lock().await;
+        if !dir.join(COMPLETE).exists() {
+            progress(&format!("installing npm {ident}"));
+            let tmp = self
+                .config
+                .cache_dir
+                .join("npm")
+                .join(format!(".tmp-{}", fnv(&ident)));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+            let tmp_s = tmp.to_string_lossy().into_owned();
+            let res = self
+                .run(
+                    &format!("npm install {ident}"),
+                    &[
+                        "npm",
+                        "install",
+                        "--prefix",
+                        &tmp_s,
+                        "--no-audit",
+                        "--no-fund",
+                        "--omit=dev",
+                        "--no-save",
+                        "--no-package-lock",
+                        "--loglevel=error",
+                        &ident,
+                    ],
+                    Some(&tmp),
+                )
+                .await;
+            if let Err(e) = res {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            std::fs::write(tmp.join(COMPLETE), &ident).map_err(io_err(&tmp))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            progress(&format!("installed npm {ident}"));
+        }
+        let pkg_dir = dir.join("node_modules").join(name);
+        if let Some(cmd) = command {
+            let mut argv = cmd.to_vec();
+            argv.extend(args.iter().cloned());
+            return Ok(Launch {
+                argv,
+                workdir: pkg_dir,
+                runtime: runtime.or(Some(Runtime::Node)),
+            });
+        }
+        let pj = pkg_dir.join("package.json");
+        let text = std::fs::read(&pj).map_err(io_err(&pj))?;
+        let pkg: Value = serde_json::from_slice(&text).map_err(|e| SourceError::NoEntry {
+            dir: pkg_dir.clone(),
+            hint: format!("package.json is not valid JSON: {e}"),
+        })?;
+        let has_bin = pkg.get("bin").is_some();
+        let entry = package_json_entry(&pkg)
+            .map_err(|hint| SourceError::NoEntry {
+                dir: pkg_dir.clone(),
+                hint,
+            })?
+            .filter(|_| has_bin)
+            .ok_or_else(|| SourceError::NoEntry {
+                dir: pkg_dir.clone(),
+                hint: format!("{name} has no `bin` to run; give `command`"),
+            })?;
+        let entry_path = pkg_dir.join(&entry);
+        if !entry_path.starts_with(&pkg_dir) || entry.contains("..") || !entry_path.is_file() {
+            return Err(SourceError::NoEntry {
+                dir: pkg_dir,
+                hint: format!("bin `{entry}` is missing or outside the package"),
+            });
+        }
+        let mut argv = vec!["node".to_owned(), entry_path.to_string_lossy().into_owned()];
+        argv.extend(args.iter().cloned());
+        Ok(Launch {
+            argv,
+            workdir: pkg_dir,
+            runtime: Some(Runtime::Node),
+        })
+    }
+
+    // ---- PyPI ---------------------------------------------------------------
+
+    /// Creates a venv at `venv` and installs `what` (pip arguments) into it.
+    async fn venv_install(
+        &self,
+        venv: &Path,
+        what: &[&str],
+        cwd: Option<&Path>,
+    ) -> Result<(), SourceError> {
+        let venv_s = venv.to_string_lossy().into_owned();
+        let python = venv.join("bin/python").to_string_lossy().into_owned();
+        if which("uv", &self.config.path).is_some() {
+            self.run("uv venv", &["uv", "venv", "--quiet", &venv_s], cwd)
+                .await?;
+            let mut argv = vec!["uv", "pip", "install", "--quiet", "--python", &python];
+            argv.extend_from_slice(what);
+            self.run("uv pip install", &argv, cwd).await?;
+        } else {
+            self.run("python3 -m venv", &["python3", "-m", "venv", &venv_s], cwd)
+                .await?;
+            let mut argv = vec![
+                python.as_str(),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-input",
+                "--disable-pip-version-check",
+            ];
+            argv.extend_from_slice(what);
+            self.run("pip install", &argv, cwd).await?;
+        }
+        Ok(())
+    }
+
+    async fn pypi(
+        &self,
+        requirement: &str,
+        command: Option<&[String]>,
+        args: &[String],
+        progress: &Progress,
+    ) -> Result<Launch, SourceError> {
+        let dist = pypi_name(requirement);
+        let key = requirement.to_ascii_lowercase();
+        let dir = self.config.cache_dir.join("pypi").join(format!(
+            "{}-{}",
+            dist.to_ascii_lowercase(),
+            fnv(&key)
+        ));
+        let lock = self.lock(&format!("pypi:{key}"));
+        let _guard = lock.lock().await;
+        if !dir.join(COMPLETE).exists() {
+            progress(&format!("installing PyPI {requirement}"));
+            // venvs are not relocatable: build in place, mark complete last.
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.parent().expect("has parent")).map_err(io_err(&dir))?;
+            if let Err(e) = self.venv_install(&dir, &[requirement], None).await {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            std::fs::write(dir.join(COMPLETE), requirement).map_err(io_err(&dir))?;
+            progress(&format!("installed PyPI {requirement}"));
+        }
+        let mut argv = match command {
+            Some(cmd) => cmd.to_vec(),
+            None => python_entry(&dir, dist)?,
+        };
+        argv.extend(args.iter().cloned());
+        Ok(Launch {
+            argv,
+            workdir: dir,
+            runtime: Some(Runtime::Python),
+        })
+    }
+
+    // ---- git ----------------------------------------------------------------
+
+    /// Clones `url` at `reference` into the cache, keyed by commit sha.
+    async fn git(
+        &self,
+        url: &str,
+        reference: Option<&str>,
+        progress: &Progress,
+    ) -> Result<PathBuf, SourceError> {
+        let sha = match reference {
+            Some(r) if is_sha(r) => r.to_ascii_lowercase(),
+            _ => {
+                let want = reference.unwrap_or("HEAD");
+                let out = self
+                    .run(
+                        &format!("git ls-remote {url}"),
+                        &["git", "ls-remote", "--", url, want],
+                        None,
+                    )
+                    .await?;
+                let text = String::from_utf8_lossy(&out);
+                // Prefer an exact branch/tag match, peeled tags (^{}) first.
+                let mut best: Option<(u8, String)> = None;
+                for line in text.lines() {
+                    let Some((sha, name)) = line.split_once('\t') else {
+                        continue;
+                    };
+                    let rank = if name.ends_with("^{}") {
+                        0
+                    } else if name == want || name == format!("refs/heads/{want}") {
+                        1
+                    } else {
+                        2
+                    };
+                    if is_sha(sha) && best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                        best = Some((rank, sha.to_owned()));
+                    }
+                }
+                best.map(|(_, s)| s).ok_or_else(|| SourceError::Install {
+                    what: format!("git ls-remote {url}"),
+                    status: "no such ref".into(),
+                    tail: format!("`{want}` not found in {url}"),
+                })?
+            }
+        };
+        let dir = self.config.cache_dir.join("git").join(&sha);
+        let lock = self.lock(&format!("git:{sha}"));
+        let _guard = lock.lock().await;
+        if dir.join(".git").exists() {
+            return Ok(dir);
+        }
+        progress(&format!("cloning {url} at {}", &sha[..12]));
+        let tmp = self
+            .config
+            .cache_dir
+            .join("git")
+            .join(format!(".tmp-{sha}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let tmp_s = tmp.to_string_lossy().into_owned();
+        let steps: Vec<(String, Vec<&str>)> = match reference {
+            // A commit: fetch exactly it.
+            Some(r) if is_sha(r) => vec![
+                ("git init".into(), vec!["git", "init", "--quiet", &tmp_s]),
+                (
+                    format!("git fetch {url}"),
+                    vec![
+                        "git",
+                        "-C",
+                        &tmp_s,
+                        "fetch",
+                        "--quiet",
+                        "--depth",
+                        "1",
+                        "--no-tags",
+                        "--",
+                        url,
+                        &sha,
+                    ],
+                ),
+                (
+                    "git checkout".into(),
+                    vec![
+                        "git",
+                        "-C",
+                        &tmp_s,
+                        "checkout",
+                        "--quiet",
+                        "--detach",
+                        "FETCH_HEAD",
+                    ],
+                ),
+            ],
+            Some(branch) => vec![(
+                format!("git clone {url}"),
+                vec![
+                    "git",
+                    "clone",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--no-tags",
+                    "--branch",
+                    branch,
+                    "--",
+                    url,
+                    &tmp_s,
+                ],
+            )],
+            None => vec![(
+                format!("git clone {url}"),
+                vec![
+                    "git",
+                    "clone",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--no-tags",
+                    "--",
+                    url,
+                    &tmp_s,
+                ],
+            )],
+        };
+        for (what, argv) in steps {
+            if let Err(e) = self.run(&what, &argv, None).await {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
+        // The ref may have moved since ls-remote: key by what was checked out.
+        let head = self
+            .run(
+                "git rev-parse",
+                &["git", "-C", &tmp_s, "rev-parse", "HEAD"],
+                None,
+            )
+            .await
+            .map(|o| String::from_utf8_lossy(&o).trim().to_owned())
+            .unwrap_or_default();
+        let dir = if is_sha(&head) && head != sha {
+            self.config.cache_dir.join("git").join(&head)
+        } else {
+            dir
+        };
+        if dir.join(".git").exists() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Ok(dir);
+        }
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        Ok(dir)
+    }
+
+    // ---- local directories --------------------------------------------------
+
+    /// Installs a directory's dependencies once (node_modules / .venv), and
+    /// builds it when package.json has a `build` script and no entry exists yet.
+    async fn install_dir_deps(
+        &self,
+        dir: &Path,
+        runtime: Option<Runtime>,
+        command: Option<&[String]>,
+        progress: &Progress,
+    ) -> Result<(), SourceError> {
+        if !dir.is_dir() {
+            return Err(SourceError::MissingDir(dir.to_path_buf()));
+        }
+        let has = |f: &str| dir.join(f).exists();
+        match runtime.or_else(|| detect_runtime(dir)) {
+            Some(rt @ (Runtime::Node | Runtime::Bun)) => {
+                let pkg: Value = std::fs::read(dir.join("package.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null);
+                let has_deps = ["dependencies", "devDependencies"].iter().any(|k| {
+                    pkg.get(*k)
+                        .and_then(Value::as_object)
+                        .is_some_and(|m| !m.is_empty())
+                });
+                let build = pkg
+                    .pointer("/scripts/build")
+                    .and_then(Value::as_str)
+                    .is_some();
+                let needs_build = build
+                    && command.is_none()
+                    && launch_from_dir(dir, Some(rt), None, &[]).is_err();
+                if has_deps && !has("node_modules") {
+                    progress(&format!("installing dependencies in {}", dir.display()));
+                    if rt == Runtime::Bun {
+                        self.run("bun install", &["bun", "install"], Some(dir))
+                            .await?;
+                    } else if has("package-lock.json") || has("npm-shrinkwrap.json") {
+                        let mut argv =
+                            vec!["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"];
+                        if !needs_build {
+                            argv.push("--omit=dev");
+                        }
+                        self.run("npm ci", &argv, Some(dir)).await?;
+                    } else {
+                        let mut argv = vec![
+                            "npm",
+                            "install",
+                            "--no-audit",
+                            "--no-fund",
+                            "--no-save",
+                            "--loglevel=error",
+                        ];
+                        if !needs_build {
+                            argv.push("--omit=dev");
+                        }
+                        self.run("npm install", &argv, Some(dir)).await?;
+                    }
+                }
+                if needs_build {
+                    progress(&format!("building {}", dir.display()));
+                    let runner = if rt == Runtime::Bun { "bun" } else { "npm" };
+                    self.run(
+                        &format!("{runner} run build"),
+                        &[runner, "run", "build"],
+                        Some(dir),
+                    )
+                    .await?;
+                }
+            }
+            Some(Runtime::Python) => {
+                let venv = dir.join(".venv");
+                let reqs = has("requirements.txt");
+                let project = has("pyproject.toml") || has("setup.py");
+                if (reqs || project) && !venv.join(COMPLETE).exists() {
+                    progress(&format!("installing dependencies in {}", dir.display()));
+                    let _ = std::fs::remove_dir_all(&venv);
+                    let what: Vec<&str> = if reqs {
+                        vec!["-r", "requirements.txt"]
+                    } else {
+                        vec!["."]
+                    };
+                    if let Err(e) = self.venv_install(&venv, &what, Some(dir)).await {
+                        let _ = std::fs::remove_dir_all(&venv);
+                        return Err(e);
+                    }
+                    std::fs::write(venv.join(COMPLETE), "").map_err(io_err(&venv))?;
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+fn which(tool: &str, path: &str) -> Option<PathBuf> {
+    path.split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Normalized distribution name (PEP 503): lowercase, runs of -_. as one `-`.
+fn normalize(name: &str) -> String {
+    let mut out = String::new();
+    let mut sep = false;
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            sep = true;
+        } else {
+            if sep && !out.is_empty() {
+                out.push('-');
+            }
+            sep = false;
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+/// `[console_scripts]` names from an entry_points.txt.
+fn console_scripts(text: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            inside = line == "[console_scripts]";
+        } else if inside {
+            if let Some((k, _)) = line.split_once('=') {
+                out.push(k.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The console script named like the distribution, else the only one, else
+/// `python -m <module>`; read from the installed dist-info metadata.
+fn python_entry(venv: &Path, dist: &str) -> Result<Vec<String>, SourceError> {
+    let want = normalize(dist);
+    let python = venv.join("bin/python").to_string_lossy().into_owned();
+    let mut scripts = Vec::new();
+    if let Ok(libs) = std::fs::read_dir(venv.join("lib")) {
+        for lib in libs.flatten() {
+            let site = lib.path().join("site-packages");
+            let Ok(entries) = std::fs::read_dir(&site) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let fname = e.file_name().to_string_lossy().into_owned();
+                let Some(stem) = fname.strip_suffix(".dist-info") else {
+                    continue;
+                };
+                let name = stem.rsplit_once('-').map_or(stem, |(n, _)| n);
+                if normalize(name) == want {
+                    if let Ok(text) = std::fs::read_to_string(e.path().join("entry_points.txt")) {
+                        scripts = console_scripts(&text);
+                    }
+                }
+            }
+        }
+    }
+    let pick = scripts
+        .iter()
+        .find(|s| normalize(s) == want)
+        .or(if scripts.len() == 1 {
+            scripts.first()
+        } else {
+            None
+        });
+    if let Some(script) = pick {
+        let p = venv.join("bin").join(script);
+        if p.is_file() && !script.contains('/') {
+            return Ok(vec![p.to_string_lossy().into_owned()]);
+        }
+    }
+    Ok(vec![python, "-m".into(), want.replace('-', "_")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert!(exact_semver("1.2.3") && exact_semver("2026.8.31") && exact_semver("1.0.0-rc.1"));
+        assert!(!exact_semver("^1.2") && !exact_semver("latest") && !exact_semver("1.2"));
+        assert_eq!(normalize("MCP_Server.time"), "mcp-server-time");
+        assert_eq!(
+            console_scripts(
+                "[console_scripts]\nmcp-server-time = mcp_server_time:main\n[gui_scripts]\nx = y"
+            ),
+            vec!["mcp-server-time"]
+        );
+        assert_eq!(fnv("a"), fnv("a"));
+        assert_ne!(fnv("a"), fnv("b"));
+        assert!(is_sha(&"a".repeat(40)) && !is_sha("main"));
+        assert_eq!(tail(b"a\n\nb\n"), "a\nb");
+    }
+
+    #[test]
+    fn python_entry_falls_back_to_module() {
+        let d = tempfile::tempdir().unwrap();
+        let argv = python_entry(d.path(), "my-server").unwrap();
+        assert_eq!(argv[1..], ["-m".to_owned(), "my_server".to_owned()]);
+        let site = d
+            .path()
+            .join("lib/python3.11/site-packages/my_server-1.0.dist-info");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(
+            site.join("entry_points.txt"),
+            "[console_scripts]\nmy-server = m:main\nother = m:o\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.path().join("bin")).unwrap();
+        std::fs::write(d.path().join("bin/my-server"), "").unwrap();
+        let argv = python_entry(d.path(), "my_server").unwrap();
+        assert!(argv[0].ends_with("bin/my-server"), "{argv:?}");
+    }
+}
