@@ -24,3 +24,4 @@ fmt:
 # Speed figures as ratios against baselines measured in the same run.
 bench:
 	$(CARGO) bench --bench calls
+	$(CARGO) bench --bench sources

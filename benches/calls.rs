@@ -6,20 +6,14 @@
 //! 2. Deploy-to-running through the API vs the bare process start + MCP
 //!    handshake (initialize, initialized, every tools/list page).
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshbox::api::{self, ApiConfig};
-use meshbox::orchestrator::process::{ProcessBackend, ProcessConfig};
-use meshbox::supervisor::{Supervisor, SupervisorConfig};
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{ChildStdin, Command};
-use tokio::sync::oneshot;
+use common::{median, Daemon, Direct};
+use serde_json::json;
 
 const SEQ_CALLS: usize = 3000;
 const CONC: usize = 64;
@@ -28,102 +22,6 @@ const STARTS: usize = 10;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/py_server")
-}
-
-/// A minimal pipelined JSON-RPC client straight on the server's pipes: the baseline.
-struct Direct {
-    stdin: tokio::sync::Mutex<ChildStdin>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
-    next: AtomicU64,
-    _child: tokio::process::Child,
-}
-
-impl Direct {
-    async fn spawn() -> Direct {
-        // The same argv and curated environment meshbox gives the server.
-        let home = std::env::temp_dir().join("meshbox-bench-home");
-        std::fs::create_dir_all(&home).unwrap();
-        let mut child = Command::new("python3")
-            .arg("server.py")
-            .current_dir(fixture())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", &home)
-            .env("LANG", "C.UTF-8")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
-        let p = pending.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let v: Value = match serde_json::from_str(&line) {
-                    Ok(v) => v,
-                    Err(_) => continue,
-                };
-                if let Some(id) = v["id"].as_u64() {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
-                        let _ = tx.send(v);
-                    }
-                }
-            }
-        });
-        Direct {
-            stdin: tokio::sync::Mutex::new(child.stdin.take().unwrap()),
-            pending,
-            next: AtomicU64::new(1),
-            _child: child,
-        }
-    }
-
-    async fn request(&self, method: &str, params: Value) -> Value {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        let line = format!(
-            "{}\n",
-            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
-        );
-        {
-            let mut w = self.stdin.lock().await;
-            w.write_all(line.as_bytes()).await.unwrap();
-            w.flush().await.unwrap();
-        }
-        rx.await.unwrap()
-    }
-
-    async fn notify(&self, method: &str) {
-        let line = format!("{}\n", json!({"jsonrpc": "2.0", "method": method}));
-        let mut w = self.stdin.lock().await;
-        w.write_all(line.as_bytes()).await.unwrap();
-        w.flush().await.unwrap();
-    }
-
-    /// initialize → initialized → tools/list following nextCursor.
-    async fn handshake(&self) -> usize {
-        self.request("initialize", json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}))
-            .await;
-        self.notify("notifications/initialized").await;
-        let mut n = 0;
-        let mut cursor: Option<String> = None;
-        loop {
-            let params = match &cursor {
-                Some(c) => json!({"cursor": c}),
-                None => json!({}),
-            };
-            let r = self.request("tools/list", params).await;
-            n += r["result"]["tools"].as_array().map_or(0, Vec::len);
-            match r["result"]["nextCursor"].as_str() {
-                Some(c) => cursor = Some(c.to_owned()),
-                None => return n,
-            }
-        }
-    }
 }
 
 struct Stats {
@@ -187,27 +85,11 @@ fn row(label: &str, base: &Stats, mesh: &Stats) {
     );
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main]
 async fn main() {
     let data = tempfile::tempdir().unwrap();
-    let backend = Arc::new(ProcessBackend::new(ProcessConfig::default()));
-    let supervisor = Arc::new(Supervisor::new(
-        backend,
-        SupervisorConfig::new(data.path().to_path_buf()),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = api::router(supervisor.clone(), ApiConfig::default());
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, router, async {
-        let _ = stop_rx.await;
-    }));
-    let base = format!("http://{addr}");
+    let daemon = Daemon::start(data.path().to_path_buf(), None).await;
+    let base = daemon.base.clone();
     let http = reqwest::Client::new();
     let spec = json!({"source": format!("path:{}", fixture().display())});
 
@@ -218,7 +100,7 @@ async fn main() {
     let mut deploy = Vec::new();
     for i in 0..STARTS {
         let t = Instant::now();
-        let d = Direct::spawn().await;
+        let d = Direct::spawn(&["python3", "server.py"], &fixture()).await;
         let n = d.handshake().await;
         bare.push(t.elapsed());
         assert_eq!(n, 15);
@@ -254,7 +136,7 @@ async fn main() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let direct = Arc::new(Direct::spawn().await);
+    let direct = Arc::new(Direct::spawn(&["python3", "server.py"], &fixture()).await);
     direct.handshake().await;
     let body = json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string();
     let url = format!("{base}/v1/meshes/bench/services/calls/call");
@@ -321,7 +203,5 @@ async fn main() {
     row("64 concurrent callers", &b64, &m64);
     println!("(target: ≤ 60 µs added p50 per call)");
 
-    supervisor.shutdown().await;
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    daemon.stop().await;
 }
