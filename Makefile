@@ -1,7 +1,9 @@
 # meshbox — build, test, bench, lint.
 CARGO ?= cargo
 
-.PHONY: build run test lint bench fmt
+.PHONY: build run test test-docker lint bench fmt images images-local
+MESHBOX := target/release/meshbox
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 
 build:
 	$(CARGO) build --release
@@ -25,3 +27,21 @@ fmt:
 bench:
 	$(CARGO) bench --bench calls
 	$(CARGO) bench --bench sources
+
+# Runner images from the official base images (needs a registry of images).
+images: build
+	$(MESHBOX) images build all
+
+# The same runner images with no image registry: local Debian bases
+# (debootstrap → docker import → Debian packages) and the host CA bundle.
+images-local: build
+	scripts/local-base-images.sh
+	$(MESHBOX) images build all \
+	  --base-image-node meshbox-local/node:bookworm \
+	  --base-image-python meshbox-local/python:bookworm \
+	  --base-image-bun meshbox-local/node:bookworm \
+	  --ca-bundle $(CA_BUNDLE)
+
+# The docker lane alone (CI runs it inside `make test` with MESHBOX_REQUIRE_DOCKER=1).
+test-docker:
+	MESHBOX_REQUIRE_DOCKER=1 $(CARGO) test --test docker -- --nocapture

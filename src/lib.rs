@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod images;
 pub mod mcp;
 pub mod orchestrator;
 pub mod source;

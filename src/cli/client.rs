@@ -241,7 +241,11 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
             c.send(Method::DELETE, &service_path(&key), None).await?;
             Ok(())
         }
-        Command::Serve(_) | Command::Run(_) => unreachable!("handled in cli::run"),
+        Command::Serve(_)
+        | Command::Run(_)
+        | Command::Images(_)
+        | Command::Doctor { .. }
+        | Command::Install(_) => unreachable!("handled in cli::run"),
     }
 }
 

@@ -4,6 +4,7 @@
 //! HTTP clients of a running daemon at `MESHBOX_URL`. Signal handling stays in
 //! `main`, which hands a shutdown future in.
 
+mod admin;
 mod client;
 mod run;
 mod serve;
@@ -107,6 +108,18 @@ pub enum Command {
     Restart { service: String },
     /// Stop and remove a service.
     Rm { service: String },
+    /// Build runner images.
+    #[command(subcommand)]
+    Images(admin::ImagesCommand),
+    /// Report the docker engine, runner images, cgroup and netns support.
+    Doctor {
+        #[arg(long, env = "MESHBOX_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Install a source into a cache and print how to start it (used inside
+    /// install containers).
+    #[command(hide = true)]
+    Install(admin::InstallArgs),
 }
 
 /// Limits and environment, as docker spells them.
@@ -220,6 +233,13 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<i32, CliError> {
     match cli.command {
         Command::Serve(args) => serve::serve(args, shutdown).await.map(|()| 0),
         Command::Run(args) => run::run(args, shutdown).await,
+        Command::Images(cmd) => admin::images(cmd).await.map(|()| 0),
+        Command::Doctor { data_dir } => {
+            admin::doctor(data_dir.unwrap_or_else(serve::default_data_dir))
+                .await
+                .map(|()| 0)
+        }
+        Command::Install(args) => admin::install(args).await.map(|()| 0),
         other => client::dispatch(other, shutdown).await.map(|()| 0),
     }
 }

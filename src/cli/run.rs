@@ -89,6 +89,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
             },
             network: spec.network.clone(),
             labels: BTreeMap::from([("meshbox.service".into(), "run".into())]),
+            ..Default::default()
         })
         .await?;
     let mut stdin = sandbox.io.stdin;

@@ -10,6 +10,7 @@ use tracing::info;
 
 use super::{CliError, Shutdown};
 use crate::api::{self, ApiConfig};
+use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
 use crate::supervisor::{Supervisor, SupervisorConfig};
@@ -18,6 +19,7 @@ use crate::supervisor::{Supervisor, SupervisorConfig};
 pub enum Backend {
     /// Docker when an engine answers, else process.
     Auto,
+    Docker,
     Process,
 }
 
@@ -93,11 +95,26 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         context: format!("failed to create data dir `{}`", data_dir.display()),
         source,
     })?;
-    let backend: Arc<dyn Orchestrator> = match args.backend {
-        Backend::Auto | Backend::Process => Arc::new(ProcessBackend::new(ProcessConfig {
+    let process = || -> Arc<dyn Orchestrator> {
+        Arc::new(ProcessBackend::new(ProcessConfig {
             cgroups: !args.no_cgroups,
             ..Default::default()
-        })),
+        }))
+    };
+    let docker_config = DockerConfig {
+        data_dir: data_dir.clone(),
+        install_timeout: Duration::from_secs(args.install_timeout.max(1)),
+    };
+    let backend: Arc<dyn Orchestrator> = match args.backend {
+        Backend::Process => process(),
+        Backend::Docker => Arc::new(DockerBackend::connect(docker_config).await?),
+        Backend::Auto => match DockerBackend::connect(docker_config).await {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                info!(reason = %crate::error_chain(&e), "no docker engine; using the process backend");
+                process()
+            }
+        },
     };
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));

@@ -6,6 +6,7 @@
 //! bollard model) crosses this boundary, so the supervisor and the API never
 //! name a backend, and tests drive them through a fake.
 
+pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::config::NetworkPolicy;
+use crate::config::{NetworkPolicy, Runtime};
+use crate::source::{Installer, Launch, Progress, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
@@ -33,6 +35,8 @@ pub enum OrchestratorError {
     Unsupported(String),
     #[error("sandbox setup failed: {0}")]
     Setup(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 /// Resource limits requested for a sandbox.
@@ -65,6 +69,37 @@ pub struct SandboxSpec {
     pub network: NetworkPolicy,
     /// `meshbox.mesh`, `meshbox.service`, ...: names the sandbox for its backend.
     pub labels: BTreeMap<String, String>,
+    /// Container image (docker); `None` for a local process.
+    pub image: Option<String>,
+    /// Volumes to mount (docker): the installed source, read-only.
+    pub mounts: Vec<Mount>,
+}
+
+/// A named volume mounted into a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub volume: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// What a backend needs to acquire a source before it can run it.
+pub struct PrepareRequest<'a> {
+    pub source: &'a Source,
+    pub runtime: Option<Runtime>,
+    pub command: Option<&'a [String]>,
+    pub args: &'a [String],
+    pub progress: &'a Progress,
+    /// The host's installer (the process backend installs with it directly).
+    pub installer: &'a Installer,
+}
+
+/// An acquired source: how to start it, and where (image, mounts).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub launch: Launch,
+    pub image: Option<String>,
+    pub mounts: Vec<Mount>,
 }
 
 /// How a sandboxed server ended.
@@ -136,5 +171,10 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// Which limits this backend can enforce for `spec`, before starting it.
     /// Rejects specs it cannot honour (e.g. an allowlist it cannot enforce).
     fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError>;
+    /// Acquires a source (installing it where this backend runs servers).
+    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError>;
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError>;
+    /// A service is gone for good (undeployed): release what it held alone,
+    /// such as its mesh's network once the mesh is empty.
+    async fn released(&self, _mesh: &str, _service: &str) {}
 }

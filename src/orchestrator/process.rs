@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    Enforced, ExitReason, Limits, Orchestrator, OrchestratorError, Sandbox, SandboxHandle,
-    SandboxIo, SandboxSpec,
+    Enforced, ExitReason, Limits, Orchestrator, OrchestratorError, PrepareRequest, Prepared,
+    Sandbox, SandboxHandle, SandboxIo, SandboxSpec,
 };
 use crate::config::NetworkPolicy;
 
@@ -408,6 +408,18 @@ impl Orchestrator for ProcessBackend {
             _ => e.network = true,
         }
         Ok(e)
+    }
+
+    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError> {
+        let launch = req
+            .installer
+            .acquire(req.source, req.runtime, req.command, req.args, req.progress)
+            .await?;
+        Ok(Prepared {
+            launch,
+            image: None,
+            mounts: Vec::new(),
+        })
     }
 
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {

@@ -266,6 +266,7 @@ impl Supervisor {
             .remove(key)
             .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })?;
         svc.stop().await;
+        self.orchestrator.released(&key.mesh, &key.name).await;
         info!(service = %key, "undeployed");
         Ok(())
     }
@@ -319,6 +320,9 @@ impl Supervisor {
             .map(|(_, s)| s)
             .collect();
         futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
+        for s in &all {
+            self.orchestrator.released(&s.key.mesh, &s.key.name).await;
+        }
     }
 }
 

@@ -23,9 +23,10 @@ use super::{ServiceKey, SupervisorConfig, SupervisorError};
 use crate::config::{EnvValue, HealthSpec, Runtime, ServiceSpec};
 use crate::mcp::{CallError, LogSink, LogStream, Session, SessionConfig};
 use crate::orchestrator::{
-    wait_exit, Enforced, ExitReason, Limits, Orchestrator, SandboxHandle, SandboxSpec,
+    wait_exit, Enforced, ExitReason, Limits, Orchestrator, PrepareRequest, Prepared, SandboxHandle,
+    SandboxSpec,
 };
-use crate::source::{Installer, Launch, Progress, Source};
+use crate::source::{Installer, Progress, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -328,30 +329,32 @@ impl Service {
         Arc::new(move |stream, line| ring.push(stream, line))
     }
 
-    /// Resolves the spec into what to run: acquires the source (installing
-    /// it into the cache when needed), finds the entry, builds the environment.
+    /// Resolves the spec into what to run: the backend acquires the source
+    /// (installing it when needed) and finds the entry; then the environment.
     async fn prepare(
         &self,
+        orchestrator: &dyn Orchestrator,
         config: &SupervisorConfig,
         installer: &Installer,
-    ) -> Result<(Launch, BTreeMap<String, String>), String> {
+    ) -> Result<(Prepared, BTreeMap<String, String>), String> {
         // Secrets first: a missing one fails fast, before any download.
         let env = curated_env(config, &self.key, &self.spec.env)?;
         let progress: Progress = {
             let ring = self.logs.clone();
             Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
         };
-        let launch = installer
-            .acquire(
-                &self.source,
-                self.spec.runtime,
-                self.spec.command.as_deref(),
-                &self.spec.args,
-                &progress,
-            )
+        let prepared = orchestrator
+            .prepare(PrepareRequest {
+                source: &self.source,
+                runtime: self.spec.runtime,
+                command: self.spec.command.as_deref(),
+                args: &self.spec.args,
+                progress: &progress,
+                installer,
+            })
             .await
             .map_err(|e| crate::error_chain(&e))?;
-        Ok((launch, env))
+        Ok((prepared, env))
     }
 
     #[instrument(skip_all, fields(mesh = %self.key.mesh, service = %self.key.name))]
@@ -363,7 +366,7 @@ impl Service {
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         self.set_phase(Phase::Installing);
-        let (launch, env) = match self.prepare(&config, &installer).await {
+        let (prepared, env) = match self.prepare(&*orchestrator, &config, &installer).await {
             Ok(x) => x,
             Err(e) => {
                 self.note(&format!("start failed: {e}"));
@@ -373,11 +376,14 @@ impl Service {
                 return;
             }
         };
+        let launch = &prepared.launch;
         self.state().runtime = launch.runtime.or(self.spec.runtime);
         let sandbox_spec = SandboxSpec {
             argv: launch.argv.clone(),
             env,
             workdir: Some(launch.workdir.clone()),
+            image: prepared.image.clone(),
+            mounts: prepared.mounts.clone(),
             limits: Limits {
                 memory_mb: self.spec.memory_mb,
                 cpus: self.spec.cpus,

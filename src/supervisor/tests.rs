@@ -9,7 +9,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 use super::*;
-use crate::orchestrator::{Enforced, ExitReason, Sandbox, SandboxHandle, SandboxIo};
+use crate::orchestrator::{
+    Enforced, ExitReason, PrepareRequest, Prepared, Sandbox, SandboxHandle, SandboxIo,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Script {
@@ -63,6 +65,17 @@ impl Orchestrator for Fake {
     }
     fn check(&self, _: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
         Ok(Enforced::default())
+    }
+    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError> {
+        let launch = req
+            .installer
+            .acquire(req.source, req.runtime, req.command, req.args, req.progress)
+            .await?;
+        Ok(Prepared {
+            launch,
+            image: None,
+            mounts: Vec::new(),
+        })
     }
     async fn spawn(&self, _spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
         self.spawns.lock().unwrap().push(Instant::now());

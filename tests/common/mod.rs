@@ -46,6 +46,19 @@ impl Daemon {
 
     /// Starts `meshbox serve` with extra args and environment.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut all = vec!["--backend", "process"];
+        all.extend_from_slice(args);
+        Self::start_in_tmp(&all, env)
+    }
+
+    /// A daemon on the docker backend.
+    pub fn start_docker(args: &[&str]) -> Daemon {
+        let mut all = vec!["--backend", "docker"];
+        all.extend_from_slice(args);
+        Self::start_in_tmp(&all, &[])
+    }
+
+    fn start_in_tmp(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir {
             path: tmp.path().to_path_buf(),
@@ -60,7 +73,7 @@ impl Daemon {
             path: dir.to_path_buf(),
             _tmp: None,
         };
-        Self::spawn(data, &[], env)
+        Self::spawn(data, &["--backend", "process"], env)
     }
 
     fn spawn(data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
@@ -225,7 +238,21 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM so the daemon stops its servers (and containers); SIGKILL if it hangs.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.kill();
     }
 }

@@ -1,0 +1,148 @@
+//! `meshbox install` (run inside install containers), `meshbox images build`
+//! and `meshbox doctor`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::CliError;
+use crate::config::Runtime;
+use crate::images::{self, BuildOptions};
+use crate::orchestrator::docker::{self, DockerBackend, DockerConfig, InstallAnswer};
+use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
+use crate::source::{InstallConfig, Installer, Progress, Source};
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Cache directory (the source volume inside an install container).
+    #[arg(long)]
+    pub cache: PathBuf,
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// The spec's `command`, as a JSON array.
+    #[arg(long)]
+    pub command_json: Option<String>,
+    #[arg(long, default_value_t = 600)]
+    pub install_timeout: u64,
+    pub source: String,
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+fn parse_runtime(r: &str) -> Result<Runtime, CliError> {
+    serde_json::from_value(serde_json::Value::String(r.to_owned()))
+        .map_err(|_| CliError::Usage(format!("runtime `{r}`: expected node, python or bun")))
+}
+
+/// Acquires a source into `--cache` and prints how to start it, as JSON.
+pub async fn install(args: InstallArgs) -> Result<(), CliError> {
+    let source: Source = args.source.parse()?;
+    let runtime = args.runtime.as_deref().map(parse_runtime).transpose()?;
+    let command: Option<Vec<String>> = match &args.command_json {
+        Some(j) => Some(
+            serde_json::from_str(j).map_err(|e| CliError::Usage(format!("--command-json: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut config = InstallConfig::new(args.cache.clone());
+    config.timeout = Duration::from_secs(args.install_timeout.max(1));
+    let installer = Installer::new(config);
+    let progress: Progress = Arc::new(|line: &str| eprintln!("{line}"));
+    let launch = installer
+        .acquire(&source, runtime, command.as_deref(), &args.args, &progress)
+        .await?;
+    let answer = InstallAnswer {
+        argv: launch.argv,
+        workdir: launch.workdir,
+        runtime: launch.runtime.or(runtime),
+    };
+    println!("{}", serde_json::to_string(&answer).unwrap_or_default());
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Build runner images: node, python, bun or all.
+    Build(ImagesBuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesBuildArgs {
+    #[arg(default_value = "all")]
+    pub which: String,
+    /// Base image for every runtime built (default: each Dockerfile's own).
+    #[arg(long)]
+    pub base_image: Option<String>,
+    #[arg(long)]
+    pub base_image_node: Option<String>,
+    #[arg(long)]
+    pub base_image_python: Option<String>,
+    #[arg(long)]
+    pub base_image_bun: Option<String>,
+    /// A PEM bundle of extra CA certificates to trust in the images.
+    #[arg(long, env = "MESHBOX_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
+    let ImagesCommand::Build(args) = cmd;
+    let runtimes = match args.which.as_str() {
+        "all" => vec![Runtime::Node, Runtime::Python, Runtime::Bun],
+        one => vec![parse_runtime(one)?],
+    };
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .map_err(|e| CliError::Usage(format!("cannot reach the docker engine: {e}")))?
+        .negotiate_version()
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot reach the docker engine: {e}")))?;
+    let tty = std::io::stderr().is_terminal();
+    for rt in runtimes {
+        let base = match rt {
+            Runtime::Node => args.base_image_node.clone(),
+            Runtime::Python => args.base_image_python.clone(),
+            Runtime::Bun => args.base_image_bun.clone(),
+        }
+        .or_else(|| args.base_image.clone());
+        let opts = BuildOptions {
+            base_image: base,
+            ca_bundle: args.ca_bundle.clone(),
+            binary: None,
+        };
+        eprintln!("building {} …", docker::runner_image(rt));
+        let mut progress = |line: &str| {
+            if tty {
+                eprintln!("  {line}");
+            }
+        };
+        let image = images::build(&docker, rt, &opts, &mut progress)
+            .await
+            .map_err(|e| CliError::Usage(crate::error_chain(&e)))?;
+        println!("{image}");
+    }
+    Ok(())
+}
+
+/// Reports what this machine offers meshbox.
+pub async fn doctor(data_dir: PathBuf) -> Result<(), CliError> {
+    println!("meshbox {}", env!("CARGO_PKG_VERSION"));
+    let process = ProcessBackend::new(ProcessConfig::default());
+    println!("process backend: {}", process.describe());
+    match DockerBackend::connect(DockerConfig {
+        data_dir,
+        install_timeout: Duration::from_secs(600),
+    })
+    .await
+    {
+        Ok(d) => {
+            println!("docker engine: reachable");
+            for (k, v) in docker::describe(&d).await {
+                println!("  {k}: {v}");
+            }
+        }
+        Err(e) => println!("docker engine: not reachable ({})", crate::error_chain(&e)),
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The docker lane: the same scenarios on the docker backend, container
+//! hardening read back with inspect, OOM, networks, and real packages.
+//!
+//! Needs a docker engine and the runner images (`make images-local`). CI sets
+//! MESHBOX_REQUIRE_DOCKER=1, so there a missing engine fails the lane; a plain
+//! `cargo test` elsewhere skips it with the reason printed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use common::{fixture, text_of, Daemon};
+use serde_json::{json, Value};
+
+/// The engine, or `None` (printing why) where the lane is optional.
+async fn engine() -> Option<Docker> {
+    let required = std::env::var("MESHBOX_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+    let why = match Docker::connect_with_local_defaults() {
+        Ok(d) => match d.negotiate_version().await {
+            Ok(d) => match d.inspect_image("meshbox/runner-python:latest").await {
+                Ok(_) => return Some(d),
+                Err(e) => format!("runner images missing (run `make images-local`): {e}"),
+            },
+            Err(e) => format!("no docker engine answers: {e}"),
+        },
+        Err(e) => format!("no docker engine: {e}"),
+    };
+    assert!(!required, "MESHBOX_REQUIRE_DOCKER=1 but {why}");
+    eprintln!("skipping docker test: {why}");
+    None
+}
+
+fn py_spec(extra: Value) -> Value {
+    let mut spec = json!({"source": format!("path:{}", fixture("py_server").display())});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
+#[tokio::test]
+async fn containers_are_hardened_and_limited() {
+    let Some(docker) = engine().await else { return };
+    let d = Daemon::start_docker(&[]);
+    let (code, st) = d
+        .put(
+            "/v1/meshes/dk/services/hard",
+            py_spec(json!({"memory_mb": 128, "cpus": 0.5})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["backend"], "docker");
+    assert_eq!(st["status"], "running");
+    assert_eq!(st["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(
+        st["limits"]["enforced"],
+        json!({"memory": true, "cpus": true, "pids": true, "network": true})
+    );
+    let id = st["container_id"]
+        .as_str()
+        .expect("container id")
+        .to_owned();
+    let info = docker.inspect_container(&id, None).await.unwrap();
+    let hc = info.host_config.unwrap();
+    assert_eq!(hc.memory, Some(128 << 20));
+    assert_eq!(hc.memory_swap, Some(128 << 20), "memory-swap equals memory");
+    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    assert_eq!(hc.pids_limit, Some(256), "default pids limit");
+    assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(hc.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+    assert_eq!(hc.readonly_rootfs, Some(true));
+    assert!(hc.tmpfs.unwrap().contains_key("/tmp"));
+    assert_eq!(hc.init, Some(true));
+    assert_eq!(hc.network_mode.as_deref(), Some("meshbox-dk"));
+    let cfg = info.config.unwrap();
+    assert_eq!(cfg.user.as_deref(), Some("10001"));
+    assert_eq!(cfg.tty, Some(false));
+    assert_eq!(cfg.open_stdin, Some(true));
+    let labels = cfg.labels.unwrap();
+    assert_eq!(labels["meshbox.managed"], "true");
+    assert_eq!(labels["meshbox.mesh"], "dk");
+    assert_eq!(labels["meshbox.service"], "hard");
+    assert!(labels.contains_key("meshbox.spec-hash"));
+    // The source is mounted read-only; nothing is bind-mounted from the host.
+    let mounts = info.mounts.unwrap();
+    assert!(mounts.iter().all(|m| m.rw == Some(false)), "{mounts:?}");
+    assert!(
+        mounts
+            .iter()
+            .all(|m| format!("{:?}", m.typ).to_lowercase().contains("volume")),
+        "{mounts:?}"
+    );
+    // The environment is curated.
+    let (_, r) = d.call("dk", "hard", "env", json!({})).await;
+    let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
+    assert!(env.get("MESHBOX_REQUIRE_DOCKER").is_none());
+
+    // Undeploy removes the container, and the mesh network with the last service.
+    let (code, _) = d.delete("/v1/meshes/dk/services/hard").await;
+    assert_eq!(code, 204);
+    let gone = wait_until(|| async { docker.inspect_container(&id, None).await.is_err() }).await;
+    assert!(gone, "container left behind");
+    let net_gone =
+        wait_until(|| async { docker.inspect_network("meshbox-dk", None).await.is_err() }).await;
+    assert!(net_gone, "mesh network left behind");
+}
+
+async fn wait_until<F, Fut>(f: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn scenarios_on_docker() {
+    let Some(_docker) = engine().await else {
+        return;
+    };
+    let d = Daemon::start_docker(&[]);
+    let (code, st) = d.put("/v1/meshes/ds/services/s", py_spec(json!({}))).await;
+    assert_eq!(code, 200, "{st}");
+
+    // Concurrency: 50 overlapping calls.
+    let started = Instant::now();
+    let calls = (0..50).map(|i| {
+        let d = &d;
+        async move {
+            let (code, r) = d.call("ds", "s", "slow", json!({"ms": 300})).await;
+            assert_eq!(code, 200, "call {i}: {r}");
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Garbage and a 10 MB reply.
+    let (code, r) = d.call("ds", "s", "big", json!({"bytes": 10_000_000})).await;
+    assert_eq!(code, 200);
+    assert_eq!(text_of(&r).len(), 10_000_000);
+
+    // Timeout: 504, then still usable.
+    let (code, _) = d
+        .post(
+            "/v1/meshes/ds/services/s/call",
+            json!({"tool": "hang", "timeout_ms": 1500}),
+        )
+        .await;
+    assert_eq!(code, 504);
+    let (code, r) = d.call("ds", "s", "echo", json!({"text": "alive"})).await;
+    assert_eq!((code, text_of(&r)), (200, "alive".to_owned()));
+
+    // Crash mid-call: fails fast, restarts, next call works.
+    let t = Instant::now();
+    let (code, r) = d.call("ds", "s", "crash", json!({})).await;
+    assert_eq!(code, 503, "{r}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    let (code, r) = d.call("ds", "s", "echo", json!({"text": "back"})).await;
+    assert_eq!((code, text_of(&r)), (200, "back".to_owned()), "{r}");
+    let st = d.status("ds", "s").await;
+    assert_eq!(st["restarts"], 1);
+    assert_eq!(st["last_exit"]["code"], 1);
+
+    let (code, st) = d
+        .put(
+            "/v1/meshes/ds/services/g",
+            py_spec(json!({"args": ["--garbage"]})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let (code, r) = d.call("ds", "g", "add", json!({"a": 1, "b": 1})).await;
+    assert_eq!((code, text_of(&r)), (200, "2".to_owned()));
+    let (_, logs) = d.get("/v1/meshes/ds/services/g/logs?lines=100").await;
+    assert!(
+        logs["lines"]
+            .to_string()
+            .contains("[stdout] this is not json"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn oom_is_reported_and_restarted() {
+    let Some(_docker) = engine().await else {
+        return;
+    };
+    let d = Daemon::start_docker(&[]);
+    let (code, st) = d
+        .put(
+            "/v1/meshes/do/services/hog",
+            py_spec(json!({"memory_mb": 64})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let (code, r) = d.call("do", "hog", "alloc", json!({"mb": 256})).await;
+    assert_eq!(code, 503, "{r}");
+    let st = d
+        .wait_status("do", "hog", Duration::from_secs(30), |s| {
+            s["status"] == "running" && s["restarts"] == 1
+        })
+        .await;
+    assert_eq!(st["last_exit"]["oom_killed"], true, "{st}");
+}
+
+#[tokio::test]
+async fn network_none_has_no_network_and_full_joins_the_mesh() {
+    let Some(docker) = engine().await else { return };
+    // A listener on the host, reached from containers through the bridge gateway.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = docker
+        .inspect_network("bridge", None)
+        .await
+        .ok()
+        .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
+        .unwrap_or_else(|| "172.17.0.1".into());
+    let d = Daemon::start_docker(&[]);
+    let target = json!({"host": gateway, "port": port});
+
+    let (code, st) = d
+        .put(
+            "/v1/meshes/dn/services/closed",
+            py_spec(json!({"network": "none"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let info = docker
+        .inspect_container(st["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        info.host_config.unwrap().network_mode.as_deref(),
+        Some("none")
+    );
+    let (_, r) = d.call("dn", "closed", "connect", target.clone()).await;
+    assert_eq!(r["result"]["isError"], true, "{r}");
+
+    let (code, st) = d
+        .put(
+            "/v1/meshes/dn/services/open",
+            py_spec(json!({"network": "full"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let info = docker
+        .inspect_container(st["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        info.host_config.unwrap().network_mode.as_deref(),
+        Some("meshbox-dn")
+    );
+    let (_, r) = d.call("dn", "open", "connect", target).await;
+    assert_eq!(text_of(&r), "connected", "{r}");
+}
+
+#[tokio::test]
+async fn registry_packages_install_in_a_container_once() {
+    let Some(_docker) = engine().await else {
+        return;
+    };
+    let d = Daemon::start_docker(&[]);
+    let spec = json!({"source": "pypi:mcp-server-time", "network": "none"});
+    let (code, st) = d.put("/v1/meshes/dr/services/time", spec.clone()).await;
+    assert_eq!(code, 200, "{st}");
+    let (code, r) = d
+        .call("dr", "time", "get_current_time", json!({"timezone": "UTC"}))
+        .await;
+    assert_eq!(code, 200, "{r}");
+    assert!(text_of(&r).contains("UTC"), "{r}");
+    let (_, logs) = d.get("/v1/meshes/dr/services/time/logs?lines=100").await;
+    assert!(
+        logs["lines"].to_string().contains("in a python container"),
+        "{logs}"
+    );
+    // A second deploy reuses the volume: no install container.
+    let (code, _) = d.put("/v1/meshes/dr/services/time2", spec).await;
+    assert_eq!(code, 200);
+    let (_, logs) = d.get("/v1/meshes/dr/services/time2/logs?lines=100").await;
+    assert!(!logs["lines"].to_string().contains("installing"), "{logs}");
+
+    let (code, st) = d
+        .put(
+            "/v1/meshes/dr/services/everything",
+            json!({"source": "npm:@modelcontextprotocol/server-everything", "args": ["stdio"], "network": "none"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let (code, r) = d
+        .call("dr", "everything", "get-sum", json!({"a": 2, "b": 3}))
+        .await;
+    assert_eq!(code, 200, "{r}");
+    assert!(text_of(&r).contains('5'), "{r}");
+}
