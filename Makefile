@@ -27,6 +27,7 @@ fmt:
 bench:
 	$(CARGO) bench --bench calls
 	$(CARGO) bench --bench sources
+	$(CARGO) bench --bench docker
 
 # Runner images from the official base images (needs a registry of images).
 images: build

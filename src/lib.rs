@@ -11,6 +11,7 @@ pub mod images;
 pub mod mcp;
 pub mod orchestrator;
 pub mod source;
+pub mod store;
 pub mod supervisor;
 
 /// `outer: cause: cause` for one-line messages (status fields, API errors).

@@ -37,6 +37,7 @@ impl ApiError {
                 SupervisorError::NotFound { .. } => StatusCode::NOT_FOUND,
                 SupervisorError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 SupervisorError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
+                SupervisorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 SupervisorError::Call { source, .. } => match source {
                     CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                     CallError::Rpc { .. } | CallError::Protocol(_) => StatusCode::BAD_GATEWAY,

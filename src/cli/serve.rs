@@ -13,6 +13,7 @@ use crate::api::{self, ApiConfig};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
+use crate::store::Store;
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +46,9 @@ pub struct ServeArgs {
     /// Do not use cgroups for limits (rlimits only).
     #[arg(long)]
     pub no_cgroups: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace: u64,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = api::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
@@ -119,7 +123,9 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.install.timeout = Duration::from_secs(args.install_timeout.max(1));
-    let supervisor = Arc::new(Supervisor::new(backend, config));
+    let store =
+        Arc::new(Store::open(&data_dir).map_err(|e| CliError::Usage(crate::error_chain(&e)))?);
+    let supervisor = Arc::new(Supervisor::new(backend, config).with_store(store));
     let router = api::router(
         supervisor.clone(),
         ApiConfig {
@@ -140,7 +146,29 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     info!(%addr, backend = supervisor.backend(), data_dir = %data_dir.display(), "meshbox listening");
     // Machine-readable for tests and scripts that bind port 0.
     eprintln!("meshbox listening on http://{addr}");
-    let served = api::serve(listener, router, shutdown).await;
+    // Restore in the background: the API answers (and shows progress) meanwhile.
+    let restoring = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.restore(4).await })
+    };
+    // In-flight calls get a grace period after the signal, not forever.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let server = tokio::spawn(api::serve(listener, router, async move {
+        let _ = stop_rx.await;
+    }));
+    shutdown.await;
+    info!(
+        "shutting down: no new requests; in-flight calls have {}s",
+        grace.as_secs()
+    );
+    let _ = stop_tx.send(());
+    let served = match tokio::time::timeout(grace, server).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Ok(()),
+        Err(_) => Ok(()),
+    };
+    restoring.abort();
     info!("stopping services");
     supervisor.shutdown().await;
     served.map_err(|source| CliError::Io {

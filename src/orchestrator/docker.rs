@@ -32,6 +32,7 @@ use super::{
     Sandbox, SandboxHandle, SandboxIo, SandboxSpec,
 };
 use crate::config::{NetworkPolicy, Runtime};
+use crate::source::install::{fnv, tail};
 use crate::source::{Launch, Source};
 
 /// Where the installed source lives inside containers.
@@ -73,16 +74,6 @@ fn docker_err(context: &str, e: bollard::errors::Error) -> OrchestratorError {
         } => OrchestratorError::Setup(format!("{context}: conflict: {message}")),
         other => OrchestratorError::Setup(format!("{context}: {other}")),
     }
-}
-
-/// A stable name fragment for arbitrary strings.
-fn short_hash(s: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
 }
 
 /// The answer `meshbox install --json` prints inside the install container.
@@ -228,9 +219,7 @@ impl DockerBackend {
             if code == 0 {
                 Ok(out)
             } else {
-                let text = String::from_utf8_lossy(&err);
-                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                let tail = tail(&err);
                 Err(OrchestratorError::Source(
                     crate::source::SourceError::Install {
                         what: what.to_owned(),
@@ -517,10 +506,10 @@ impl Orchestrator for DockerBackend {
             Source::Path(dir) => format!("path:{}", dir.display()),
             other => other.to_string(),
         };
-        let volume = format!("meshbox-src-{}-{runtime}", short_hash(&ident));
+        let volume = format!("meshbox-src-{}-{runtime}", fnv(&ident));
         // A warm source: its volume and the answer of its install are both there.
         let answers = self.config.data_dir.join("docker-installs");
-        let key = short_hash(&format!(
+        let key = fnv(&format!(
             "{volume}|{}|{}",
             serde_json::to_string(&req.command).unwrap_or_default(),
             serde_json::to_string(req.args).unwrap_or_default()
@@ -554,7 +543,7 @@ impl Orchestrator for DockerBackend {
                 let mut a = self.install_in_container(&req, runtime, &volume).await?;
                 if let Some(rt) = a.runtime.filter(|rt| *rt != runtime) {
                     // A git source turned out to need another runtime's image.
-                    let volume2 = format!("meshbox-src-{}-{rt}", short_hash(&ident));
+                    let volume2 = format!("meshbox-src-{}-{rt}", fnv(&ident));
                     let _ = self
                         .docker
                         .create_volume(VolumeCreateRequest {
@@ -633,7 +622,7 @@ impl Orchestrator for DockerBackend {
         labels.insert("meshbox.managed".into(), "true".into());
         labels.insert(
             "meshbox.spec-hash".into(),
-            short_hash(&format!(
+            fnv(&format!(
                 "{:?}|{:?}|{image}|{:?}|{:?}",
                 spec.argv,
                 spec.env.keys(),

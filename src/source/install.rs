@@ -88,7 +88,7 @@ pub struct Installer {
 }
 
 /// A stable 64-bit FNV-1a hash, hex: cache names for arbitrary strings.
-fn fnv(s: &str) -> String {
+pub(crate) fn fnv(s: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in s.as_bytes() {
         h ^= u64::from(*b);
@@ -97,7 +97,8 @@ fn fnv(s: &str) -> String {
     format!("{h:016x}")
 }
 
-fn tail(bytes: &[u8]) -> String {
+/// The last lines of an installer's output, for error messages.
+pub(crate) fn tail(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(15);

@@ -30,6 +30,37 @@ impl Default for BackoffConfig {
     }
 }
 
+/// Retries of a failed service (bad source, install error, missing secret):
+/// `fast` every `fast_interval`, then every `slow_interval` (seed 003: 30 s × 5,
+/// then 5 min).
+#[derive(Debug, Clone)]
+pub struct FailedRetry {
+    pub fast: u32,
+    pub fast_interval: Duration,
+    pub slow_interval: Duration,
+}
+
+impl Default for FailedRetry {
+    fn default() -> Self {
+        FailedRetry {
+            fast: 5,
+            fast_interval: Duration::from_secs(30),
+            slow_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl FailedRetry {
+    /// The wait before attempt `n` (1-based) after a failure.
+    pub fn delay(&self, n: u32) -> Duration {
+        if n <= self.fast {
+            self.fast_interval
+        } else {
+            self.slow_interval
+        }
+    }
+}
+
 /// What to do after a server ended.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

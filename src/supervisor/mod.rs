@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::info;
 
-pub use backoff::BackoffConfig;
+pub use backoff::{BackoffConfig, FailedRetry};
 pub use health::Health;
 pub use service::{Phase, Service, ServiceStatus};
 
@@ -28,6 +28,8 @@ use crate::config::{validate_name, ServiceSpec, SpecError};
 use crate::mcp::CallError;
 use crate::orchestrator::{Limits, Orchestrator, OrchestratorError, SandboxSpec};
 use crate::source::{InstallConfig, Installer, Source, SourceError};
+use crate::store::Store;
+use futures_util::StreamExt;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -75,6 +77,8 @@ pub enum SupervisorError {
         message: String,
         logs: Vec<String>,
     },
+    #[error("failed to record the desired state")]
+    Store(#[from] crate::store::StoreError),
     #[error("call to {key} failed")]
     Call {
         key: ServiceKey,
@@ -101,6 +105,8 @@ pub struct SupervisorConfig {
     pub deploy_timeout: Duration,
     /// Cache and timeout of source installs.
     pub install: InstallConfig,
+    /// Schedule of in-place retries of failed services.
+    pub failed_retry: FailedRetry,
 }
 
 impl SupervisorConfig {
@@ -116,6 +122,7 @@ impl SupervisorConfig {
             health_interval: None,
             deploy_timeout: Duration::from_secs(1800),
             install: InstallConfig::new(data_dir.join("cache")),
+            failed_retry: FailedRetry::default(),
             data_dir,
         }
     }
@@ -123,6 +130,8 @@ impl SupervisorConfig {
 
 pub struct Supervisor {
     orchestrator: Arc<dyn Orchestrator>,
+    /// Desired state, when persisted.
+    store: Option<Arc<Store>>,
     installer: Arc<Installer>,
     config: Arc<SupervisorConfig>,
     services: RwLock<HashMap<ServiceKey, Arc<Service>>>,
@@ -134,11 +143,18 @@ impl Supervisor {
     pub fn new(orchestrator: Arc<dyn Orchestrator>, config: SupervisorConfig) -> Self {
         Supervisor {
             orchestrator,
+            store: None,
             installer: Arc::new(Installer::new(config.install.clone())),
             config: Arc::new(config),
             services: RwLock::new(HashMap::new()),
             key_locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Persists desired state in `store` and restores from it.
+    pub fn with_store(mut self, store: Arc<Store>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     pub fn backend(&self) -> &'static str {
@@ -214,6 +230,10 @@ impl Supervisor {
         let source = self.validate(&spec)?;
         let lock = self.key_lock(&key);
         let _guard = lock.lock().await;
+        // Desired state first: a crash from here on still restores it.
+        if let Some(store) = &self.store {
+            store.put(&key, &spec)?;
+        }
         let old = self
             .services
             .write()
@@ -265,6 +285,9 @@ impl Supervisor {
             .expect("registry poisoned")
             .remove(key)
             .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })?;
+        if let Some(store) = &self.store {
+            store.delete(key)?;
+        }
         svc.stop().await;
         self.orchestrator.released(&key.mesh, &key.name).await;
         info!(service = %key, "undeployed");
@@ -274,7 +297,7 @@ impl Supervisor {
     /// Restarts a service now (no backoff) and waits for it to come back.
     pub async fn restart(&self, key: &ServiceKey) -> Result<ServiceStatus, SupervisorError> {
         let svc = self.get(key)?;
-        if matches!(svc.phase(), Phase::Failed | Phase::Stopped) {
+        if svc.phase() == Phase::Stopped {
             // Its lifecycle task is over: a redeploy of the same spec.
             let spec = svc.spec.clone();
             return self.deploy(key.clone(), spec).await;
@@ -308,6 +331,48 @@ impl Supervisor {
         let svc = self.get(key)?;
         let timeout = timeout.unwrap_or_else(|| svc.spec.call_timeout());
         svc.call(tool, arguments, timeout).await
+    }
+
+    /// Starts every stored service, `parallelism` at a time; returns how many.
+    /// One that fails shows it in its status and holds no other back.
+    pub async fn restore(&self, parallelism: usize) -> usize {
+        let Some(store) = &self.store else { return 0 };
+        let all = match store.all() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot read the desired state");
+                return 0;
+            }
+        };
+        let n = all.len();
+        info!(services = n, "restoring");
+        futures_util::stream::iter(all)
+            .for_each_concurrent(parallelism.max(1), |(key, spec)| async move {
+                let source: Source = match spec.source.parse() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(service = %key, error = %e, "stored spec no longer valid; skipped");
+                        return;
+                    }
+                };
+                let lock = self.key_lock(&key);
+                let _guard = lock.lock().await;
+                if self.services.read().expect("registry poisoned").contains_key(&key) {
+                    return; // deployed again meanwhile
+                }
+                let svc = Service::launch(
+                    key.clone(),
+                    spec,
+                    source,
+                    self.orchestrator.clone(),
+                    self.installer.clone(),
+                    self.config.clone(),
+                );
+                self.services.write().expect("registry poisoned").insert(key, svc.clone());
+                let _ = svc.settled(Instant::now() + self.config.deploy_timeout).await;
+            })
+            .await;
+        n
     }
 
     /// Stops every service, concurrently.

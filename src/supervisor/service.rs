@@ -88,6 +88,9 @@ pub struct ServiceStatus {
     pub network: String,
     /// Keys of the spec's environment; values are never shown.
     pub env: Vec<String>,
+    /// Set while a failed service waits for its next attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryStatus>,
 }
 
 #[derive(Debug)]
@@ -102,6 +105,14 @@ struct State {
     last_exit: Option<ExitReason>,
     tools: Arc<Vec<Value>>,
     enforced: Enforced,
+    retry: Option<RetryStatus>,
+}
+
+/// When a failed service is tried again.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryStatus {
+    pub attempts: u32,
+    pub next_retry_at: String,
 }
 
 /// Requests to the lifecycle task.
@@ -168,6 +179,7 @@ impl Service {
                 last_exit: None,
                 tools: Arc::new(Vec::new()),
                 enforced: Enforced::default(),
+                retry: None,
             }),
             spec,
             phase: watch::channel(Phase::Installing).0,
@@ -250,6 +262,11 @@ impl Service {
             },
             network: self.spec.network.to_string(),
             env: self.spec.env.keys().cloned().collect(),
+            retry: if phase == Phase::Failed {
+                st.retry.clone()
+            } else {
+                None
+            },
         }
     }
 
@@ -365,109 +382,150 @@ impl Service {
         config: Arc<SupervisorConfig>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
-        self.set_phase(Phase::Installing);
-        let (prepared, env) = match self.prepare(&*orchestrator, &config, &installer).await {
-            Ok(x) => x,
-            Err(e) => {
-                self.note(&format!("start failed: {e}"));
-                self.state().last_error = Some(e);
-                self.set_phase(Phase::Failed);
-                self.attempt_settled();
-                return;
-            }
-        };
-        let launch = &prepared.launch;
-        self.state().runtime = launch.runtime.or(self.spec.runtime);
-        let sandbox_spec = SandboxSpec {
-            argv: launch.argv.clone(),
-            env,
-            workdir: Some(launch.workdir.clone()),
-            image: prepared.image.clone(),
-            mounts: prepared.mounts.clone(),
-            limits: Limits {
-                memory_mb: self.spec.memory_mb,
-                cpus: self.spec.cpus,
-                pids: self.spec.pids,
-            },
-            network: self.spec.network.clone(),
-            labels: BTreeMap::from([
-                ("meshbox.managed".into(), "true".into()),
-                ("meshbox.mesh".into(), self.key.mesh.clone()),
-                ("meshbox.service".into(), self.key.name.clone()),
-            ]),
-        };
-        let mut backoff = Backoff::new(config.backoff.clone());
-        let mut ever_ran = false;
-        loop {
-            self.set_phase(if ever_ran || self.state().restarts > 0 {
-                Phase::Restarting
-            } else {
-                Phase::Starting
-            });
-            let outcome = self
-                .run_once(&*orchestrator, &sandbox_spec, &config, &mut control)
-                .await;
-            let ran_for = match outcome {
-                Outcome::Stopped => {
-                    self.set_phase(Phase::Stopped);
-                    return;
-                }
-                Outcome::StartFailed(e) => {
+        let mut failures = 0u32;
+        'attempt: loop {
+            self.set_phase(Phase::Installing);
+            let (prepared, env) = match self.prepare(&*orchestrator, &config, &installer).await {
+                Ok(x) => x,
+                Err(e) => {
                     self.note(&format!("start failed: {e}"));
                     self.state().last_error = Some(e);
+                    self.set_phase(Phase::Failed);
                     self.attempt_settled();
-                    if !ever_ran {
-                        // Never came up: a bad entry or server, not a flaky one.
-                        self.set_phase(Phase::Failed);
-                        return;
+                    if self.wait_retry(&config, &mut failures, &mut control).await {
+                        continue 'attempt;
                     }
-                    Duration::ZERO
-                }
-                Outcome::Exited { reason, ran_for } => {
-                    self.note(&format!("server exited: {reason}"));
-                    warn!(%reason, "server exited");
-                    let mut st = self.state();
-                    st.last_error = Some(format!("server exited: {reason}"));
-                    st.last_exit = Some(reason);
-                    ran_for
-                }
-                Outcome::Unhealthy { ran_for } => {
-                    self.note("health checks failed; restarting");
-                    self.state().last_error = Some("health checks failed".into());
-                    ran_for
-                }
-                Outcome::RestartRequested => {
-                    self.note("restart requested");
-                    self.state().restarts += 1;
-                    continue;
+                    return;
                 }
             };
-            ever_ran = true;
-            let (phase, delay) = match backoff.on_exit(ran_for) {
-                Action::Restart(d) => (Phase::Restarting, d),
-                Action::Crashed(d) => (Phase::Crashed, d),
-            };
-            self.set_phase(phase);
-            self.note(&format!(
-                "{} in {:.1}s",
-                if phase == Phase::Crashed {
-                    "restart budget spent; crashed, retrying"
-                } else {
-                    "restarting"
+            let launch = &prepared.launch;
+            self.state().runtime = launch.runtime.or(self.spec.runtime);
+            let sandbox_spec = SandboxSpec {
+                argv: launch.argv.clone(),
+                env,
+                workdir: Some(launch.workdir.clone()),
+                image: prepared.image.clone(),
+                mounts: prepared.mounts.clone(),
+                limits: Limits {
+                    memory_mb: self.spec.memory_mb,
+                    cpus: self.spec.cpus,
+                    pids: self.spec.pids,
                 },
-                delay.as_secs_f64()
-            ));
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                c = control.recv() => match c {
-                    Some(Control::Restart) => {}
-                    Some(Control::Stop) | None => {
+                network: self.spec.network.clone(),
+                labels: BTreeMap::from([
+                    ("meshbox.managed".into(), "true".into()),
+                    ("meshbox.mesh".into(), self.key.mesh.clone()),
+                    ("meshbox.service".into(), self.key.name.clone()),
+                ]),
+            };
+            let mut backoff = Backoff::new(config.backoff.clone());
+            let mut ever_ran = false;
+            loop {
+                self.set_phase(if ever_ran || self.state().restarts > 0 {
+                    Phase::Restarting
+                } else {
+                    Phase::Starting
+                });
+                let outcome = self
+                    .run_once(&*orchestrator, &sandbox_spec, &config, &mut control)
+                    .await;
+                let ran_for = match outcome {
+                    Outcome::Stopped => {
                         self.set_phase(Phase::Stopped);
                         return;
                     }
+                    Outcome::StartFailed(e) => {
+                        self.note(&format!("start failed: {e}"));
+                        self.state().last_error = Some(e);
+                        self.attempt_settled();
+                        if !ever_ran {
+                            // Never came up: a bad entry or server, not a flaky one.
+                            // Retried in place on the slow failed schedule.
+                            self.set_phase(Phase::Failed);
+                            if self.wait_retry(&config, &mut failures, &mut control).await {
+                                continue 'attempt;
+                            }
+                            return;
+                        }
+                        Duration::ZERO
+                    }
+                    Outcome::Exited { reason, ran_for } => {
+                        self.note(&format!("server exited: {reason}"));
+                        warn!(%reason, "server exited");
+                        let mut st = self.state();
+                        st.last_error = Some(format!("server exited: {reason}"));
+                        st.last_exit = Some(reason);
+                        ran_for
+                    }
+                    Outcome::Unhealthy { ran_for } => {
+                        self.note("health checks failed; restarting");
+                        self.state().last_error = Some("health checks failed".into());
+                        ran_for
+                    }
+                    Outcome::RestartRequested => {
+                        self.note("restart requested");
+                        self.state().restarts += 1;
+                        continue;
+                    }
+                };
+                ever_ran = true;
+                let (phase, delay) = match backoff.on_exit(ran_for) {
+                    Action::Restart(d) => (Phase::Restarting, d),
+                    Action::Crashed(d) => (Phase::Crashed, d),
+                };
+                self.set_phase(phase);
+                self.note(&format!(
+                    "{} in {:.1}s",
+                    if phase == Phase::Crashed {
+                        "restart budget spent; crashed, retrying"
+                    } else {
+                        "restarting"
+                    },
+                    delay.as_secs_f64()
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    c = control.recv() => match c {
+                        Some(Control::Restart) => {}
+                        Some(Control::Stop) | None => {
+                            self.set_phase(Phase::Stopped);
+                            return;
+                        }
+                    }
+                }
+                self.state().restarts += 1;
+            }
+        }
+    }
+
+    /// Waits out the failed-retry schedule (30 s × 5, then every 5 min by
+    /// default). False when the service is to stop instead.
+    async fn wait_retry(
+        &self,
+        config: &SupervisorConfig,
+        failures: &mut u32,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> bool {
+        *failures += 1;
+        let delay = config.failed_retry.delay(*failures);
+        self.state().retry = Some(RetryStatus {
+            attempts: *failures,
+            next_retry_at: humantime::format_rfc3339_seconds(SystemTime::now() + delay).to_string(),
+        });
+        self.note(&format!(
+            "retrying in {}s (failed attempt {})",
+            delay.as_secs(),
+            *failures
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            c = control.recv() => match c {
+                Some(Control::Restart) => true,
+                Some(Control::Stop) | None => {
+                    self.set_phase(Phase::Stopped);
+                    false
                 }
             }
-            self.state().restarts += 1;
         }
     }
 
@@ -544,6 +602,7 @@ impl Service {
             st.tools = session.tools();
         }
         self.session.send_replace(Some(session.clone()));
+        self.state().retry = None;
         self.set_phase(Phase::Running);
         self.attempt_settled();
         info!(tools = session.tools().len(), "running");

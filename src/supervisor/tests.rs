@@ -282,3 +282,47 @@ async fn bad_specs_change_nothing() {
     assert!(sup.is_empty());
     assert!(fake.spawns.lock().unwrap().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn failed_service_heals_in_place_when_its_secret_appears() {
+    let (sup, fake, dir) = supervisor(Script::Healthy);
+    let secret = dir.path().join("token");
+    let mut s = spec(&dir);
+    s.env.insert(
+        "TOKEN".into(),
+        crate::config::EnvValue::File {
+            file: secret.clone(),
+        },
+    );
+    let err = sup.deploy(key(), s).await.unwrap_err();
+    assert!(err.to_string().contains("TOKEN"), "{err}");
+    let svc = sup.get(&key()).unwrap();
+    let st = svc.status();
+    assert_eq!(st.status, Phase::Failed);
+    assert_eq!(st.retry.as_ref().unwrap().attempts, 1);
+    assert!(
+        fake.spawns.lock().unwrap().is_empty(),
+        "nothing started without its secret"
+    );
+    // Still missing at the next try: attempt 2, 30 s later.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(svc.status().retry.unwrap().attempts, 2);
+    std::fs::write(&secret, "s3cret").unwrap();
+    let t0 = Instant::now();
+    while svc.phase() != Phase::Running {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t0.elapsed() <= Duration::from_secs(31),
+        "healed at the next retry"
+    );
+    assert!(svc.status().retry.is_none());
+    assert_eq!(fake.spawns.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn failed_retry_schedule() {
+    let r = FailedRetry::default();
+    let delays: Vec<u64> = (1..=7).map(|n| r.delay(n).as_secs()).collect();
+    assert_eq!(delays, [30, 30, 30, 30, 30, 300, 300]);
+}
