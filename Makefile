@@ -14,7 +14,7 @@ run:
 
 # The whole test suite: formatting, lints, unit and integration tests.
 test: lint
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --lib --bins --tests --no-fail-fast
 
 lint:
 	$(CARGO) fmt --check

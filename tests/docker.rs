@@ -304,3 +304,106 @@ async fn registry_packages_install_in_a_container_once() {
     assert_eq!(code, 200, "{r}");
     assert!(text_of(&r).contains('5'), "{r}");
 }
+
+#[tokio::test]
+async fn restarts_readopt_running_containers() {
+    let Some(docker) = engine().await else { return };
+    let keep = ["--backend", "docker"];
+    let mut a = Daemon::start_docker(&[]);
+    let data = tempfile::tempdir().unwrap();
+    // Re-run `a` on a data dir that outlives it, without stopping containers on exit.
+    a.kill();
+    let mut a = Daemon::start_on_with(data.path(), &keep);
+    let (code, st) = a
+        .put("/v1/meshes/da/services/keep", py_spec(json!({})))
+        .await;
+    assert_eq!(code, 200, "{st}");
+    let id = st["container_id"].as_str().unwrap().to_owned();
+    let (_, r) = a.call("da", "keep", "pid", json!({})).await;
+    let server_pid = text_of(&r);
+    let instance = std::fs::read_to_string(data.path().join("instance-id")).unwrap();
+    // A managed container no stored spec asks for.
+    let stray = docker
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            bollard::models::ContainerCreateBody {
+                image: Some("meshbox/runner-python:latest".into()),
+                cmd: Some(vec!["sleep".into(), "300".into()]),
+                labels: Some(std::collections::HashMap::from([
+                    ("meshbox.managed".into(), "true".into()),
+                    ("meshbox.instance".into(), instance.clone()),
+                    ("meshbox.mesh".into(), "da".into()),
+                    ("meshbox.service".into(), "stray".into()),
+                ])),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    docker
+        .start_container(
+            &stray,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+        .unwrap();
+
+    // SIGKILL with a call in flight.
+    let url = format!("{}/v1/meshes/da/services/keep/call", a.url);
+    let inflight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .json(&json!({"tool": "slow", "arguments": {"ms": 3000}}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill();
+    assert!(inflight.await.unwrap().is_err());
+
+    let mut b = Daemon::start_on_with(data.path(), &keep);
+    let st = b
+        .wait_status("da", "keep", Duration::from_secs(30), |s| {
+            s["status"] == "running"
+        })
+        .await;
+    assert_eq!(
+        st["container_id"],
+        id.as_str(),
+        "re-adopted, not recreated: {st}"
+    );
+    assert_eq!(st["restarts"], 0);
+    assert_eq!(
+        st["tools"].as_array().unwrap().len(),
+        15,
+        "tool list refreshed"
+    );
+    let (code, r) = b.call("da", "keep", "pid", json!({})).await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(text_of(&r), server_pid, "the MCP server was not restarted");
+    assert!(
+        wait_until(|| async { docker.inspect_container(&stray, None).await.is_err() }).await,
+        "stray managed container not removed"
+    );
+
+    // SIGTERM leaves the container running for the next start ...
+    assert!(b.terminate().success());
+    let info = docker.inspect_container(&id, None).await.unwrap();
+    assert_eq!(info.state.unwrap().running, Some(true));
+    // ... unless told otherwise.
+    let mut c = Daemon::start_on_with(
+        data.path(),
+        &["--backend", "docker", "--stop-containers-on-exit"],
+    );
+    let st = c
+        .wait_status("da", "keep", Duration::from_secs(30), |s| {
+            s["status"] == "running"
+        })
+        .await;
+    assert_eq!(st["container_id"], id.as_str());
+    let (code, _) = c.delete("/v1/meshes/da/services/keep").await;
+    assert_eq!(code, 204);
+    assert!(c.terminate().success());
+    assert!(wait_until(|| async { docker.inspect_container(&id, None).await.is_err() }).await);
+}

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Do not use cgroups for limits (rlimits only).
     #[arg(long)]
     pub no_cgroups: bool,
+    /// On exit, stop docker containers too (by default they keep running and
+    /// are re-adopted by the next start).
+    #[arg(long)]
+    pub stop_containers_on_exit: bool,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
@@ -169,8 +173,13 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         Err(_) => Ok(()),
     };
     restoring.abort();
-    info!("stopping services");
-    supervisor.shutdown().await;
+    if args.stop_containers_on_exit || supervisor.backend() != "docker" {
+        info!("stopping services");
+        supervisor.shutdown().await;
+    } else {
+        info!("leaving containers running for re-adoption");
+        supervisor.detach_all().await;
+    }
     served.map_err(|source| CliError::Io {
         context: "HTTP server failed".into(),
         source,

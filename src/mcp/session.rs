@@ -273,7 +273,9 @@ impl Session {
         let client = Client {
             commands: cmd_tx,
             writer,
-            next_id: Arc::new(AtomicU64::new(1)),
+            // A random base: replies still in flight to a previous session
+            // (a re-adopted server) can never match this session's ids.
+            next_id: Arc::new(AtomicU64::new(1 + (u64::from(fastrand::u32(..)) << 20))),
             closed: closed_rx,
         };
         let (tools_tx, tools_rx) = watch::channel(None);
@@ -347,6 +349,12 @@ impl Session {
             info: result.get("serverInfo").cloned().unwrap_or(Value::Null),
             capabilities: result.get("capabilities").cloned().unwrap_or(Value::Null),
         })
+    }
+
+    /// Takes over a server that was initialized by an earlier session (a
+    /// re-adopted container): no new handshake, just its current tool list.
+    pub async fn adopt(&self, timeout: Duration) -> Result<(), CallError> {
+        self.refresh_tools(timeout).await.map(|_| ())
     }
 
     /// Any request; the answer's `result`, or the error.

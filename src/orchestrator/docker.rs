@@ -58,6 +58,9 @@ pub struct DockerConfig {
 pub struct DockerBackend {
     docker: Docker,
     config: DockerConfig,
+    /// This meshbox's identity (kept in its data dir): it adopts and sweeps
+    /// only containers carrying it, never another instance's on the same engine.
+    instance: String,
     api_version: String,
 }
 
@@ -74,6 +77,31 @@ fn docker_err(context: &str, e: bollard::errors::Error) -> OrchestratorError {
         } => OrchestratorError::Setup(format!("{context}: conflict: {message}")),
         other => OrchestratorError::Setup(format!("{context}: {other}")),
     }
+}
+
+/// Identifies what a container was created from: a re-adopted container
+/// must match the spec it would be created with now.
+fn spec_hash(spec: &SandboxSpec) -> String {
+    fnv(&format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        spec.argv, spec.env, spec.image, spec.limits, spec.network, spec.mounts, spec.workdir
+    ))
+}
+
+/// The instance id stored in the data dir, created on first use.
+fn instance_id(data_dir: &Path) -> Result<String, OrchestratorError> {
+    let path = data_dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = format!("{:016x}", fastrand::u64(..));
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::fs::write(&path, &id))
+        .map_err(|e| OrchestratorError::Setup(format!("cannot write `{}`: {e}", path.display())))?;
+    Ok(id)
 }
 
 /// The answer `meshbox install --json` prints inside the install container.
@@ -97,8 +125,10 @@ impl DockerBackend {
             .version()
             .await
             .map_err(|e| docker_err("asking the docker engine for its version", e))?;
+        let instance = instance_id(&config.data_dir)?;
         Ok(DockerBackend {
             docker,
+            instance,
             config,
             api_version: version.api_version.unwrap_or_default(),
         })
@@ -294,6 +324,7 @@ impl DockerBackend {
             labels: Some(HashMap::from([
                 ("meshbox.managed".into(), "true".into()),
                 ("meshbox.role".into(), "install".into()),
+                ("meshbox.instance".into(), self.instance.clone()),
             ])),
             host_config: Some(HostConfig {
                 mounts: Some(vec![DockerMount {
@@ -404,6 +435,8 @@ struct DockerHandle {
     docker: Docker,
     id: String,
     exit: watch::Receiver<Option<ExitReason>>,
+    /// Let go without stopping: the container outlives this meshbox.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 impl DockerHandle {
@@ -440,6 +473,12 @@ impl SandboxHandle for DockerHandle {
             .unwrap_or_default()
     }
 
+    fn detach(&self) -> bool {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+
     fn kill(&self) {
         let docker = self.docker.clone();
         let id = self.id.clone();
@@ -460,7 +499,11 @@ impl SandboxHandle for DockerHandle {
 
 impl Drop for DockerHandle {
     fn drop(&mut self) {
-        if self.exit.borrow().is_none() && tokio::runtime::Handle::try_current().is_ok() {
+        let detached = self.detached.load(std::sync::atomic::Ordering::SeqCst);
+        if !detached
+            && self.exit.borrow().is_none()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
             self.kill();
         }
     }
@@ -597,6 +640,111 @@ impl Orchestrator for DockerBackend {
         }
     }
 
+    async fn adopt(&self, spec: &SandboxSpec) -> Option<Sandbox> {
+        let enforced = self.check(spec).ok()?;
+        let mesh = spec.labels.get("meshbox.mesh")?;
+        let service = spec.labels.get("meshbox.service")?;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                "meshbox.managed=true".to_owned(),
+                format!("meshbox.instance={}", self.instance),
+                format!("meshbox.mesh={mesh}"),
+                format!("meshbox.service={service}"),
+            ],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .ok()?;
+        let want = spec_hash(spec);
+        let mut adopted = None;
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let running = c
+                .state
+                .as_ref()
+                .is_some_and(|s| format!("{s:?}").to_lowercase().contains("running"));
+            let same = c.labels.as_ref().and_then(|l| l.get("meshbox.spec-hash")) == Some(&want);
+            if adopted.is_none() && running && same {
+                adopted = Some(id);
+            } else {
+                // Stale: another spec, or exited. Replaced by what is deployed now.
+                let _ = self
+                    .docker
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                    )
+                    .await;
+            }
+        }
+        let id = adopted?;
+        let attached = self
+            .docker
+            .attach_container(
+                &id,
+                Some(
+                    AttachContainerOptionsBuilder::default()
+                        .stream(true)
+                        .stdin(true)
+                        .stdout(true)
+                        .stderr(true)
+                        .build(),
+                ),
+            )
+            .await
+            .ok()?;
+        Some(self.sandbox(id, attached, enforced).await)
+    }
+
+    async fn sweep(&self, keep: &[(String, String)]) {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                "meshbox.managed=true".to_owned(),
+                format!("meshbox.instance={}", self.instance),
+            ],
+        )]);
+        let Ok(list) = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+        else {
+            return;
+        };
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            let key = (
+                labels.get("meshbox.mesh").cloned().unwrap_or_default(),
+                labels.get("meshbox.service").cloned().unwrap_or_default(),
+            );
+            if !keep.contains(&key) {
+                if let Some(id) = c.id {
+                    debug!(container = %id, "removing a managed container with no stored spec");
+                    let _ = self
+                        .docker
+                        .remove_container(
+                            &id,
+                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
         let enforced = self.check(&spec)?;
         let image = spec
@@ -620,16 +768,8 @@ impl Orchestrator for DockerBackend {
         };
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.insert("meshbox.managed".into(), "true".into());
-        labels.insert(
-            "meshbox.spec-hash".into(),
-            fnv(&format!(
-                "{:?}|{:?}|{image}|{:?}|{:?}",
-                spec.argv,
-                spec.env.keys(),
-                spec.limits,
-                spec.network
-            )),
-        );
+        labels.insert("meshbox.spec-hash".into(), spec_hash(&spec));
+        labels.insert("meshbox.instance".into(), self.instance.clone());
         // HOME must be writable on a read-only root: the tmpfs. PATH is the
         // image's, not the host's.
         let mut env = spec.env.clone();
@@ -739,6 +879,27 @@ impl Orchestrator for DockerBackend {
             cleanup(self.docker.clone(), id).await;
             return Err(docker_err("starting the container", e));
         }
+        Ok(self.sandbox(id, attached, enforced).await)
+    }
+}
+
+impl DockerBackend {
+    /// Wires an attached container into a `Sandbox`: demultiplexed streams,
+    /// an exit waiter (which removes the container), and a handle.
+    async fn sandbox(
+        &self,
+        id: String,
+        attached: bollard::container::AttachContainerResults,
+        enforced: Enforced,
+    ) -> Sandbox {
+        let cleanup = |docker: Docker, id: String| async move {
+            let _ = docker
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                )
+                .await;
+        };
         let pid = self
             .docker
             .inspect_container(&id, None)
@@ -803,7 +964,7 @@ impl Orchestrator for DockerBackend {
                 exit_tx.send_replace(Some(reason));
             });
         }
-        Ok(Sandbox {
+        Sandbox {
             io: SandboxIo {
                 stdin: attached.input,
                 stdout: Box::pin(out_r),
@@ -814,11 +975,12 @@ impl Orchestrator for DockerBackend {
                 docker: self.docker.clone(),
                 id: id.clone(),
                 exit: exit_rx,
+                detached: std::sync::atomic::AtomicBool::new(false),
             }),
             pid,
             container_id: Some(id),
             enforced,
-        })
+        }
     }
 }
 

@@ -152,6 +152,11 @@ pub trait SandboxHandle: Send + Sync {
     async fn stop(&self, grace: Duration) -> ExitReason;
     /// Kills at once, without grace.
     fn kill(&self);
+    /// Lets go of the sandbox without stopping it (to re-adopt it after a
+    /// restart). False where the backend cannot: the caller then stops it.
+    fn detach(&self) -> bool {
+        false
+    }
 }
 
 pub struct Sandbox {
@@ -177,4 +182,11 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// A service is gone for good (undeployed): release what it held alone,
     /// such as its mesh's network once the mesh is empty.
     async fn released(&self, _mesh: &str, _service: &str) {}
+    /// A sandbox of exactly this spec still running from before a restart,
+    /// re-attached; `None` when there is none (or the backend cannot).
+    async fn adopt(&self, _spec: &SandboxSpec) -> Option<Sandbox> {
+        None
+    }
+    /// After a restart: removes managed sandboxes of services not in `keep`.
+    async fn sweep(&self, _keep: &[(String, String)]) {}
 }

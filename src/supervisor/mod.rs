@@ -250,6 +250,7 @@ impl Supervisor {
             self.orchestrator.clone(),
             self.installer.clone(),
             self.config.clone(),
+            false,
         );
         self.services
             .write()
@@ -346,6 +347,12 @@ impl Supervisor {
         };
         let n = all.len();
         info!(services = n, "restoring");
+        // Sandboxes left by services that are no longer wanted go first.
+        let keep: Vec<(String, String)> = all
+            .iter()
+            .map(|(k, _)| (k.mesh.clone(), k.name.clone()))
+            .collect();
+        self.orchestrator.sweep(&keep).await;
         futures_util::stream::iter(all)
             .for_each_concurrent(parallelism.max(1), |(key, spec)| async move {
                 let source: Source = match spec.source.parse() {
@@ -367,12 +374,26 @@ impl Supervisor {
                     self.orchestrator.clone(),
                     self.installer.clone(),
                     self.config.clone(),
+                    true,
                 );
                 self.services.write().expect("registry poisoned").insert(key, svc.clone());
                 let _ = svc.settled(Instant::now() + self.config.deploy_timeout).await;
             })
             .await;
         n
+    }
+
+    /// Stops supervising every service, leaving sandboxes running where the
+    /// backend can (docker containers, for re-adoption); the rest are stopped.
+    pub async fn detach_all(&self) {
+        let all: Vec<Arc<Service>> = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        futures_util::future::join_all(all.iter().map(|s| s.detach())).await;
     }
 
     /// Stops every service, concurrently.

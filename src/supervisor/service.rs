@@ -120,6 +120,9 @@ pub struct RetryStatus {
 pub(crate) enum Control {
     Stop,
     Restart,
+    /// Stop supervising but leave the sandbox running (to re-adopt it after
+    /// a restart); a backend that cannot detach stops it instead.
+    Detach,
 }
 
 pub struct Service {
@@ -136,6 +139,8 @@ pub struct Service {
     pub logs: Arc<LogRing>,
     control: mpsc::UnboundedSender<Control>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set for services restored after a restart: try re-adopting first.
+    adopt_first: std::sync::atomic::AtomicBool,
 }
 
 /// How one run of the server ended.
@@ -162,6 +167,7 @@ impl Service {
         orchestrator: Arc<dyn Orchestrator>,
         installer: Arc<Installer>,
         config: Arc<SupervisorConfig>,
+        adopt: bool,
     ) -> Arc<Service> {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let svc = Arc::new(Service {
@@ -188,6 +194,7 @@ impl Service {
             logs: Arc::new(LogRing::new(config.log_lines)),
             control: control_tx,
             task: Mutex::new(None),
+            adopt_first: std::sync::atomic::AtomicBool::new(adopt),
         });
         let task = tokio::spawn(
             svc.clone()
@@ -333,7 +340,16 @@ impl Service {
 
     /// Asks the lifecycle task to stop and waits for it to finish.
     pub async fn stop(&self) {
-        self.request(Control::Stop);
+        self.finish(Control::Stop).await;
+    }
+
+    /// Stops supervising; the sandbox keeps running where the backend can detach.
+    pub async fn detach(&self) {
+        self.finish(Control::Detach).await;
+    }
+
+    async fn finish(&self, how: Control) {
+        self.request(how);
         let task = self.task.lock().expect("poisoned").take();
         if let Some(t) = task {
             let _ = t.await;
@@ -487,7 +503,7 @@ impl Service {
                     _ = tokio::time::sleep(delay) => {}
                     c = control.recv() => match c {
                         Some(Control::Restart) => {}
-                        Some(Control::Stop) | None => {
+                        Some(Control::Stop | Control::Detach) | None => {
                             self.set_phase(Phase::Stopped);
                             return;
                         }
@@ -521,7 +537,7 @@ impl Service {
             _ = tokio::time::sleep(delay) => true,
             c = control.recv() => match c {
                 Some(Control::Restart) => true,
-                Some(Control::Stop) | None => {
+                Some(Control::Stop | Control::Detach) | None => {
                     self.set_phase(Phase::Stopped);
                     false
                 }
@@ -537,9 +553,28 @@ impl Service {
         config: &SupervisorConfig,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Outcome {
-        let mut sandbox = match orchestrator.spawn(spec.clone()).await {
-            Ok(s) => s,
-            Err(e) => return Outcome::StartFailed(crate::error_chain(&e)),
+        // After a restart of meshbox: the same sandbox may still be running.
+        let adopted = if self
+            .adopt_first
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            orchestrator.adopt(spec).await
+        } else {
+            None
+        };
+        let was_adopted = adopted.is_some();
+        let mut sandbox = match adopted {
+            Some(s) => {
+                self.note(&format!(
+                    "re-adopted running sandbox {}",
+                    s.container_id.as_deref().unwrap_or("?")
+                ));
+                s
+            }
+            None => match orchestrator.spawn(spec.clone()).await {
+                Ok(s) => s,
+                Err(e) => return Outcome::StartFailed(crate::error_chain(&e)),
+            },
         };
         {
             let mut st = self.state();
@@ -572,7 +607,14 @@ impl Service {
             },
         ));
         let handshake = tokio::select! {
-            r = session.handshake(config.handshake_timeout) => r,
+            r = async {
+                if was_adopted {
+                    // Initialized long ago: only its tool list is refreshed.
+                    session.adopt(config.handshake_timeout).await
+                } else {
+                    session.handshake(config.handshake_timeout).await.map(|_| ())
+                }
+            } => r,
             c = control.recv() => {
                 drop(session);
                 handle.stop(config.stop_grace).await;
@@ -643,6 +685,10 @@ impl Service {
                     return Outcome::Exited { reason, ran_for: started.elapsed() };
                 }
                 c = control.recv() => {
+                    if matches!(c, Some(Control::Detach)) && handle.detach() {
+                        self.note("detached; the sandbox keeps running for re-adoption");
+                        return Outcome::Stopped;
+                    }
                     session.close();
                     let reason = handle.stop(config.stop_grace).await;
                     self.state().last_exit = Some(reason);

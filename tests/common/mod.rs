@@ -51,9 +51,9 @@ impl Daemon {
         Self::start_in_tmp(&all, env)
     }
 
-    /// A daemon on the docker backend.
+    /// A daemon on the docker backend that removes its containers when it stops.
     pub fn start_docker(args: &[&str]) -> Daemon {
-        let mut all = vec!["--backend", "docker"];
+        let mut all = vec!["--backend", "docker", "--stop-containers-on-exit"];
         all.extend_from_slice(args);
         Self::start_in_tmp(&all, &[])
     }
@@ -74,6 +74,15 @@ impl Daemon {
             _tmp: None,
         };
         Self::spawn(data, &["--backend", "process"], env)
+    }
+
+    /// A daemon on an existing data dir with explicit serve arguments.
+    pub fn start_on_with(dir: &Path, args: &[&str]) -> Daemon {
+        let data = DataDir {
+            path: dir.to_path_buf(),
+            _tmp: None,
+        };
+        Self::spawn(data, args, &[])
     }
 
     fn spawn(data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
