@@ -96,19 +96,29 @@ async fn main() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let image = "meshbox/runner-python:latest";
-    let volume = {
-        let c = docker.client();
-        let list = c
-            .list_volumes(None::<bollard::query_parameters::ListVolumesOptions>)
-            .await
-            .unwrap();
-        list.volumes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v.name)
-            .find(|n| n.starts_with("meshbox-src-") && n.ends_with("-python"))
-            .expect("source volume")
-    };
+    // The source volume of the deployed service, read from its container.
+    let first: serde_json::Value = http
+        .get(format!("{base}/v1/meshes/bench/services/first"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = first["container_id"]
+        .as_str()
+        .expect("container id")
+        .to_owned();
+    let volume = docker
+        .client()
+        .inspect_container(&id, None)
+        .await
+        .unwrap()
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|m| m.name)
+        .expect("source volume");
     let mut bare = Vec::new();
     let mut warm = Vec::new();
     for i in 0..RUNS {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod images;
 pub mod mcp;
 pub mod orchestrator;
+pub mod proxy;
 pub mod source;
 pub mod store;
 pub mod supervisor;

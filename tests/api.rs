@@ -30,17 +30,17 @@ async fn deploy_lists_all_pages_and_reports_honest_status() {
     assert_eq!(st["restarts"], 0);
     assert!(st["pid"].as_u64().is_some());
     assert!(st["started_at"].as_str().is_some());
-    // 15 tools served 2 per page: every page followed.
+    // FIXTURE_TOOLS tools served 2 per page: every page followed.
     let tools = st["tools"].as_array().unwrap();
-    assert_eq!(tools.len(), 15, "{st}");
-    assert_eq!(tools[14]["name"], "threads");
+    assert_eq!(tools.len(), common::FIXTURE_TOOLS, "{st}");
+    assert_eq!(tools[common::FIXTURE_TOOLS - 1]["name"], "threads");
     // Nothing was asked, so nothing is claimed.
     assert_eq!(st["limits"]["enforced"]["memory"], false);
     assert_eq!(st["limits"]["enforced"]["cpus"], false);
 
     let (code, t) = d.get("/v1/meshes/acme/services/py/tools").await;
     assert_eq!(code, 200);
-    assert_eq!(t["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(t["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     let (code, list) = d.get("/v1/meshes/acme/services").await;
     assert_eq!(code, 200);
     assert_eq!(list["services"].as_array().unwrap().len(), 1);
@@ -189,7 +189,7 @@ async fn garbage_on_stdout_is_logged_not_fatal() {
     let d = Daemon::start();
     let (code, st) = d.deploy_py("m", "g", &["--garbage"], json!({})).await;
     assert_eq!(code, 200, "{st}");
-    assert_eq!(st["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     for i in 0..5 {
         let (code, r) = d
             .call("m", "g", "echo", json!({"text": format!("n{i}")}))
@@ -424,7 +424,7 @@ async fn legacy_routes_work_like_the_seed_runner() {
         .await;
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["status"], "running");
-    assert_eq!(r["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(r["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     let (code, r) = d
         .post(
             "/call",
@@ -449,12 +449,12 @@ async fn legacy_routes_work_like_the_seed_runner() {
     assert_eq!(h["ok"], true);
     assert_eq!(h["services"][0]["name"], "time");
     assert_eq!(h["services"][0]["status"], "running");
-    assert_eq!(h["services"][0]["tools"], 15);
+    assert_eq!(h["services"][0]["tools"], common::FIXTURE_TOOLS);
     assert!(h["services"][0]["pid"].as_u64().is_some());
     let (_, l) = d.get("/list?name=time").await;
-    assert_eq!(l["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(l["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     let (_, all) = d.get("/list").await;
-    assert_eq!(all["time"].as_array().unwrap().len(), 15);
+    assert_eq!(all["time"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     let (code, logs) = d.get("/logs?name=time&lines=5").await;
     assert_eq!(code, 200);
     assert!(logs["lines"].as_array().unwrap().len() <= 5);
@@ -664,7 +664,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(raw(deep.into_bytes()).await.unwrap().status(), 400);
     // Past the 1 MiB body limit.
     let huge = json!({"source": py, "args": ["x".repeat(2 * 1024 * 1024)]}).to_string();
-    let resp = raw(huge.into_bytes()).await.unwrap();
+    // A fresh client: the server closes the connection it answered 413 on.
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/meshes/acme/services/x", d.url))
+        .header("content-type", "application/json")
+        .body(huge.into_bytes())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");

@@ -52,7 +52,7 @@ async fn containers_are_hardened_and_limited() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["backend"], "docker");
     assert_eq!(st["status"], "running");
-    assert_eq!(st["tools"].as_array().unwrap().len(), 15);
+    assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     assert_eq!(
         st["limits"]["enforced"],
         json!({"memory": true, "cpus": true, "pids": true, "network": true})
@@ -376,12 +376,14 @@ async fn restarts_readopt_running_containers() {
     assert_eq!(st["restarts"], 0);
     assert_eq!(
         st["tools"].as_array().unwrap().len(),
-        15,
+        common::FIXTURE_TOOLS,
         "tool list refreshed"
     );
     let (code, r) = b.call("da", "keep", "pid", json!({})).await;
     assert_eq!(code, 200, "{r}");
     assert_eq!(text_of(&r), server_pid, "the MCP server was not restarted");
+    let (code, _) = b.get("/v1/meshes/da/services/gone").await;
+    assert_eq!(code, 404, "an undeployed service stays gone");
     assert!(
         wait_until(|| async { docker.inspect_container(&stray, None).await.is_err() }).await,
         "stray managed container not removed"
@@ -406,4 +408,116 @@ async fn restarts_readopt_running_containers() {
     assert_eq!(code, 204);
     assert!(c.terminate().success());
     assert!(wait_until(|| async { docker.inspect_container(&id, None).await.is_err() }).await);
+}
+
+#[tokio::test]
+async fn allowlist_egress_goes_only_through_the_proxy() {
+    let Some(docker) = engine().await else { return };
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = docker
+        .inspect_network("bridge", None)
+        .await
+        .ok()
+        .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
+        .unwrap_or_else(|| "172.17.0.1".into());
+    let d = Daemon::start_docker(&[]);
+    let (code, st) = d
+        .put(
+            "/v1/meshes/de/services/s",
+            py_spec(json!({"network": {"allow": ["registry.npmjs.org:443"]}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["network"], "allow=registry.npmjs.org:443");
+    assert_eq!(st["limits"]["enforced"]["network"], true);
+    let info = docker
+        .inspect_container(st["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    let net = info.host_config.unwrap().network_mode.unwrap();
+    assert_eq!(net, "meshbox-de-egress");
+    let n = docker.inspect_network(&net, None).await.unwrap();
+    assert_eq!(
+        n.internal,
+        Some(true),
+        "the service's network has no route out"
+    );
+    let env = info.config.unwrap().env.unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("HTTPS_PROXY=http://meshbox-proxy-de-")),
+        "{env:?}"
+    );
+
+    // The allowed registry host is reachable through the proxy.
+    let (_, r) = d
+        .call(
+            "de",
+            "s",
+            "http_get",
+            json!({"url": "https://registry.npmjs.org/is-number"}),
+        )
+        .await;
+    assert_eq!(text_of(&r), "status 200", "{r}");
+    // Another host is denied by the proxy.
+    let (_, r) = d
+        .call(
+            "de",
+            "s",
+            "http_get",
+            json!({"url": "https://pypi.org/simple/six/"}),
+        )
+        .await;
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(text_of(&r).contains("403"), "{r}");
+    // A direct connect to an IP goes nowhere.
+    let (_, r) = d
+        .call("de", "s", "connect", json!({"host": gateway, "port": port}))
+        .await;
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    // The proxy logged the denial.
+    let proxies = docker
+        .list_containers(Some(
+            bollard::query_parameters::ListContainersOptionsBuilder::default()
+                .filters(&std::collections::HashMap::from([(
+                    "label".to_owned(),
+                    vec![
+                        "meshbox.role=proxy".to_owned(),
+                        "meshbox.mesh=de".to_owned(),
+                    ],
+                )]))
+                .build(),
+        ))
+        .await
+        .unwrap();
+    let proxy = proxies[0].id.clone().unwrap();
+    let mut logs = docker.logs(
+        &proxy,
+        Some(
+            bollard::query_parameters::LogsOptionsBuilder::default()
+                .stderr(true)
+                .stdout(true)
+                .build(),
+        ),
+    );
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut logs).await {
+        text.push_str(&chunk.to_string());
+    }
+    assert!(text.contains("denied CONNECT pypi.org:443"), "{text}");
+
+    // Proxy and networks go with the mesh's last service.
+    let (code, _) = d.delete("/v1/meshes/de/services/s").await;
+    assert_eq!(code, 204);
+    assert!(wait_until(|| async { docker.inspect_container(&proxy, None).await.is_err() }).await);
+    assert!(
+        wait_until(|| async {
+            docker
+                .inspect_network("meshbox-de-egress", None)
+                .await
+                .is_err()
+        })
+        .await
+    );
 }

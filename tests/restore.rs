@@ -112,3 +112,35 @@ async fn a_failing_service_does_not_hold_the_others_back() {
     assert_eq!(st["retry"]["attempts"], 1, "{st}");
     assert!(st["retry"]["next_retry_at"].as_str().is_some(), "{st}");
 }
+
+#[tokio::test]
+async fn failed_service_heals_when_its_secret_file_appears() {
+    let d = Daemon::start_with(&["--failed-retry-secs", "1"], &[]);
+    let secret = d.data.path().join("late-secret");
+    let (code, e) = d
+        .deploy_py(
+            "m",
+            "late",
+            &[],
+            json!({"env": {"API_TOKEN": {"file": secret}}}),
+        )
+        .await;
+    assert_eq!(code, 502, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(msg.contains("API_TOKEN"), "{msg}");
+    let st = d.status("m", "late").await;
+    assert_eq!(st["status"], "failed");
+    assert!(st["retry"]["attempts"].as_u64() >= Some(1), "{st}");
+    std::fs::write(&secret, "tok-value").unwrap();
+    let st = d
+        .wait_status("m", "late", Duration::from_secs(20), |s| {
+            s["status"] == "running"
+        })
+        .await;
+    assert!(st.get("retry").is_none(), "{st}");
+    let (_, r) = d.call("m", "late", "env", json!({})).await;
+    assert!(text_of(&r).contains("tok-value"));
+    // The value never appears in status or logs.
+    let (_, logs) = d.get("/v1/meshes/m/services/late/logs?lines=1000").await;
+    assert!(!logs.to_string().contains("tok-value") && !st.to_string().contains("tok-value"));
+}

@@ -245,7 +245,8 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
         | Command::Run(_)
         | Command::Images(_)
         | Command::Doctor { .. }
-        | Command::Install(_) => unreachable!("handled in cli::run"),
+        | Command::Install(_)
+        | Command::Proxy { .. } => unreachable!("handled in cli::run"),
     }
 }
 

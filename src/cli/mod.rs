@@ -116,6 +116,15 @@ pub enum Command {
         #[arg(long, env = "MESHBOX_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Egress proxy: HTTP CONNECT and plain HTTP to allowed host:port only
+    /// (runs in a mesh's proxy container).
+    Proxy {
+        #[arg(long, default_value = "0.0.0.0:3128")]
+        listen: std::net::SocketAddr,
+        /// host:port or *.domain:port (repeatable).
+        #[arg(long = "allow", required = true)]
+        allow: Vec<String>,
+    },
     /// Install a source into a cache and print how to start it (used inside
     /// install containers).
     #[command(hide = true)]
@@ -240,6 +249,35 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<i32, CliError> {
                 .map(|()| 0)
         }
         Command::Install(args) => admin::install(args).await.map(|()| 0),
+        Command::Proxy { listen, allow } => {
+            let rules = allow
+                .iter()
+                .map(|a| {
+                    crate::proxy::Rule::parse(a).ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "--allow `{a}`: expected host:port or *.domain:port"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| CliError::Io {
+                    context: format!("failed to listen on {listen}"),
+                    source,
+                })?;
+            eprintln!(
+                "meshbox-proxy listening on {listen}, allowing {}",
+                allow.join(", ")
+            );
+            tokio::select! {
+                r = crate::proxy::serve(listener, rules) => r.map(|()| 0).map_err(|source| CliError::Io {
+                    context: "proxy failed".into(),
+                    source,
+                }),
+                _ = shutdown => Ok(0),
+            }
+        }
         other => client::dispatch(other, shutdown).await.map(|()| 0),
     }
 }

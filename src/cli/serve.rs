@@ -14,7 +14,7 @@ use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
 use crate::store::Store;
-use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::supervisor::{FailedRetry, Supervisor, SupervisorConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -50,6 +50,15 @@ pub struct ServeArgs {
     /// are re-adopted by the next start).
     #[arg(long)]
     pub stop_containers_on_exit: bool,
+    /// Failed services are retried every this many seconds at first ...
+    #[arg(long, default_value_t = 30)]
+    pub failed_retry_secs: u64,
+    /// ... this many times ...
+    #[arg(long, default_value_t = 5)]
+    pub failed_retry_count: u32,
+    /// ... then every this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub failed_retry_slow_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
@@ -127,6 +136,11 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.install.timeout = Duration::from_secs(args.install_timeout.max(1));
+    config.failed_retry = FailedRetry {
+        fast: args.failed_retry_count,
+        fast_interval: Duration::from_secs(args.failed_retry_secs.max(1)),
+        slow_interval: Duration::from_secs(args.failed_retry_slow_secs.max(1)),
+    };
     let store =
         Arc::new(Store::open(&data_dir).map_err(|e| CliError::Usage(crate::error_chain(&e)))?);
     let supervisor = Arc::new(Supervisor::new(backend, config).with_store(store));

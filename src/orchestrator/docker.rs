@@ -88,6 +88,44 @@ fn spec_hash(spec: &SandboxSpec) -> String {
     ))
 }
 
+/// The host-side bridge interface of an egress network (at most 15 bytes).
+fn host_bridge_name(network: &str) -> String {
+    format!("mbx{}", &fnv(network)[..12])
+}
+
+/// Drops everything a bridge's containers send to the host itself.
+async fn isolate_from_host(bridge: &str) -> Result<(), OrchestratorError> {
+    let rule = ["INPUT", "-i", bridge, "-j", "DROP"];
+    let run = |op: &'static str| async move {
+        tokio::process::Command::new("iptables")
+            .arg(op)
+            .args(rule)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    };
+    if run("-C").await || run("-I").await {
+        Ok(())
+    } else {
+        Err(OrchestratorError::Unsupported(
+            "network allowlists need iptables (as root) to keep sandboxes off the host; not available here".into(),
+        ))
+    }
+}
+
+async fn release_host_isolation(bridge: &str) {
+    let _ = tokio::process::Command::new("iptables")
+        .args(["-D", "INPUT", "-i", bridge, "-j", "DROP"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+}
+
 /// The instance id stored in the data dir, created on first use.
 fn instance_id(data_dir: &Path) -> Result<String, OrchestratorError> {
     let path = data_dir.join("instance-id");
@@ -144,20 +182,52 @@ impl DockerBackend {
 
     /// The mesh's bridge network, created on demand.
     async fn mesh_network(&self, mesh: &str) -> Result<String, OrchestratorError> {
-        let name = format!("meshbox-{mesh}");
+        self.network(&format!("meshbox-{mesh}"), mesh, false).await
+    }
+
+    /// A network created on demand; `internal` ones have no route out.
+    async fn network(
+        &self,
+        name: &str,
+        mesh: &str,
+        internal: bool,
+    ) -> Result<String, OrchestratorError> {
+        let name = name.to_owned();
         if self.docker.inspect_network(&name, None).await.is_ok() {
             return Ok(name);
         }
         let req = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".into()),
+            internal: Some(internal),
+            options: internal.then(|| {
+                HashMap::from([(
+                    "com.docker.network.bridge.name".to_owned(),
+                    host_bridge_name(&name),
+                )])
+            }),
             labels: Some(HashMap::from([
                 ("meshbox.managed".into(), "true".into()),
                 ("meshbox.mesh".into(), mesh.into()),
             ])),
             ..Default::default()
         };
-        match self.docker.create_network(req).await {
+        let created = self.docker.create_network(req).await;
+        if internal
+            && matches!(
+                created,
+                Ok(_)
+                    | Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409,
+                        ..
+                    })
+            )
+        {
+            // Docker's internal networks still reach the host itself (INPUT,
+            // not FORWARD): close that too, or refuse to run the sandbox.
+            isolate_from_host(&host_bridge_name(&name)).await?;
+        }
+        match created {
             Ok(_) => Ok(name),
             // Created by a concurrent deploy in the meantime.
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -165,6 +235,102 @@ impl DockerBackend {
             }) => Ok(name),
             Err(e) => Err(docker_err("creating the mesh network", e)),
         }
+    }
+
+    /// The mesh's egress proxy for one allowlist: on the internal network
+    /// (where its clients are) and the mesh bridge (its way out). Returns the
+    /// internal network and the proxy URL.
+    async fn egress(
+        &self,
+        mesh: &str,
+        allow: &[String],
+        image: &str,
+    ) -> Result<(String, String), OrchestratorError> {
+        let internal = self
+            .network(&format!("meshbox-{mesh}-egress"), mesh, true)
+            .await?;
+        let bridge = self.mesh_network(mesh).await?;
+        let mut sorted = allow.to_vec();
+        sorted.sort();
+        let name = format!("meshbox-proxy-{mesh}-{}", &fnv(&sorted.join(","))[..12]);
+        let url = format!("http://{name}:3128");
+        if let Ok(info) = self.docker.inspect_container(&name, None).await {
+            if info.state.and_then(|s| s.running) == Some(true) {
+                return Ok((internal, url));
+            }
+            let _ = self
+                .docker
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                )
+                .await;
+        }
+        let mut cmd = vec![
+            "meshbox".to_owned(),
+            "proxy".to_owned(),
+            "--listen".to_owned(),
+            "0.0.0.0:3128".to_owned(),
+        ];
+        for a in &sorted {
+            cmd.push("--allow".into());
+            cmd.push(a.clone());
+        }
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(cmd),
+            user: Some(SANDBOX_USER.into()),
+            labels: Some(HashMap::from([
+                ("meshbox.managed".into(), "true".into()),
+                ("meshbox.role".into(), "proxy".into()),
+                ("meshbox.mesh".into(), mesh.to_owned()),
+                ("meshbox.instance".into(), self.instance.clone()),
+            ])),
+            host_config: Some(HostConfig {
+                network_mode: Some(internal.clone()),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                readonly_rootfs: Some(true),
+                init: Some(true),
+                memory: Some(64 << 20),
+                pids_limit: Some(64),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match self
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Another deploy created it meanwhile.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => return Ok((internal, url)),
+            Err(e) => return Err(docker_err("creating the egress proxy", e)),
+        }
+        self.docker
+            .connect_network(
+                &bridge,
+                bollard::models::NetworkConnectRequest {
+                    container: name.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| docker_err("connecting the egress proxy", e))?;
+        self.docker
+            .start_container(
+                &name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| docker_err("starting the egress proxy", e))?;
+        Ok((internal, url))
     }
 
     /// Runs a short-lived container to completion: its stdout, or its stderr tail.
@@ -381,6 +547,41 @@ fn passthrough_env() -> Vec<(String, String)> {
     .collect()
 }
 
+/// Paths, sizes and mtimes of what `tar_dir` would pack: changes when the
+/// directory's content does.
+fn dir_fingerprint(dir: &Path) -> String {
+    let mut acc = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = rd.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if matches!(
+                e.file_name().to_str(),
+                Some(".git" | "node_modules" | ".venv" | "__pycache__")
+            ) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            acc.push_str(&format!("{}|{}|{mtime}\n", e.path().display(), meta.len()));
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    fnv(&acc)
+}
+
 /// Packs `dir` as a tar under `prefix/`, owned by the sandbox user; skips
 /// `.git`, `node_modules` and `.venv`, which are rebuilt inside.
 pub fn tar_dir(dir: &Path, prefix: &str) -> std::io::Result<Vec<u8>> {
@@ -516,11 +717,6 @@ impl Orchestrator for DockerBackend {
     }
 
     fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
-        if let NetworkPolicy::Allow { .. } = spec.network.effective() {
-            return Err(OrchestratorError::Unsupported(
-                "network allowlists are not enforced yet; use network none or full".into(),
-            ));
-        }
         Ok(Enforced {
             memory: spec.limits.memory_mb.is_some(),
             cpus: spec.limits.cpus.is_some(),
@@ -557,14 +753,21 @@ impl Orchestrator for DockerBackend {
             serde_json::to_string(&req.command).unwrap_or_default(),
             serde_json::to_string(req.args).unwrap_or_default()
         ));
-        let answer_file = answers.join(format!("{key}.json"));
+        // A directory is warm while its files are unchanged.
+        let fingerprint = match req.source {
+            Source::Path(dir) => dir_fingerprint(dir),
+            _ => String::new(),
+        };
+        let answer_file = answers.join(format!("{key}-{fingerprint}.json"));
         let volume_exists = self.docker.inspect_volume(&volume).await.is_ok();
         let cached: Option<InstallAnswer> = match (volume_exists, req.source) {
-            (true, Source::Npm { .. } | Source::Pypi { .. }) => std::fs::read(&answer_file)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok()),
-            // A directory or branch may have changed: always re-run the install
-            // (it reuses what the volume holds).
+            (true, Source::Npm { .. } | Source::Pypi { .. } | Source::Path(_)) => {
+                std::fs::read(&answer_file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            }
+            // A branch may have moved: re-run the install (it reuses what the
+            // volume holds, and `ls-remote` tells whether anything changed).
             _ => None,
         };
         let answer = match cached {
@@ -636,6 +839,38 @@ impl Orchestrator for DockerBackend {
     async fn released(&self, mesh: &str, _service: &str) {
         // The mesh network goes with the mesh's last service.
         if mesh_is_empty(&self.docker, mesh).await {
+            let filters = HashMap::from([(
+                "label".to_owned(),
+                vec![
+                    "meshbox.role=proxy".to_owned(),
+                    format!("meshbox.mesh={mesh}"),
+                    format!("meshbox.instance={}", self.instance),
+                ],
+            )]);
+            if let Ok(proxies) = self
+                .docker
+                .list_containers(Some(
+                    ListContainersOptionsBuilder::default()
+                        .all(true)
+                        .filters(&filters)
+                        .build(),
+                ))
+                .await
+            {
+                for p in proxies.into_iter().filter_map(|p| p.id) {
+                    let _ = self
+                        .docker
+                        .remove_container(
+                            &p,
+                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                        )
+                        .await;
+                }
+            }
+            let egress = format!("meshbox-{mesh}-egress");
+            if self.docker.remove_network(&egress).await.is_ok() {
+                release_host_isolation(&host_bridge_name(&egress)).await;
+            }
             let _ = self.docker.remove_network(&format!("meshbox-{mesh}")).await;
         }
     }
@@ -726,6 +961,9 @@ impl Orchestrator for DockerBackend {
         };
         for c in list {
             let labels = c.labels.unwrap_or_default();
+            if labels.get("meshbox.role").map(String::as_str) == Some("proxy") {
+                continue; // removed with its mesh
+            }
             let key = (
                 labels.get("meshbox.mesh").cloned().unwrap_or_default(),
                 labels.get("meshbox.service").cloned().unwrap_or_default(),
@@ -761,10 +999,25 @@ impl Orchestrator for DockerBackend {
             .get("meshbox.service")
             .cloned()
             .unwrap_or_else(|| "run".into());
-        let network_mode = if spec.network.is_none() {
-            "none".to_owned()
-        } else {
-            self.mesh_network(&mesh).await?
+        let mut proxy_env = Vec::new();
+        let network_mode = match spec.network.effective() {
+            NetworkPolicy::Mode(crate::config::NetworkMode::None) => "none".to_owned(),
+            NetworkPolicy::Allow { allow } => {
+                // Only the proxy's allowlist leads out of the internal network.
+                let proxy_image = if image.starts_with("meshbox/runner-") {
+                    image.clone()
+                } else {
+                    runner_image(Runtime::Python)
+                };
+                let (net, url) = self.egress(&mesh, &allow, &proxy_image).await?;
+                for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                    proxy_env.push((k.to_owned(), url.clone()));
+                }
+                proxy_env.push(("NO_PROXY".into(), "localhost,127.0.0.1".into()));
+                proxy_env.push(("no_proxy".into(), "localhost,127.0.0.1".into()));
+                net
+            }
+            _ => self.mesh_network(&mesh).await?,
         };
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.insert("meshbox.managed".into(), "true".into());
@@ -778,6 +1031,7 @@ impl Orchestrator for DockerBackend {
             "PATH".into(),
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         );
+        env.extend(proxy_env);
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let memory = spec.limits.memory_mb.map(|mb| (mb * 1024 * 1024) as i64);
         let host_config = HostConfig {
@@ -1001,7 +1255,14 @@ async fn mesh_is_empty(docker: &Docker, mesh: &str) -> bool {
         ))
         .await
     {
-        Ok(list) => list.is_empty(),
+        // Proxies serve the mesh; they do not keep it alive.
+        Ok(list) => list.iter().all(|c| {
+            c.labels
+                .as_ref()
+                .and_then(|l| l.get("meshbox.role"))
+                .map(String::as_str)
+                == Some("proxy")
+        }),
         Err(_) => false,
     }
 }

@@ -196,8 +196,13 @@ fn valid_version_spec(v: &str) -> bool {
 
 fn parse_npm(rest: &str) -> Result<Source, SourceError> {
     // `@scope/pkg@1.2.3`: the version separator is the last `@` past index 0.
-    let (name, version) = match rest[1.min(rest.len())..].rfind('@') {
-        Some(i) => (&rest[..i + 1], Some(&rest[i + 2..])),
+    let at = rest
+        .char_indices()
+        .skip(1)
+        .filter(|(_, c)| *c == '@')
+        .last();
+    let (name, version) = match at {
+        Some((i, _)) => (&rest[..i], Some(&rest[i + 1..])),
         None => (rest, None),
     };
     if !valid_npm_name(name) {
@@ -299,6 +304,12 @@ fn parse_git(rest: &str) -> Result<Source, SourceError> {
     if has_control_or_space(url) {
         return Err(invalid(
             "git: url must not contain whitespace or control characters",
+        ));
+    }
+    let uri_char = |c: char| c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=%".contains(c);
+    if !url.chars().all(uri_char) {
+        return Err(invalid(
+            "git: url may only contain URL characters (RFC 3986)",
         ));
     }
     if url.contains("::") {
@@ -508,6 +519,8 @@ mod tests {
             "git:/local/path",
             "git:https://-x",
             "git:https://x/y\n",
+            "git:https://x/`id`",
+            "git:https://x/y|z",
         ] {
             bad(s);
         }
