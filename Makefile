@@ -1,7 +1,7 @@
 # meshbox — build, test, bench, lint.
 CARGO ?= cargo
 
-.PHONY: build run test test-docker lint bench fmt images images-local
+.PHONY: build run test test-docker lint bench fmt images images-local fuzz
 MESHBOX := target/release/meshbox
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 
@@ -46,3 +46,12 @@ images-local: build
 # The docker lane alone (CI runs it inside `make test` with MESHBOX_REQUIRE_DOCKER=1).
 test-docker:
 	MESHBOX_REQUIRE_DOCKER=1 $(CARGO) test --test docker -- --nocapture
+
+# Fuzz the JSON-RPC line framer and the source-string parser, FUZZ_SECS each
+# (cargo-fuzz from crates.io; RUSTC_BOOTSTRAP lets the stable toolchain take
+# its sanitizer flags). A crash fails the target.
+FUZZ_SECS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run source_parser -- -max_total_time=$(FUZZ_SECS)
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run line_framer -- -max_total_time=$(FUZZ_SECS)

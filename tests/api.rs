@@ -706,6 +706,13 @@ async fn bearer_token_guards_everything_but_health() {
     }
     let (code, _) = d.get("/v1/meshes/m/services").await;
     assert_eq!(code, 200);
+    // The runner's token is invisible to the servers it runs.
+    let (code, st) = d.deploy_py("m", "env", &[], json!({})).await;
+    assert_eq!(code, 200, "{st}");
+    let (_, r) = d.call("m", "env", "env", json!({})).await;
+    let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
+    assert!(env.get("MESHBOX_TOKEN").is_none(), "{env}");
+    assert!(!text_of(&r).contains("s3cret"));
 }
 
 #[test]

@@ -72,7 +72,8 @@ impl Decoder for LineCodec {
                     }
                 }
             }
-            let limit = buf.len().min(self.max + 1);
+            // Room for the cap, a `\r`, and the `\n` itself.
+            let limit = buf.len().min(self.max + 2);
             match memchr(b'\n', &buf[self.scanned..limit]) {
                 Some(i) => {
                     let at = self.scanned + i;
@@ -85,7 +86,7 @@ impl Decoder for LineCodec {
                     }
                     return Ok(Some(Frame::Line(line)));
                 }
-                None if buf.len() > self.max => {
+                None if buf.len() > self.max + 1 => {
                     // Over the cap with no newline in sight: start discarding.
                     self.discarding = Some(0);
                     self.scanned = 0;
@@ -110,8 +111,11 @@ impl Decoder for LineCodec {
             return Ok(None);
         }
         self.scanned = 0;
-        let line = buf.split_to(buf.len());
-        Ok(Some(Frame::Line(trim_cr(line))))
+        let line = trim_cr(buf.split_to(buf.len()));
+        if line.len() > self.max {
+            return Ok(Some(Frame::Oversized(line.len())));
+        }
+        Ok(Some(Frame::Line(line)))
     }
 }
 
@@ -157,6 +161,13 @@ mod tests {
         assert_eq!(f, vec![Frame::Oversized(6), line("ok")]);
         let f = run(4, &[b"1234\n"]);
         assert_eq!(f, vec![line("1234")]);
+    }
+
+    #[test]
+    fn crlf_line_at_the_cap_is_kept() {
+        assert_eq!(run(4, &[b"1234\r\nok"]), vec![line("1234"), line("ok")]);
+        assert_eq!(run(1, &[b"\0\r"]), vec![line("\0")]);
+        assert_eq!(run(1, &[b"12"]), vec![Frame::Oversized(2)]);
     }
 
     #[test]

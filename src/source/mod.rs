@@ -166,6 +166,8 @@ fn valid_npm_name(name: &str) -> bool {
         !p.is_empty()
             && !p.starts_with('.')
             && !p.starts_with('_')
+            // Never an option to npm's argv.
+            && !p.starts_with('-')
             && p.bytes().all(|b| {
                 b.is_ascii_lowercase()
                     || b.is_ascii_digit()
