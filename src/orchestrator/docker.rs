@@ -88,6 +88,37 @@ fn spec_hash(spec: &SandboxSpec) -> String {
     ))
 }
 
+/// Removes a container whatever its state; false if it was not there.
+async fn remove_forced(docker: &Docker, id: &str) -> bool {
+    docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await
+        .is_ok()
+}
+
+/// Attaches to a container's stdin, stdout and stderr as a stream.
+async fn attach(
+    docker: &Docker,
+    id: &str,
+) -> Result<bollard::container::AttachContainerResults, bollard::errors::Error> {
+    docker
+        .attach_container(
+            id,
+            Some(
+                AttachContainerOptionsBuilder::default()
+                    .stream(true)
+                    .stdin(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        )
+        .await
+}
+
 /// The host-side bridge interface of an egress network (at most 15 bytes).
 fn host_bridge_name(network: &str) -> String {
     format!("mbx{}", &fnv(network)[..12])
@@ -258,13 +289,7 @@ impl DockerBackend {
             if info.state.and_then(|s| s.running) == Some(true) {
                 return Ok((internal, url));
             }
-            let _ = self
-                .docker
-                .remove_container(
-                    &name,
-                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                )
-                .await;
+            let _ = remove_forced(&self.docker, &name).await;
         }
         let mut cmd = vec![
             "meshbox".to_owned(),
@@ -426,13 +451,7 @@ impl DockerBackend {
             }
         }
         .await;
-        let _ = self
-            .docker
-            .remove_container(
-                &id,
-                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-            )
-            .await;
+        let _ = remove_forced(&self.docker, &id).await;
         result
     }
 
@@ -858,13 +877,7 @@ impl Orchestrator for DockerBackend {
                 .await
             {
                 for p in proxies.into_iter().filter_map(|p| p.id) {
-                    let _ = self
-                        .docker
-                        .remove_container(
-                            &p,
-                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                        )
-                        .await;
+                    let _ = remove_forced(&self.docker, &p).await;
                 }
             }
             let egress = format!("meshbox-{mesh}-egress");
@@ -911,31 +924,11 @@ impl Orchestrator for DockerBackend {
                 adopted = Some(id);
             } else {
                 // Stale: another spec, or exited. Replaced by what is deployed now.
-                let _ = self
-                    .docker
-                    .remove_container(
-                        &id,
-                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                    )
-                    .await;
+                let _ = remove_forced(&self.docker, &id).await;
             }
         }
         let id = adopted?;
-        let attached = self
-            .docker
-            .attach_container(
-                &id,
-                Some(
-                    AttachContainerOptionsBuilder::default()
-                        .stream(true)
-                        .stdin(true)
-                        .stdout(true)
-                        .stderr(true)
-                        .build(),
-                ),
-            )
-            .await
-            .ok()?;
+        let attached = attach(&self.docker, &id).await.ok()?;
         Some(self.sandbox(id, attached, enforced).await)
     }
 
@@ -971,13 +964,7 @@ impl Orchestrator for DockerBackend {
             if !keep.contains(&key) {
                 if let Some(id) = c.id {
                     debug!(container = %id, "removing a managed container with no stored spec");
-                    let _ = self
-                        .docker
-                        .remove_container(
-                            &id,
-                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                        )
-                        .await;
+                    let _ = remove_forced(&self.docker, &id).await;
                 }
             }
         }
@@ -1093,29 +1080,10 @@ impl Orchestrator for DockerBackend {
             .map_err(|e| docker_err("creating the container", e))?;
         let id = created.id;
         let cleanup = |docker: Docker, id: String| async move {
-            let _ = docker
-                .remove_container(
-                    &id,
-                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                )
-                .await;
+            let _ = remove_forced(&docker, &id).await;
         };
         // Attach before start, so no early output is lost.
-        let attached = match self
-            .docker
-            .attach_container(
-                &id,
-                Some(
-                    AttachContainerOptionsBuilder::default()
-                        .stream(true)
-                        .stdin(true)
-                        .stdout(true)
-                        .stderr(true)
-                        .build(),
-                ),
-            )
-            .await
-        {
+        let attached = match attach(&self.docker, &id).await {
             Ok(a) => a,
             Err(e) => {
                 cleanup(self.docker.clone(), id).await;
@@ -1147,12 +1115,7 @@ impl DockerBackend {
         enforced: Enforced,
     ) -> Sandbox {
         let cleanup = |docker: Docker, id: String| async move {
-            let _ = docker
-                .remove_container(
-                    &id,
-                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                )
-                .await;
+            let _ = remove_forced(&docker, &id).await;
         };
         let pid = self
             .docker

@@ -221,6 +221,30 @@ impl Supervisor {
         Ok(source)
     }
 
+    /// Starts a service's lifecycle and puts it in the registry.
+    fn register(
+        &self,
+        key: ServiceKey,
+        spec: ServiceSpec,
+        source: Source,
+        adopt: bool,
+    ) -> Arc<Service> {
+        let svc = Service::launch(
+            key.clone(),
+            spec,
+            source,
+            self.orchestrator.clone(),
+            self.installer.clone(),
+            self.config.clone(),
+            adopt,
+        );
+        self.services
+            .write()
+            .expect("registry poisoned")
+            .insert(key, svc.clone());
+        svc
+    }
+
     /// Deploys (or replaces) a service and waits until it runs or fails.
     pub async fn deploy(
         &self,
@@ -243,19 +267,7 @@ impl Supervisor {
             info!(service = %key, "replacing");
             old.stop().await;
         }
-        let svc = Service::launch(
-            key.clone(),
-            spec,
-            source,
-            self.orchestrator.clone(),
-            self.installer.clone(),
-            self.config.clone(),
-            false,
-        );
-        self.services
-            .write()
-            .expect("registry poisoned")
-            .insert(key.clone(), svc.clone());
+        let svc = self.register(key, spec, source, false);
         self.wait_up(&svc).await
     }
 
@@ -367,16 +379,7 @@ impl Supervisor {
                 if self.services.read().expect("registry poisoned").contains_key(&key) {
                     return; // deployed again meanwhile
                 }
-                let svc = Service::launch(
-                    key.clone(),
-                    spec,
-                    source,
-                    self.orchestrator.clone(),
-                    self.installer.clone(),
-                    self.config.clone(),
-                    true,
-                );
-                self.services.write().expect("registry poisoned").insert(key, svc.clone());
+                let svc = self.register(key, spec, source, true);
                 let _ = svc.settled(Instant::now() + self.config.deploy_timeout).await;
             })
             .await;
