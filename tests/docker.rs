@@ -31,6 +31,20 @@ async fn engine() -> Option<Docker> {
     None
 }
 
+/// A listener on the host and the address containers reach it at (the
+/// default bridge's gateway), for "can the sandbox get out" checks.
+async fn host_listener(docker: &Docker) -> (std::net::TcpListener, String, u16) {
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = docker
+        .inspect_network("bridge", None)
+        .await
+        .ok()
+        .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
+        .unwrap_or_else(|| "172.17.0.1".into());
+    (listener, gateway, port)
+}
+
 fn py_spec(extra: Value) -> Value {
     let mut spec = json!({"source": format!("path:{}", fixture("py_server").display())});
     for (k, v) in extra.as_object().unwrap() {
@@ -218,14 +232,7 @@ async fn oom_is_reported_and_restarted() {
 async fn network_none_has_no_network_and_full_joins_the_mesh() {
     let Some(docker) = engine().await else { return };
     // A listener on the host, reached from containers through the bridge gateway.
-    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let gateway = docker
-        .inspect_network("bridge", None)
-        .await
-        .ok()
-        .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
-        .unwrap_or_else(|| "172.17.0.1".into());
+    let (_listener, gateway, port) = host_listener(&docker).await;
     let d = Daemon::start_docker(&[]);
     let target = json!({"host": gateway, "port": port});
 
@@ -413,14 +420,7 @@ async fn restarts_readopt_running_containers() {
 #[tokio::test]
 async fn allowlist_egress_goes_only_through_the_proxy() {
     let Some(docker) = engine().await else { return };
-    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let gateway = docker
-        .inspect_network("bridge", None)
-        .await
-        .ok()
-        .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
-        .unwrap_or_else(|| "172.17.0.1".into());
+    let (_listener, gateway, port) = host_listener(&docker).await;
     let d = Daemon::start_docker(&[]);
     let (code, st) = d
         .put(

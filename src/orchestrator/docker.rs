@@ -88,6 +88,33 @@ fn spec_hash(spec: &SandboxSpec) -> String {
     ))
 }
 
+/// What every meshbox container gets, whatever its role: no capabilities, no
+/// privilege gain, an init that reaps and forwards signals.
+fn hardened() -> HostConfig {
+    HostConfig {
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        init: Some(true),
+        ..Default::default()
+    }
+}
+
+/// Every container (running or not) carrying all of `labels` (`k=v`).
+async fn list_labelled(
+    docker: &Docker,
+    labels: Vec<String>,
+) -> Result<Vec<bollard::models::ContainerSummary>, bollard::errors::Error> {
+    let filters = HashMap::from([("label".to_owned(), labels)]);
+    docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+}
+
 /// Removes a container whatever its state; false if it was not there.
 async fn remove_forced(docker: &Docker, id: &str) -> bool {
     docker
@@ -313,13 +340,10 @@ impl DockerBackend {
             ])),
             host_config: Some(HostConfig {
                 network_mode: Some(internal.clone()),
-                cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
                 readonly_rootfs: Some(true),
-                init: Some(true),
                 memory: Some(64 << 20),
                 pids_limit: Some(64),
-                ..Default::default()
+                ..hardened()
             }),
             ..Default::default()
         };
@@ -519,10 +543,7 @@ impl DockerBackend {
                     read_only: Some(false),
                     ..Default::default()
                 }]),
-                cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                init: Some(true),
-                ..Default::default()
+                ..hardened()
             }),
             ..Default::default()
         };
@@ -858,23 +879,15 @@ impl Orchestrator for DockerBackend {
     async fn released(&self, mesh: &str, _service: &str) {
         // The mesh network goes with the mesh's last service.
         if mesh_is_empty(&self.docker, mesh).await {
-            let filters = HashMap::from([(
-                "label".to_owned(),
+            if let Ok(proxies) = list_labelled(
+                &self.docker,
                 vec![
                     "meshbox.role=proxy".to_owned(),
                     format!("meshbox.mesh={mesh}"),
                     format!("meshbox.instance={}", self.instance),
                 ],
-            )]);
-            if let Ok(proxies) = self
-                .docker
-                .list_containers(Some(
-                    ListContainersOptionsBuilder::default()
-                        .all(true)
-                        .filters(&filters)
-                        .build(),
-                ))
-                .await
+            )
+            .await
             {
                 for p in proxies.into_iter().filter_map(|p| p.id) {
                     let _ = remove_forced(&self.docker, &p).await;
@@ -892,25 +905,17 @@ impl Orchestrator for DockerBackend {
         let enforced = self.check(spec).ok()?;
         let mesh = spec.labels.get("meshbox.mesh")?;
         let service = spec.labels.get("meshbox.service")?;
-        let filters = HashMap::from([(
-            "label".to_owned(),
+        let list = list_labelled(
+            &self.docker,
             vec![
                 "meshbox.managed=true".to_owned(),
                 format!("meshbox.instance={}", self.instance),
                 format!("meshbox.mesh={mesh}"),
                 format!("meshbox.service={service}"),
             ],
-        )]);
-        let list = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-            .ok()?;
+        )
+        .await
+        .ok()?;
         let want = spec_hash(spec);
         let mut adopted = None;
         for c in list {
@@ -933,22 +938,14 @@ impl Orchestrator for DockerBackend {
     }
 
     async fn sweep(&self, keep: &[(String, String)]) {
-        let filters = HashMap::from([(
-            "label".to_owned(),
+        let Ok(list) = list_labelled(
+            &self.docker,
             vec![
                 "meshbox.managed=true".to_owned(),
                 format!("meshbox.instance={}", self.instance),
             ],
-        )]);
-        let Ok(list) = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
+        )
+        .await
         else {
             return;
         };
@@ -1026,14 +1023,11 @@ impl Orchestrator for DockerBackend {
             memory_swap: memory,
             nano_cpus: spec.limits.cpus.map(|c| (c * 1e9) as i64),
             pids_limit: Some(spec.limits.pids.unwrap_or(DEFAULT_PIDS) as i64),
-            cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
             tmpfs: Some(HashMap::from([(
                 "/tmp".into(),
                 "rw,nosuid,nodev,size=64m".into(),
             )])),
-            init: Some(true),
             network_mode: Some(network_mode),
             mounts: Some(
                 spec.mounts
@@ -1047,7 +1041,7 @@ impl Orchestrator for DockerBackend {
                     })
                     .collect(),
             ),
-            ..Default::default()
+            ..hardened()
         };
         let body = ContainerCreateBody {
             image: Some(image),
@@ -1202,21 +1196,14 @@ impl DockerBackend {
 }
 
 async fn mesh_is_empty(docker: &Docker, mesh: &str) -> bool {
-    let filters = HashMap::from([(
-        "label".to_owned(),
+    match list_labelled(
+        docker,
         vec![
             "meshbox.managed=true".to_owned(),
             format!("meshbox.mesh={mesh}"),
         ],
-    )]);
-    match docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
+    )
+    .await
     {
         // Proxies serve the mesh; they do not keep it alive.
         Ok(list) => list.iter().all(|c| {
