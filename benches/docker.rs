@@ -70,7 +70,6 @@ async fn main() {
     let data = tempfile::tempdir().unwrap();
     let docker = match DockerBackend::connect(DockerConfig {
         data_dir: data.path().to_path_buf(),
-        install_timeout: Duration::from_secs(600),
     })
     .await
     {

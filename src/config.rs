@@ -5,20 +5,22 @@
 //! knows nothing about how a spec is run: that is the supervisor's job.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest accepted mesh or service name.
-pub const MAX_NAME_LEN: usize = 64;
+use crate::model::shown;
+pub use crate::model::{
+    validate_name, HostMount, NameError, NetworkMode, NetworkPolicy, ProtocolChoice, Runtime,
+};
+
 /// Default per-call timeout (DESIGN.md: 25 s).
 pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 25_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("invalid {what} `{value}`: must match ^[a-zA-Z0-9][a-zA-Z0-9_-]{{0,63}}$")]
-    InvalidName { what: &'static str, value: String },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     #[error("field `{field}` {message}")]
     Field { field: String, message: String },
     #[error("invalid spec: {0}")]
@@ -34,109 +36,27 @@ impl SpecError {
     }
 }
 
-/// Checks a mesh or service name against `^[a-zA-Z0-9][a-zA-Z0-9_-]{0,63}$`.
-pub fn validate_name(what: &'static str, value: &str) -> Result<(), SpecError> {
-    let bytes = value.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= MAX_NAME_LEN
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        // Never echo control characters or huge inputs back verbatim.
-        let shown: String = value
-            .chars()
-            .take(80)
-            .flat_map(char::escape_default)
-            .collect();
-        Err(SpecError::InvalidName { what, value: shown })
-    }
-}
-
-/// Where a server runs: the language runtime of its entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Runtime {
-    Node,
-    Python,
-    Bun,
-}
-
-impl fmt::Display for Runtime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Runtime::Node => "node",
-            Runtime::Python => "python",
-            Runtime::Bun => "bun",
-        })
-    }
-}
-
-/// Network policy of a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum NetworkPolicy {
-    Mode(NetworkMode),
-    Allow {
-        allow: Vec<String>,
-    },
-    #[default]
-    #[serde(skip)]
-    Unset,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    None,
-    Full,
-}
-
-impl NetworkPolicy {
-    /// The policy in force when a spec names none: full network, as `npx` has.
-    pub fn effective(&self) -> NetworkPolicy {
-        match self {
-            NetworkPolicy::Unset => NetworkPolicy::Mode(NetworkMode::Full),
-            other => other.clone(),
-        }
-    }
-
-    pub fn is_none(&self) -> bool {
-        matches!(self, NetworkPolicy::Mode(NetworkMode::None))
-    }
-
-    /// Parses the CLI form: `none`, `full` or `allow=host:port,...`.
-    pub fn parse_cli(s: &str) -> Result<Self, SpecError> {
-        match s {
-            "none" => Ok(NetworkPolicy::Mode(NetworkMode::None)),
-            "full" => Ok(NetworkPolicy::Mode(NetworkMode::Full)),
-            other => match other.strip_prefix("allow=") {
-                Some(list) => Ok(NetworkPolicy::Allow {
-                    allow: list
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect(),
-                }),
-                None => Err(SpecError::field(
-                    "network",
-                    format!("must be none, full or allow=host:port,... (got `{other}`)"),
-                )),
-            },
-        }
-    }
-}
-
-impl fmt::Display for NetworkPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.effective() {
-            NetworkPolicy::Mode(NetworkMode::None) => f.write_str("none"),
-            NetworkPolicy::Mode(NetworkMode::Full) | NetworkPolicy::Unset => f.write_str("full"),
-            NetworkPolicy::Allow { allow } => write!(f, "allow={}", allow.join(",")),
-        }
+/// Parses the CLI form of a network policy: `none`, `full` or `allow=host:port,...`.
+pub fn parse_network(s: &str) -> Result<NetworkPolicy, SpecError> {
+    match s {
+        "none" => Ok(NetworkPolicy::Mode(NetworkMode::None)),
+        "full" => Ok(NetworkPolicy::Mode(NetworkMode::Full)),
+        other => match other.strip_prefix("allow=") {
+            Some(list) => Ok(NetworkPolicy::Allow {
+                allow: list
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            }),
+            None => Err(SpecError::field(
+                "network",
+                format!(
+                    "must be none, full or allow=host:port,... (got `{}`)",
+                    shown(other, 80)
+                ),
+            )),
+        },
     }
 }
 
@@ -213,6 +133,23 @@ pub struct ServiceSpec {
     pub call_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+    /// Host directories the server sees at the same path (serve: only under
+    /// the operator's `--mount-root` directories).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<HostMount>,
+    /// The upstream MCP era: detected (`auto`) or pinned.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub protocol: ProtocolChoice,
+    /// Budget of one install step; the daemon's `--install-timeout` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_timeout_s: Option<u64>,
+    /// Extra environment of the install step (literals only, never secrets).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub install_env: BTreeMap<String, String>,
+}
+
+fn is_auto(p: &ProtocolChoice) -> bool {
+    *p == ProtocolChoice::Auto
 }
 
 fn is_unset(n: &NetworkPolicy) -> bool {
@@ -222,6 +159,7 @@ fn is_unset(n: &NetworkPolicy) -> bool {
 const MAX_STRING: usize = 4096;
 const MAX_ARGS: usize = 256;
 const MAX_ENV: usize = 256;
+const MAX_MOUNTS: usize = 32;
 
 fn check_str(field: &str, s: &str) -> Result<(), SpecError> {
     if s.len() > MAX_STRING {
@@ -292,13 +230,7 @@ impl ServiceSpec {
             if !is_env_key(k) {
                 return Err(SpecError::field(
                     "env",
-                    format!(
-                        "key `{}` is not a valid variable name",
-                        k.chars()
-                            .take(64)
-                            .flat_map(char::escape_default)
-                            .collect::<String>()
-                    ),
+                    format!("key `{}` is not a valid variable name", shown(k, 64)),
                 ));
             }
             match v {
@@ -352,6 +284,52 @@ impl ServiceSpec {
                 validate_allow_entry(a)?;
             }
         }
+        if self.mounts.len() > MAX_MOUNTS {
+            return Err(SpecError::field(
+                "mounts",
+                format!("has more than {MAX_MOUNTS} entries"),
+            ));
+        }
+        for m in &self.mounts {
+            let s = m.path.to_string_lossy();
+            check_str("mounts.path", &s)?;
+            if !m.path.is_absolute()
+                || m.path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(SpecError::field(
+                    "mounts.path",
+                    format!("`{}` must be an absolute path without `..`", shown(&s, 80)),
+                ));
+            }
+            if m.path == std::path::Path::new("/") {
+                return Err(SpecError::field("mounts.path", "must not be `/`"));
+            }
+        }
+        if let Some(t) = self.install_timeout_s {
+            if !(1..=86_400).contains(&t) {
+                return Err(SpecError::field(
+                    "install_timeout_s",
+                    "must be between 1 and 86400",
+                ));
+            }
+        }
+        if self.install_env.len() > MAX_ENV {
+            return Err(SpecError::field(
+                "install_env",
+                format!("has more than {MAX_ENV} entries"),
+            ));
+        }
+        for (k, v) in &self.install_env {
+            if !is_env_key(k) {
+                return Err(SpecError::field(
+                    "install_env",
+                    format!("key `{}` is not a valid variable name", shown(k, 64)),
+                ));
+            }
+            check_str(&format!("install_env.{k}"), v)?;
+        }
         if let Some(h) = &self.health {
             if !(1..=86_400).contains(&h.interval_s) {
                 return Err(SpecError::field(
@@ -390,11 +368,7 @@ fn validate_allow_entry(entry: &str) -> Result<(), SpecError> {
             "network.allow",
             format!(
                 "entry `{}` must be host:port or *.domain:port",
-                entry
-                    .chars()
-                    .take(80)
-                    .flat_map(char::escape_default)
-                    .collect::<String>()
+                shown(entry, 80)
             ),
         )
     };
@@ -440,26 +414,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names() {
-        assert!(validate_name("mesh", "acme").is_ok());
-        assert!(validate_name("mesh", "a-b_c9").is_ok());
-        assert!(validate_name("mesh", &"a".repeat(64)).is_ok());
-        for bad in [
-            "",
-            "-a",
-            "_a",
-            "a/b",
-            "..",
-            "a b",
-            "a\0",
-            "é",
-            &"a".repeat(65),
-        ] {
-            assert!(validate_name("mesh", bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
     fn unknown_fields_are_named() {
         let err = ServiceSpec::from_json(br#"{"source":"path:/x","bogus":1}"#).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
@@ -490,10 +444,11 @@ mod tests {
         assert!(ServiceSpec::from_json(br#"{"source":"p","network":"some"}"#).is_err());
         assert!(ServiceSpec::from_json(br#"{"source":"p","network":{"allow":["x"]}}"#).is_err());
         assert_eq!(
-            NetworkPolicy::parse_cli("none").unwrap(),
+            parse_network("none").unwrap(),
             NetworkPolicy::Mode(NetworkMode::None)
         );
-        assert!(NetworkPolicy::parse_cli("allow=a.b:1,c.d:2").is_ok());
+        assert!(parse_network("allow=a.b:1,c.d:2").is_ok());
+        assert!(parse_network("some").is_err());
     }
 
     #[test]
@@ -502,6 +457,31 @@ mod tests {
             .unwrap();
         assert_eq!(s.env["A"], EnvValue::Literal("1".into()));
         assert!(ServiceSpec::from_json(br#"{"source":"p","env":{"B":{"file":"rel"}}}"#).is_err());
+    }
+
+    #[test]
+    fn new_fields() {
+        let s = ServiceSpec::from_json(
+            br#"{"source":"p","mounts":[{"path":"/data","read_only":true}],"protocol":"2026-07-28","install_timeout_s":60,"install_env":{"PUPPETEER_SKIP_DOWNLOAD":"1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.mounts[0].path, std::path::Path::new("/data"));
+        assert_eq!(s.protocol, ProtocolChoice::Stateless);
+        for bad in [
+            r#"{"source":"p","mounts":[{"path":"rel"}]}"#,
+            r#"{"source":"p","mounts":[{"path":"/a/../etc"}]}"#,
+            r#"{"source":"p","mounts":[{"path":"/"}]}"#,
+            r#"{"source":"p","mounts":[{"path":"/a","bogus":1}]}"#,
+            r#"{"source":"p","protocol":"1999-01-01"}"#,
+            r#"{"source":"p","install_timeout_s":0}"#,
+            r#"{"source":"p","install_env":{"A B":"1"}}"#,
+            r#"{"source":"p","install_env":{"A":{"file":"/x"}}}"#,
+        ] {
+            assert!(ServiceSpec::from_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+        // Round trip through the store's JSON.
+        let back: ServiceSpec = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use bollard::Docker;
 use flate2::write::GzEncoder;
 use futures_util::StreamExt;
 
-use crate::config::Runtime;
-use crate::orchestrator::docker::runner_image;
+use crate::model::runner_image;
+use crate::model::Runtime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

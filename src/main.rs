@@ -55,7 +55,7 @@ fn report(e: &CliError) -> i32 {
         }
     }
     match e {
-        CliError::Usage(_) | CliError::Spec(_) => 2,
+        CliError::Usage(_) | CliError::Spec(_) | CliError::Name(_) => 2,
         _ => 1,
     }
 }

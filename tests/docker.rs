@@ -69,7 +69,7 @@ async fn containers_are_hardened_and_limited() {
     assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
     assert_eq!(
         st["limits"]["enforced"],
-        json!({"memory": true, "cpus": true, "pids": true, "network": true})
+        json!({"memory": true, "cpus": true, "pids": true, "network": true, "filesystem": true})
     );
     let id = st["container_id"]
         .as_str()

@@ -6,8 +6,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use tracing::error;
 
-use crate::mcp::CallError;
-use crate::supervisor::SupervisorError;
+use crate::supervisor::{ErrorKind, SupervisorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -30,19 +29,13 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Supervisor(e) => match e {
-                SupervisorError::Spec(_)
-                | SupervisorError::Source(_)
-                | SupervisorError::Unsupported(_) => StatusCode::BAD_REQUEST,
-                SupervisorError::NotFound { .. } => StatusCode::NOT_FOUND,
-                SupervisorError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                SupervisorError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
-                SupervisorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                SupervisorError::Call { source, .. } => match source {
-                    CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                    CallError::Rpc { .. } | CallError::Protocol(_) => StatusCode::BAD_GATEWAY,
-                    CallError::Exited(_) | CallError::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
-                },
+            ApiError::Supervisor(e) => match e.kind() {
+                ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                ErrorKind::Upstream { .. } | ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -50,22 +43,20 @@ impl ApiError {
     /// The JSON body: `{"error": …}` plus `logs` or `code` where they apply.
     pub fn body(&self) -> Value {
         let message = crate::error_chain(self);
-        match self {
-            ApiError::Supervisor(SupervisorError::StartFailed { logs, .. }) => {
-                json!({"error": message, "logs": logs})
-            }
-            ApiError::Supervisor(SupervisorError::Call {
-                source: CallError::Rpc { code, data, .. },
-                ..
-            }) => {
-                let mut v = json!({"error": message, "code": code});
-                if let Some(d) = data {
-                    v["data"] = d.clone();
-                }
-                v
-            }
-            _ => json!({"error": message}),
+        let ApiError::Supervisor(e) = self else {
+            return json!({ "error": message });
+        };
+        let mut v = json!({ "error": message });
+        if !e.logs().is_empty() || matches!(e, SupervisorError::StartFailed { .. }) {
+            v["logs"] = json!(e.logs());
         }
+        if let ErrorKind::Upstream { code, data } = e.kind() {
+            v["code"] = json!(code);
+            if let Some(d) = data {
+                v["data"] = d;
+            }
+        }
+        v
     }
 }
 

@@ -13,8 +13,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, AppState, JsonBody};
 use crate::config::{EnvValue, Runtime, ServiceSpec};
-use crate::mcp::CallError;
-use crate::supervisor::{ServiceKey, SupervisorError};
+use crate::supervisor::{ErrorKind, ServiceKey, SupervisorError};
 
 const MESH: &str = "default";
 
@@ -131,11 +130,11 @@ async fn call(State(st): State<AppState>, JsonBody(body): JsonBody<CallBody>) ->
     match st.supervisor.call(&key, &body.tool, body.args, None).await {
         Ok(result) => Json(json!({ "result": result })).into_response(),
         // The seed answered call failures with 200 {error}; keep that.
-        Err(SupervisorError::Call { source, .. }) => {
-            let msg = match &source {
-                CallError::Timeout(_) => "timeout".to_owned(),
-                CallError::Rpc { message, .. } => message.clone(),
-                other => other.to_string(),
+        Err(e @ SupervisorError::Call { .. }) => {
+            let msg = match (e.kind(), e.upstream_message()) {
+                (ErrorKind::Timeout, _) => "timeout".to_owned(),
+                (_, Some(m)) => m.to_owned(),
+                _ => crate::error_chain(&e),
             };
             Json(json!({ "error": msg })).into_response()
         }

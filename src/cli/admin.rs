@@ -9,11 +9,12 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::CliError;
-use crate::config::Runtime;
+use crate::acquire::sandboxed::InstallAnswer;
+use crate::acquire::{AcquireError, AcquireRequest, InstallConfig, Installer, Progress, Source};
 use crate::images::{self, BuildOptions};
-use crate::orchestrator::docker::{self, DockerBackend, DockerConfig, InstallAnswer};
+use crate::model::{runner_image, Runtime};
+use crate::orchestrator::docker::{self, DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
-use crate::source::{InstallConfig, Installer, Progress, Source};
 
 #[derive(Debug, Args)]
 pub struct InstallArgs {
@@ -22,6 +23,10 @@ pub struct InstallArgs {
     pub cache: PathBuf,
     #[arg(long)]
     pub runtime: Option<String>,
+    /// The runtime of the image this runs in: a `git:` source without
+    /// `--runtime` that needs another one answers `{"needs_runtime": …}`.
+    #[arg(long)]
+    pub image_runtime: Option<String>,
     /// The spec's `command`, as a JSON array.
     #[arg(long)]
     pub command_json: Option<String>,
@@ -33,14 +38,19 @@ pub struct InstallArgs {
 }
 
 fn parse_runtime(r: &str) -> Result<Runtime, CliError> {
-    serde_json::from_value(serde_json::Value::String(r.to_owned()))
-        .map_err(|_| CliError::Usage(format!("runtime `{r}`: expected node, python or bun")))
+    r.parse()
+        .map_err(|e| CliError::Usage(format!("runtime {e}")))
 }
 
 /// Acquires a source into `--cache` and prints how to start it, as JSON.
 pub async fn install(args: InstallArgs) -> Result<(), CliError> {
     let source: Source = args.source.parse()?;
     let runtime = args.runtime.as_deref().map(parse_runtime).transpose()?;
+    let image_runtime = args
+        .image_runtime
+        .as_deref()
+        .map(parse_runtime)
+        .transpose()?;
     let command: Option<Vec<String>> = match &args.command_json {
         Some(j) => Some(
             serde_json::from_str(j).map_err(|e| CliError::Usage(format!("--command-json: {e}")))?,
@@ -51,13 +61,25 @@ pub async fn install(args: InstallArgs) -> Result<(), CliError> {
     config.timeout = Duration::from_secs(args.install_timeout.max(1));
     let installer = Installer::new(config);
     let progress: Progress = Arc::new(|line: &str| eprintln!("{line}"));
-    let launch = installer
-        .acquire(&source, runtime, command.as_deref(), &args.args, &progress)
-        .await?;
-    let answer = InstallAnswer {
-        argv: launch.argv,
-        workdir: launch.workdir,
-        runtime: launch.runtime.or(runtime),
+    let env = Default::default();
+    let req = AcquireRequest {
+        source: &source,
+        runtime,
+        command: command.as_deref(),
+        args: &args.args,
+        install_env: &env,
+        install_timeout: None,
+    };
+    let answer = match installer.acquire(&req, image_runtime, &progress).await {
+        Ok(launch) => InstallAnswer::Launch {
+            argv: launch.argv,
+            workdir: launch.workdir,
+            runtime: launch.runtime.or(runtime),
+        },
+        Err(AcquireError::NeedsRuntime { needs, .. }) => InstallAnswer::NeedsRuntime {
+            needs_runtime: needs,
+        },
+        Err(e) => return Err(e.into()),
     };
     println!("{}", serde_json::to_string(&answer).unwrap_or_default());
     Ok(())
@@ -111,7 +133,7 @@ pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
             ca_bundle: args.ca_bundle.clone(),
             binary: None,
         };
-        eprintln!("building {} …", docker::runner_image(rt));
+        eprintln!("building {} …", runner_image(rt));
         let mut progress = |line: &str| {
             if tty {
                 eprintln!("  {line}");
@@ -130,12 +152,7 @@ pub async fn doctor(data_dir: PathBuf) -> Result<(), CliError> {
     println!("meshbox {}", env!("CARGO_PKG_VERSION"));
     let process = ProcessBackend::new(ProcessConfig::default());
     println!("process backend: {}", process.describe());
-    match DockerBackend::connect(DockerConfig {
-        data_dir,
-        install_timeout: Duration::from_secs(600),
-    })
-    .await
-    {
+    match DockerBackend::connect(DockerConfig { data_dir }).await {
         Ok(d) => {
             println!("docker engine: reachable");
             for (k, v) in docker::describe(&d).await {

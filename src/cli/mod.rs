@@ -16,7 +16,9 @@ use std::pin::Pin;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_memory_mb, EnvValue, NetworkPolicy, Runtime, ServiceSpec, SpecError};
+use crate::config::{
+    parse_memory_mb, parse_network, EnvValue, NetworkPolicy, Runtime, ServiceSpec, SpecError,
+};
 
 /// Resolves when the process is asked to stop (SIGINT/SIGTERM).
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -27,6 +29,8 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Name(#[from] crate::model::NameError),
     #[error("cannot reach meshbox at {url} (is `meshbox serve` running?)")]
     Connect {
         url: String,
@@ -48,13 +52,15 @@ pub enum CliError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Source(#[from] crate::source::SourceError),
+    Source(#[from] crate::acquire::AcquireError),
     #[error(transparent)]
     Orchestrator(#[from] crate::orchestrator::OrchestratorError),
+    #[error(transparent)]
+    Start(#[from] crate::supervisor::StartError),
     #[error("the tool reported an error")]
     ToolError,
     #[error("server exited ({0})")]
-    ServerExit(crate::orchestrator::ExitReason),
+    ServerExit(crate::model::ExitReason),
 }
 
 #[derive(Debug, Parser)]
@@ -204,15 +210,14 @@ impl SpecArgs {
                 .ok_or_else(|| CliError::Usage(format!("--env `{kv}` must be K=V")))?;
             env.insert(k.to_owned(), EnvValue::Literal(v.to_owned()));
         }
-        let runtime = match self.runtime.as_deref() {
-            None => None,
-            Some(r) => Some(
-                serde_json::from_value::<Runtime>(serde_json::Value::String(r.to_owned()))
-                    .map_err(|_| {
-                        CliError::Usage(format!("--runtime `{r}`: expected node, python or bun"))
-                    })?,
-            ),
-        };
+        let runtime = self
+            .runtime
+            .as_deref()
+            .map(|r| {
+                r.parse::<Runtime>()
+                    .map_err(|e| CliError::Usage(format!("--runtime {e}")))
+            })
+            .transpose()?;
         let (command, args) = match self.command {
             Some(c) => (Some(std::iter::once(c).chain(args).collect()), Vec::new()),
             None => (None, args),
@@ -227,7 +232,7 @@ impl SpecArgs {
             cpus: self.cpus,
             pids: self.pids,
             network: match self.network.as_deref() {
-                Some(n) => NetworkPolicy::parse_cli(n)?,
+                Some(n) => parse_network(n)?,
                 None => NetworkPolicy::Unset,
             },
             ..Default::default()

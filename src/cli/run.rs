@@ -2,7 +2,6 @@
 //! an MCP client can use `meshbox run SOURCE` where it used `npx`/`uvx`.
 //! Bytes pass through untouched; meshbox does not parse the protocol here.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +10,12 @@ use clap::Args;
 use tokio::io::AsyncWriteExt;
 
 use super::{CliError, Shutdown, SpecArgs};
-use crate::config::EnvValue;
+use crate::acquire::sandboxed::SandboxedInstalls;
+use crate::acquire::{InstallConfig, Installer, Progress, Source};
+use crate::model::{wait_exit, ServiceKey};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
-use crate::orchestrator::{wait_exit, Limits, Orchestrator, SandboxSpec};
-use crate::source::{InstallConfig, Installer, Progress, Source};
+use crate::orchestrator::Orchestrator;
+use crate::supervisor::prepare::{self, Acquirers, Validated};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,57 +41,38 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let mut install = InstallConfig::new(data_dir.join("cache"));
     install.timeout = Duration::from_secs(args.install_timeout.max(1));
     let installer = Installer::new(install);
+    let sandboxed = SandboxedInstalls::new(data_dir.join("docker-installs"));
     // Progress on a terminal only: stdout is the MCP stream, pipes stay quiet.
     let progress: Progress = if std::io::stderr().is_terminal() {
         Arc::new(|line: &str| eprintln!("meshbox: {line}"))
     } else {
-        crate::source::install::quiet()
+        crate::acquire::install::quiet()
     };
-    let launch = installer
-        .acquire(
-            &source,
-            spec.runtime,
-            spec.command.as_deref(),
-            &spec.args,
-            &progress,
-        )
-        .await?;
-    let home = data_dir.join("home").join("_run");
-    std::fs::create_dir_all(&home).map_err(|source| CliError::Io {
-        context: format!("failed to create `{}`", home.display()),
-        source,
-    })?;
-    let mut env = BTreeMap::from([
-        (
-            "PATH".to_owned(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        ),
-        ("HOME".to_owned(), home.to_string_lossy().into_owned()),
-        ("LANG".to_owned(), "C.UTF-8".to_owned()),
-    ]);
-    for (k, v) in &spec.env {
-        if let EnvValue::Literal(s) = v {
-            env.insert(k.clone(), s.clone());
-        }
-    }
     let backend = ProcessBackend::new(ProcessConfig {
         cgroups: !args.no_cgroups,
         ..Default::default()
     });
+    let owner = ServiceKey {
+        mesh: "local".into(),
+        name: "run".into(),
+    };
+    let acquirers = Acquirers {
+        installer: &installer,
+        sandboxed: &sandboxed,
+        install_timeout: Duration::from_secs(args.install_timeout.max(1)),
+    };
+    let v = Validated { spec, source };
+    let prepared = prepare::acquire(&backend, &acquirers, &owner, &v, &progress).await?;
+    let home = prepare::server_home(&data_dir, &owner)?;
+    let env = prepare::server_env(&crate::environ::runner_path(), &home, &v.spec.env)?;
     let mut sandbox = backend
-        .spawn(SandboxSpec {
-            argv: launch.argv,
+        .spawn(prepare::server_sandbox(
+            &owner,
+            &v.spec,
+            &prepared,
             env,
-            workdir: Some(launch.workdir),
-            limits: Limits {
-                memory_mb: spec.memory_mb,
-                cpus: spec.cpus,
-                pids: spec.pids,
-            },
-            network: spec.network.clone(),
-            labels: BTreeMap::from([("meshbox.service".into(), "run".into())]),
-            ..Default::default()
-        })
+            Some(home),
+        ))
         .await?;
     let mut stdin = sandbox.io.stdin;
     let mut stdout = sandbox.io.stdout;

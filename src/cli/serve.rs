@@ -120,7 +120,6 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     };
     let docker_config = DockerConfig {
         data_dir: data_dir.clone(),
-        install_timeout: Duration::from_secs(args.install_timeout.max(1)),
     };
     let backend: Arc<dyn Orchestrator> = match args.backend {
         Backend::Process => process(),

@@ -2,9 +2,10 @@
 //!
 //! Owns every Docker API call of meshbox's sandboxes: containers (created
 //! hardened and limited, attached before start so no early output is lost),
-//! per-mesh bridge networks, and per-source volumes filled by a short-lived
-//! install container with network ("install with network, run without").
-//! Docker errors are translated here; no bollard type leaves this module.
+//! per-mesh bridge networks and egress proxies, and install containers run to
+//! completion into named cache volumes. What to install and where is planned
+//! by `acquire`; this module only runs it. Docker errors are translated
+//! here; no bollard type leaves this module.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,60 +23,78 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    Enforced, ExitReason, Mount, Orchestrator, OrchestratorError, PrepareRequest, Prepared,
-    Sandbox, SandboxHandle, SandboxIo, SandboxSpec,
+    Capabilities, Completed, Enforced, ExitReason, MountSource, Orchestrator, OrchestratorError,
+    Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey, Unsupported, MAX_COMPLETED_OUTPUT,
 };
-use crate::config::{NetworkPolicy, Runtime};
-use crate::source::install::{fnv, tail};
-use crate::source::{Launch, Source};
+use crate::model::{runner_image, NetworkMode, NetworkPolicy, Runtime};
 
-/// Where the installed source lives inside containers.
-pub const CACHE_MOUNT: &str = "/cache";
 /// The non-root user every container runs as.
 pub const SANDBOX_USER: &str = "10001";
 /// Default pids limit when a spec names none.
 pub const DEFAULT_PIDS: u64 = 256;
 
-/// The runner image of a runtime.
-pub fn runner_image(runtime: Runtime) -> String {
-    format!("meshbox/runner-{runtime}:latest")
+/// Label keys: how containers, networks and volumes say whose they are.
+pub mod labels {
+    pub const MANAGED: &str = "meshbox.managed";
+    pub const MESH: &str = "meshbox.mesh";
+    pub const SERVICE: &str = "meshbox.service";
+    pub const ROLE: &str = "meshbox.role";
+    pub const INSTANCE: &str = "meshbox.instance";
+    pub const SPEC_HASH: &str = "meshbox.spec-hash";
+    pub const SOURCE: &str = "meshbox.source";
+    /// `meshbox.role` of egress proxies.
+    pub const ROLE_PROXY: &str = "proxy";
 }
 
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
-    /// Host-side state (cached install answers).
+    /// Host-side state (the instance id).
     pub data_dir: PathBuf,
-    /// Budget of one install container.
-    pub install_timeout: Duration,
+}
+
+/// A stable 64-bit FNV-1a hash, hex: names for arbitrary strings.
+fn fnv(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
 }
 
 pub struct DockerBackend {
     docker: Docker,
-    config: DockerConfig,
     /// This meshbox's identity (kept in its data dir): it adopts and sweeps
     /// only containers carrying it, never another instance's on the same engine.
     instance: String,
     api_version: String,
 }
 
-fn docker_err(context: &str, e: bollard::errors::Error) -> OrchestratorError {
-    use bollard::errors::Error as E;
-    match e {
-        E::DockerResponseServerError {
-            status_code: 404,
-            message,
-        } => OrchestratorError::Setup(format!("{context}: not found: {message}")),
-        E::DockerResponseServerError {
-            status_code: 409,
-            message,
-        } => OrchestratorError::Setup(format!("{context}: conflict: {message}")),
-        other => OrchestratorError::Setup(format!("{context}: {other}")),
+fn docker_err(op: &'static str, e: bollard::errors::Error) -> OrchestratorError {
+    OrchestratorError::Engine {
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// The engine answered with HTTP status `code`.
+fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// A create that named a missing image is `MissingImage`, not an engine fault.
+fn create_err(image: &str, e: bollard::errors::Error) -> OrchestratorError {
+    if is_status(&e, 404) {
+        OrchestratorError::MissingImage {
+            image: image.to_owned(),
+        }
+    } else {
+        docker_err("creating a container", e)
     }
 }
 
@@ -168,9 +187,10 @@ async fn isolate_from_host(bridge: &str) -> Result<(), OrchestratorError> {
     if run("-C").await || run("-I").await {
         Ok(())
     } else {
-        Err(OrchestratorError::Unsupported(
-            "network allowlists need iptables (as root) to keep sandboxes off the host; not available here".into(),
-        ))
+        Err(Unsupported::Allowlist {
+            reason: "keeping sandboxes off the host needs iptables as root",
+        }
+        .into())
     }
 }
 
@@ -196,16 +216,11 @@ fn instance_id(data_dir: &Path) -> Result<String, OrchestratorError> {
     let id = format!("{:016x}", fastrand::u64(..));
     std::fs::create_dir_all(data_dir)
         .and_then(|()| std::fs::write(&path, &id))
-        .map_err(|e| OrchestratorError::Setup(format!("cannot write `{}`: {e}", path.display())))?;
+        .map_err(|source| OrchestratorError::Setup {
+            step: "writing the instance id",
+            source,
+        })?;
     Ok(id)
-}
-
-/// The answer `meshbox install --json` prints inside the install container.
-#[derive(Debug, Deserialize, serde::Serialize)]
-pub struct InstallAnswer {
-    pub argv: Vec<String>,
-    pub workdir: PathBuf,
-    pub runtime: Option<Runtime>,
 }
 
 impl DockerBackend {
@@ -225,7 +240,6 @@ impl DockerBackend {
         Ok(DockerBackend {
             docker,
             instance,
-            config,
             api_version: version.api_version.unwrap_or_default(),
         })
     }
@@ -265,8 +279,8 @@ impl DockerBackend {
                 )])
             }),
             labels: Some(HashMap::from([
-                ("meshbox.managed".into(), "true".into()),
-                ("meshbox.mesh".into(), mesh.into()),
+                (labels::MANAGED.into(), "true".into()),
+                (labels::MESH.into(), mesh.into()),
             ])),
             ..Default::default()
         };
@@ -333,10 +347,10 @@ impl DockerBackend {
             cmd: Some(cmd),
             user: Some(SANDBOX_USER.into()),
             labels: Some(HashMap::from([
-                ("meshbox.managed".into(), "true".into()),
-                ("meshbox.role".into(), "proxy".into()),
-                ("meshbox.mesh".into(), mesh.to_owned()),
-                ("meshbox.instance".into(), self.instance.clone()),
+                (labels::MANAGED.into(), "true".into()),
+                (labels::ROLE.into(), labels::ROLE_PROXY.into()),
+                (labels::MESH.into(), mesh.to_owned()),
+                (labels::INSTANCE.into(), self.instance.clone()),
             ])),
             host_config: Some(HostConfig {
                 network_mode: Some(internal.clone()),
@@ -382,13 +396,37 @@ impl DockerBackend {
         Ok((internal, url))
     }
 
-    /// Runs a short-lived container to completion: its stdout, or its stderr tail.
+    /// Runs a short-lived container to completion (an install step): its
+    /// exit and bounded output. The container is removed however this ends,
+    /// a dropped future included.
     async fn run_to_end(
         &self,
-        body: ContainerCreateBody,
-        upload: Option<Vec<u8>>,
-        what: &str,
-    ) -> Result<Vec<u8>, OrchestratorError> {
+        spec: SandboxSpec,
+        timeout: Duration,
+    ) -> Result<Completed, OrchestratorError> {
+        let image = spec.image.clone().ok_or(Unsupported::NoImage)?;
+        if spec.argv.is_empty() {
+            return Err(Unsupported::EmptyCommand.into());
+        }
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut mounts = Vec::new();
+        for m in &spec.mounts {
+            mounts.push(self.docker_mount(m, true).await?);
+        }
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            cmd: Some(spec.argv.clone()),
+            env: Some(env),
+            user: Some(SANDBOX_USER.into()),
+            labels: Some(self.labels(&spec)),
+            host_config: Some(HostConfig {
+                mounts: Some(mounts),
+                memory: spec.limits.memory_mb.map(|mb| (mb * 1024 * 1024) as i64),
+                pids_limit: Some(spec.limits.pids.unwrap_or(1024) as i64),
+                ..hardened()
+            }),
+            ..Default::default()
+        };
         let name = format!("meshbox-install-{:08x}", fastrand::u32(..));
         let created = self
             .docker
@@ -397,229 +435,178 @@ impl DockerBackend {
                 body,
             )
             .await
-            .map_err(|e| docker_err(what, e))?;
+            .map_err(|e| create_err(&image, e))?;
         let id = created.id;
-        let result = async {
-            if let Some(tar) = upload {
-                self.docker
-                    .upload_to_container(
-                        &id,
-                        Some(
-                            UploadToContainerOptionsBuilder::default()
-                                .path(CACHE_MOUNT)
-                                .build(),
-                        ),
-                        bollard::body_full(tar.into()),
-                    )
-                    .await
-                    .map_err(|e| docker_err("copying the source into the install container", e))?;
-            }
+        // Removes the container on every way out, cancellation included.
+        let _guard = RemoveOnDrop {
+            docker: self.docker.clone(),
+            id: id.clone(),
+        };
+        if let Some(upload) = &spec.upload {
+            let (from, into, name) = (
+                upload.from.clone(),
+                upload.into.clone(),
+                upload.name.clone(),
+            );
+            let tar = tokio::task::spawn_blocking(move || tar_dir(&from, &name))
+                .await
+                .map_err(|e| OrchestratorError::Setup {
+                    step: "packing the source directory",
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| OrchestratorError::Setup {
+                    step: "packing the source directory",
+                    source,
+                })?;
             self.docker
-                .start_container(
+                .upload_to_container(
                     &id,
-                    None::<bollard::query_parameters::StartContainerOptions>,
+                    Some(
+                        UploadToContainerOptionsBuilder::default()
+                            .path(&into.to_string_lossy())
+                            .build(),
+                    ),
+                    bollard::body_full(tar.into()),
                 )
                 .await
-                .map_err(|e| docker_err(what, e))?;
-            let mut wait = self
-                .docker
-                .wait_container(&id, None::<WaitContainerOptions>);
-            let waited = tokio::time::timeout(self.config.install_timeout, wait.next()).await;
-            if waited.is_err() {
-                return Err(OrchestratorError::Source(
-                    crate::source::SourceError::InstallTimeout {
-                        what: what.to_owned(),
-                        secs: self.config.install_timeout.as_secs(),
-                    },
-                ));
-            }
-            let info = self
-                .docker
-                .inspect_container(&id, None)
-                .await
-                .map_err(|e| docker_err(what, e))?;
-            let code = info.state.and_then(|s| s.exit_code).unwrap_or(-1);
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let mut logs = self.docker.logs(
+                .map_err(|e| docker_err("copying the source into the install container", e))?;
+        }
+        self.docker
+            .start_container(
                 &id,
-                Some(
-                    LogsOptionsBuilder::default()
-                        .stdout(true)
-                        .stderr(true)
-                        .build(),
-                ),
-            );
-            while let Some(Ok(chunk)) = logs.next().await {
-                match chunk {
-                    bollard::container::LogOutput::StdOut { message } => {
-                        out.extend_from_slice(&message)
-                    }
-                    bollard::container::LogOutput::StdErr { message } => {
-                        err.extend_from_slice(&message)
-                    }
-                    _ => {}
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| docker_err("starting the install container", e))?;
+        let mut wait = self
+            .docker
+            .wait_container(&id, None::<WaitContainerOptions>);
+        if tokio::time::timeout(timeout, wait.next()).await.is_err() {
+            return Err(OrchestratorError::TimedOut {
+                what: format!("install in {image}"),
+                after: timeout,
+            });
+        }
+        let info = self
+            .docker
+            .inspect_container(&id, None)
+            .await
+            .map_err(|e| docker_err("inspecting the install container", e))?;
+        let state = info.state.unwrap_or_default();
+        let code = state.exit_code.map(|c| c as i32);
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut logs = self.docker.logs(
+            &id,
+            Some(
+                LogsOptionsBuilder::default()
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        );
+        while let Some(Ok(chunk)) = logs.next().await {
+            match chunk {
+                bollard::container::LogOutput::StdOut { message } => {
+                    let room = MAX_COMPLETED_OUTPUT.saturating_sub(out.len());
+                    out.extend_from_slice(&message[..message.len().min(room)]);
                 }
-            }
-            if code == 0 {
-                Ok(out)
-            } else {
-                let tail = tail(&err);
-                Err(OrchestratorError::Source(
-                    crate::source::SourceError::Install {
-                        what: what.to_owned(),
-                        status: format!("exit code {code}"),
-                        tail,
-                    },
-                ))
+                bollard::container::LogOutput::StdErr { message } => {
+                    err.extend_from_slice(&message);
+                    if err.len() > 2 * MAX_COMPLETED_OUTPUT {
+                        err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+                    }
+                }
+                _ => {}
             }
         }
-        .await;
-        let _ = remove_forced(&self.docker, &id).await;
-        result
-    }
-
-    /// The runtime a source will run with, known before installing it.
-    fn runtime_for(source: &Source, runtime: Option<Runtime>) -> Runtime {
-        runtime.unwrap_or(match source {
-            Source::Npm { .. } => Runtime::Node,
-            Source::Pypi { .. } => Runtime::Python,
-            Source::Path(dir) => crate::source::detect_runtime(dir).unwrap_or(Runtime::Node),
-            Source::Git { .. } | Source::Image(_) => Runtime::Node,
+        if err.len() > MAX_COMPLETED_OUTPUT {
+            err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+        }
+        Ok(Completed {
+            exit: ExitReason {
+                code,
+                signal: code.filter(|c| *c > 128 && *c < 160).map(|c| c - 128),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            },
+            stdout: out,
+            stderr: err,
         })
     }
 
-    async fn install_in_container(
+    /// The labels of a sandbox: whose it is, what for, which instance.
+    fn labels(&self, spec: &SandboxSpec) -> HashMap<String, String> {
+        HashMap::from([
+            (labels::MANAGED.into(), "true".into()),
+            (labels::MESH.into(), spec.owner.mesh.clone()),
+            (labels::SERVICE.into(), spec.owner.name.clone()),
+            (labels::ROLE.into(), spec.role.as_str().into()),
+            (labels::INSTANCE.into(), self.instance.clone()),
+        ])
+    }
+
+    /// A spec's mount as docker's: a volume (created for a writable install
+    /// mount, required to exist for a server's read-only one) or a bind.
+    async fn docker_mount(
         &self,
-        req: &PrepareRequest<'_>,
-        runtime: Runtime,
-        volume: &str,
-    ) -> Result<InstallAnswer, OrchestratorError> {
-        let source_arg = match req.source {
-            // Path sources are copied in as a tar stream, never bind-mounted.
-            Source::Path(_) => format!("path:{CACHE_MOUNT}/src"),
-            other => other.to_string(),
-        };
-        let mut cmd = vec![
-            "meshbox".to_owned(),
-            "install".to_owned(),
-            "--cache".to_owned(),
-            CACHE_MOUNT.to_owned(),
-            "--runtime".to_owned(),
-            runtime.to_string(),
-        ];
-        if let Some(c) = req.command {
-            cmd.push("--command-json".into());
-            cmd.push(serde_json::to_string(c).unwrap_or_default());
-        }
-        cmd.push(source_arg);
-        cmd.push("--".into());
-        cmd.extend(req.args.iter().cloned());
-        let upload = match req.source {
-            Source::Path(dir) => Some(tar_dir(dir, "src").map_err(|e| {
-                OrchestratorError::Setup(format!("failed to pack `{}`: {e}", dir.display()))
-            })?),
-            _ => None,
-        };
-        let env: Vec<String> = passthrough_env()
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let body = ContainerCreateBody {
-            image: Some(runner_image(runtime)),
-            cmd: Some(cmd),
-            env: Some(env),
-            user: Some(SANDBOX_USER.into()),
-            labels: Some(HashMap::from([
-                ("meshbox.managed".into(), "true".into()),
-                ("meshbox.role".into(), "install".into()),
-                ("meshbox.instance".into(), self.instance.clone()),
-            ])),
-            host_config: Some(HostConfig {
-                mounts: Some(vec![DockerMount {
+        m: &super::Mount,
+        create: bool,
+    ) -> Result<DockerMount, OrchestratorError> {
+        let target = Some(m.target.to_string_lossy().into_owned());
+        match &m.source {
+            MountSource::Volume(name) => {
+                if self.docker.inspect_volume(name).await.is_err() {
+                    if !create {
+                        return Err(OrchestratorError::MissingVolume {
+                            volume: name.clone(),
+                        });
+                    }
+                    self.docker
+                        .create_volume(VolumeCreateRequest {
+                            name: Some(name.clone()),
+                            labels: Some(HashMap::from([
+                                (labels::MANAGED.into(), "true".into()),
+                                (labels::INSTANCE.into(), self.instance.clone()),
+                            ])),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| docker_err("creating a cache volume", e))?;
+                }
+                Ok(DockerMount {
                     typ: Some(MountType::VOLUME),
-                    source: Some(volume.into()),
-                    target: Some(CACHE_MOUNT.into()),
-                    read_only: Some(false),
+                    source: Some(name.clone()),
+                    target,
+                    read_only: Some(m.read_only),
                     ..Default::default()
-                }]),
-                ..hardened()
+                })
+            }
+            MountSource::Host(path) => Ok(DockerMount {
+                typ: Some(MountType::BIND),
+                source: Some(path.to_string_lossy().into_owned()),
+                target,
+                read_only: Some(m.read_only),
+                ..Default::default()
             }),
-            ..Default::default()
-        };
-        (req.progress)(&format!(
-            "installing {} in a {} container",
-            req.source, runtime
-        ));
-        let out = self
-            .run_to_end(body, upload, &format!("install of {}", req.source))
-            .await?;
-        let text = String::from_utf8_lossy(&out);
-        let last = text
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))
-            .unwrap_or("");
-        serde_json::from_str(last).map_err(|e| {
-            OrchestratorError::Setup(format!(
-                "install container gave no launch answer ({e}): {}",
-                text.trim()
-            ))
-        })
-    }
-}
-
-/// Proxy and registry settings an install container needs (never credentials).
-fn passthrough_env() -> Vec<(String, String)> {
-    [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "PIP_INDEX_URL",
-        "UV_INDEX_URL",
-        "npm_config_registry",
-    ]
-    .iter()
-    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-    .collect()
-}
-
-/// Paths, sizes and mtimes of what `tar_dir` would pack: changes when the
-/// directory's content does.
-fn dir_fingerprint(dir: &Path) -> String {
-    let mut acc = String::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        let mut entries: Vec<_> = rd.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            if matches!(
-                e.file_name().to_str(),
-                Some(".git" | "node_modules" | ".venv" | "__pycache__")
-            ) {
-                continue;
-            }
-            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            acc.push_str(&format!("{}|{}|{mtime}\n", e.path().display(), meta.len()));
-            if meta.is_dir() {
-                stack.push(e.path());
-            }
         }
     }
-    fnv(&acc)
+}
+
+/// Removes a container when dropped (in the background).
+struct RemoveOnDrop {
+    docker: Docker,
+    id: String,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let (docker, id) = (self.docker.clone(), self.id.clone());
+            tokio::spawn(async move {
+                remove_forced(&docker, &id).await;
+            });
+        }
+    }
 }
 
 /// Packs `dir` as a tar under `prefix/`, owned by the sandbox user; skips
@@ -752,8 +739,13 @@ impl Drop for DockerHandle {
 
 #[async_trait]
 impl Orchestrator for DockerBackend {
-    fn backend(&self) -> &'static str {
-        "docker"
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "docker",
+            images: true,
+            sandboxed_install: true,
+            detach: true,
+        }
     }
 
     fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
@@ -763,128 +755,29 @@ impl Orchestrator for DockerBackend {
             // A pids limit always applies (default 256).
             pids: true,
             network: true,
+            // Its own root filesystem (read-only), the source volume and tmpfs.
+            filesystem: true,
         })
     }
 
-    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError> {
-        if let Source::Image(image) = req.source {
-            let mut argv: Vec<String> = req.command.map(<[String]>::to_vec).unwrap_or_default();
-            argv.extend(req.args.iter().cloned());
-            return Ok(Prepared {
-                launch: Launch {
-                    argv,
-                    workdir: PathBuf::new(),
-                    runtime: req.runtime,
-                },
-                image: Some(image.clone()),
-                mounts: Vec::new(),
-            });
-        }
-        let runtime = Self::runtime_for(req.source, req.runtime);
-        let ident = match req.source {
-            Source::Path(dir) => format!("path:{}", dir.display()),
-            other => other.to_string(),
-        };
-        let volume = format!("meshbox-src-{}-{runtime}", fnv(&ident));
-        // A warm source: its volume and the answer of its install are both there.
-        let answers = self.config.data_dir.join("docker-installs");
-        let key = fnv(&format!(
-            "{volume}|{}|{}",
-            serde_json::to_string(&req.command).unwrap_or_default(),
-            serde_json::to_string(req.args).unwrap_or_default()
-        ));
-        // A directory is warm while its files are unchanged.
-        let fingerprint = match req.source {
-            Source::Path(dir) => dir_fingerprint(dir),
-            _ => String::new(),
-        };
-        let answer_file = answers.join(format!("{key}-{fingerprint}.json"));
-        let volume_exists = self.docker.inspect_volume(&volume).await.is_ok();
-        let cached: Option<InstallAnswer> = match (volume_exists, req.source) {
-            (true, Source::Npm { .. } | Source::Pypi { .. } | Source::Path(_)) => {
-                std::fs::read(&answer_file)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-            }
-            // A branch may have moved: re-run the install (it reuses what the
-            // volume holds, and `ls-remote` tells whether anything changed).
-            _ => None,
-        };
-        let answer = match cached {
-            Some(a) => a,
-            None => {
-                if !volume_exists {
-                    self.docker
-                        .create_volume(VolumeCreateRequest {
-                            name: Some(volume.clone()),
-                            labels: Some(HashMap::from([
-                                ("meshbox.managed".into(), "true".into()),
-                                ("meshbox.source".into(), ident.chars().take(200).collect()),
-                            ])),
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| docker_err("creating the source volume", e))?;
-                }
-                let mut a = self.install_in_container(&req, runtime, &volume).await?;
-                if let Some(rt) = a.runtime.filter(|rt| *rt != runtime) {
-                    // A git source turned out to need another runtime's image.
-                    let volume2 = format!("meshbox-src-{}-{rt}", fnv(&ident));
-                    let _ = self
-                        .docker
-                        .create_volume(VolumeCreateRequest {
-                            name: Some(volume2.clone()),
-                            labels: Some(HashMap::from([(
-                                "meshbox.managed".into(),
-                                "true".into(),
-                            )])),
-                            ..Default::default()
-                        })
-                        .await;
-                    a = self.install_in_container(&req, rt, &volume2).await?;
-                    return Ok(Prepared {
-                        launch: Launch {
-                            argv: a.argv,
-                            workdir: a.workdir,
-                            runtime: Some(rt),
-                        },
-                        image: Some(runner_image(rt)),
-                        mounts: vec![Mount {
-                            volume: volume2,
-                            target: CACHE_MOUNT.into(),
-                            read_only: true,
-                        }],
-                    });
-                }
-                let _ = std::fs::create_dir_all(&answers);
-                let _ = std::fs::write(&answer_file, serde_json::to_vec(&a).unwrap_or_default());
-                a
-            }
-        };
-        Ok(Prepared {
-            launch: Launch {
-                argv: answer.argv,
-                workdir: answer.workdir,
-                runtime: answer.runtime.or(Some(runtime)),
-            },
-            image: Some(runner_image(runtime)),
-            mounts: vec![Mount {
-                volume,
-                target: CACHE_MOUNT.into(),
-                read_only: true,
-            }],
-        })
+    async fn run_to_completion(
+        &self,
+        spec: SandboxSpec,
+        timeout: Duration,
+    ) -> Result<Completed, OrchestratorError> {
+        self.run_to_end(spec, timeout).await
     }
 
-    async fn released(&self, mesh: &str, _service: &str) {
+    async fn release(&self, owner: &ServiceKey) {
+        let mesh = owner.mesh.as_str();
         // The mesh network goes with the mesh's last service.
         if mesh_is_empty(&self.docker, mesh).await {
             if let Ok(proxies) = list_labelled(
                 &self.docker,
                 vec![
-                    "meshbox.role=proxy".to_owned(),
-                    format!("meshbox.mesh={mesh}"),
-                    format!("meshbox.instance={}", self.instance),
+                    format!("{}={}", labels::ROLE, labels::ROLE_PROXY),
+                    format!("{}={mesh}", labels::MESH),
+                    format!("{}={}", labels::INSTANCE, self.instance),
                 ],
             )
             .await
@@ -903,15 +796,15 @@ impl Orchestrator for DockerBackend {
 
     async fn adopt(&self, spec: &SandboxSpec) -> Option<Sandbox> {
         let enforced = self.check(spec).ok()?;
-        let mesh = spec.labels.get("meshbox.mesh")?;
-        let service = spec.labels.get("meshbox.service")?;
+        let mesh = &spec.owner.mesh;
+        let service = &spec.owner.name;
         let list = list_labelled(
             &self.docker,
             vec![
-                "meshbox.managed=true".to_owned(),
-                format!("meshbox.instance={}", self.instance),
-                format!("meshbox.mesh={mesh}"),
-                format!("meshbox.service={service}"),
+                format!("{}=true", labels::MANAGED),
+                format!("{}={}", labels::INSTANCE, self.instance),
+                format!("{}={mesh}", labels::MESH),
+                format!("{}={service}", labels::SERVICE),
             ],
         )
         .await
@@ -924,7 +817,7 @@ impl Orchestrator for DockerBackend {
                 .state
                 .as_ref()
                 .is_some_and(|s| format!("{s:?}").to_lowercase().contains("running"));
-            let same = c.labels.as_ref().and_then(|l| l.get("meshbox.spec-hash")) == Some(&want);
+            let same = c.labels.as_ref().and_then(|l| l.get(labels::SPEC_HASH)) == Some(&want);
             if adopted.is_none() && running && same {
                 adopted = Some(id);
             } else {
@@ -937,12 +830,12 @@ impl Orchestrator for DockerBackend {
         Some(self.sandbox(id, attached, enforced).await)
     }
 
-    async fn sweep(&self, keep: &[(String, String)]) {
+    async fn sweep(&self, keep: &[ServiceKey]) {
         let Ok(list) = list_labelled(
             &self.docker,
             vec![
-                "meshbox.managed=true".to_owned(),
-                format!("meshbox.instance={}", self.instance),
+                format!("{}=true", labels::MANAGED),
+                format!("{}={}", labels::INSTANCE, self.instance),
             ],
         )
         .await
@@ -951,13 +844,13 @@ impl Orchestrator for DockerBackend {
         };
         for c in list {
             let labels = c.labels.unwrap_or_default();
-            if labels.get("meshbox.role").map(String::as_str) == Some("proxy") {
+            if labels.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_PROXY) {
                 continue; // removed with its mesh
             }
-            let key = (
-                labels.get("meshbox.mesh").cloned().unwrap_or_default(),
-                labels.get("meshbox.service").cloned().unwrap_or_default(),
-            );
+            let key = ServiceKey {
+                mesh: labels.get(labels::MESH).cloned().unwrap_or_default(),
+                name: labels.get(labels::SERVICE).cloned().unwrap_or_default(),
+            };
             if !keep.contains(&key) {
                 if let Some(id) = c.id {
                     debug!(container = %id, "removing a managed container with no stored spec");
@@ -969,23 +862,12 @@ impl Orchestrator for DockerBackend {
 
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
         let enforced = self.check(&spec)?;
-        let image = spec
-            .image
-            .clone()
-            .ok_or_else(|| OrchestratorError::Setup("no image for the container".into()))?;
-        let mesh = spec
-            .labels
-            .get("meshbox.mesh")
-            .cloned()
-            .unwrap_or_else(|| "default".into());
-        let service = spec
-            .labels
-            .get("meshbox.service")
-            .cloned()
-            .unwrap_or_else(|| "run".into());
+        let image = spec.image.clone().ok_or(Unsupported::NoImage)?;
+        let mesh = spec.owner.mesh.clone();
+        let service = spec.owner.name.clone();
         let mut proxy_env = Vec::new();
         let network_mode = match spec.network.effective() {
-            NetworkPolicy::Mode(crate::config::NetworkMode::None) => "none".to_owned(),
+            NetworkPolicy::Mode(NetworkMode::None) => "none".to_owned(),
             NetworkPolicy::Allow { allow } => {
                 // Only the proxy's allowlist leads out of the internal network.
                 let proxy_image = if image.starts_with("meshbox/runner-") {
@@ -1003,10 +885,12 @@ impl Orchestrator for DockerBackend {
             }
             _ => self.mesh_network(&mesh).await?,
         };
-        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
-        labels.insert("meshbox.managed".into(), "true".into());
-        labels.insert("meshbox.spec-hash".into(), spec_hash(&spec));
-        labels.insert("meshbox.instance".into(), self.instance.clone());
+        let mut labels = self.labels(&spec);
+        labels.insert(labels::SPEC_HASH.into(), spec_hash(&spec));
+        let mut mounts = Vec::new();
+        for m in &spec.mounts {
+            mounts.push(self.docker_mount(m, false).await?);
+        }
         // HOME must be writable on a read-only root: the tmpfs. PATH is the
         // image's, not the host's.
         let mut env = spec.env.clone();
@@ -1029,20 +913,10 @@ impl Orchestrator for DockerBackend {
                 "rw,nosuid,nodev,size=64m".into(),
             )])),
             network_mode: Some(network_mode),
-            mounts: Some(
-                spec.mounts
-                    .iter()
-                    .map(|m| DockerMount {
-                        typ: Some(MountType::VOLUME),
-                        source: Some(m.volume.clone()),
-                        target: Some(m.target.clone()),
-                        read_only: Some(m.read_only),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
+            mounts: Some(mounts),
             ..hardened()
         };
+        let image_name = image.clone();
         let body = ContainerCreateBody {
             image: Some(image),
             cmd: (!spec.argv.is_empty()).then(|| spec.argv.clone()),
@@ -1071,7 +945,7 @@ impl Orchestrator for DockerBackend {
                 body,
             )
             .await
-            .map_err(|e| docker_err("creating the container", e))?;
+            .map_err(|e| create_err(&image_name, e))?;
         let id = created.id;
         let cleanup = |docker: Docker, id: String| async move {
             let _ = remove_forced(&docker, &id).await;
@@ -1199,8 +1073,8 @@ async fn mesh_is_empty(docker: &Docker, mesh: &str) -> bool {
     match list_labelled(
         docker,
         vec![
-            "meshbox.managed=true".to_owned(),
-            format!("meshbox.mesh={mesh}"),
+            format!("{}=true", labels::MANAGED),
+            format!("{}={mesh}", labels::MESH),
         ],
     )
     .await
@@ -1209,9 +1083,9 @@ async fn mesh_is_empty(docker: &Docker, mesh: &str) -> bool {
         Ok(list) => list.iter().all(|c| {
             c.labels
                 .as_ref()
-                .and_then(|l| l.get("meshbox.role"))
+                .and_then(|l| l.get(labels::ROLE))
                 .map(String::as_str)
-                == Some("proxy")
+                == Some(labels::ROLE_PROXY)
         }),
         Err(_) => false,
     }

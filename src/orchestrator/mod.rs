@@ -2,26 +2,46 @@
 //!
 //! A backend turns a [`SandboxSpec`] into a running [`Sandbox`]: byte streams
 //! for the server's stdin, stdout and stderr, an exit signal, and a handle that
-//! stops the whole sandbox. No backend type (a `tokio::process::Child`, a
-//! bollard model) crosses this boundary, so the supervisor and the API never
-//! name a backend, and tests drive them through a fake.
+//! stops the whole sandbox. It knows nothing of sources, MCP or services
+//! beyond the owner key it labels things with. No backend type (a
+//! `tokio::process::Child`, a bollard model) crosses this boundary, so the
+//! supervisor and the API never name a backend: they read [`Capabilities`].
+//!
+//! The primitives a backend implements: [`check`](Orchestrator::check),
+//! [`spawn`](Orchestrator::spawn), [`run_to_completion`](Orchestrator::run_to_completion),
+//! [`release`](Orchestrator::release), [`sweep`](Orchestrator::sweep), and
+//! optionally [`adopt`](Orchestrator::adopt).
 
 pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 
-use crate::config::{NetworkPolicy, Runtime};
-use crate::source::{Installer, Launch, Progress, Source, SourceError};
+pub use crate::model::{
+    wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Limits, NetworkPolicy,
+    ServiceKey,
+};
+
+/// Something a backend cannot do for a spec; refused up front, never ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    #[error("network allowlists cannot be enforced by this backend here: {reason}")]
+    Allowlist { reason: &'static str },
+    #[error("network none needs a network namespace, which cannot be created here: {reason}")]
+    NetworkNone { reason: &'static str },
+    #[error("image sources need a container backend")]
+    Images,
+    #[error("this backend cannot provide {layer} isolation here, and it is required")]
+    Isolation { layer: &'static str },
+    #[error("the spec names no program to run")]
+    EmptyCommand,
+    #[error("the spec names no image to run")]
+    NoImage,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
@@ -31,111 +51,117 @@ pub enum OrchestratorError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("sandbox setup failed: {0}")]
-    Setup(String),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Unsupported(#[from] Unsupported),
+    /// A named volume a spec mounts does not exist (an install cache that
+    /// was removed): re-run its install.
+    #[error("volume `{volume}` does not exist")]
+    MissingVolume { volume: String },
+    #[error("image `{image}` does not exist (build it with `meshbox images build`)")]
+    MissingImage { image: String },
+    #[error("{what} `{name}` not found")]
+    NotFound { what: &'static str, name: String },
+    #[error("{what} `{name}` already exists")]
+    Conflict { what: &'static str, name: String },
+    /// The container engine refused or failed an operation.
+    #[error("the container engine failed while {op}")]
+    Engine {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A host operation of the sandbox setup failed (cgroups, directories).
+    #[error("sandbox setup failed while {step}")]
+    Setup {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} did not finish within {}s", after.as_secs())]
+    TimedOut { what: String, after: Duration },
 }
 
-/// Resource limits requested for a sandbox.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Limits {
-    pub memory_mb: Option<u64>,
-    pub cpus: Option<f64>,
-    pub pids: Option<u64>,
+/// What a backend can do, so callers ask instead of naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Shown in status and health (`process`, `docker`).
+    pub name: &'static str,
+    /// Runs `image:` sources.
+    pub images: bool,
+    /// Installs run inside a sandbox from the runner image (with network),
+    /// into a named volume the server then mounts read-only.
+    pub sandboxed_install: bool,
+    /// Sandboxes can outlive meshbox and be re-adopted by the next start.
+    pub detach: bool,
 }
 
-/// Which requested limits the backend really enforces. A limit that was not
-/// requested is reported `false`: nothing bounds it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Enforced {
-    pub memory: bool,
-    pub cpus: bool,
-    pub pids: bool,
-    pub network: bool,
+/// Where a mount comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MountSource {
+    /// A named volume of the backend (docker): an install cache.
+    Volume(String),
+    /// A host directory.
+    Host(PathBuf),
 }
 
-/// Everything a backend needs to start one server.
-#[derive(Debug, Clone, Default)]
-pub struct SandboxSpec {
-    /// Program and arguments (argv, never a shell string).
-    pub argv: Vec<String>,
-    /// The complete environment of the server; nothing else is inherited.
-    pub env: BTreeMap<String, String>,
-    pub workdir: Option<PathBuf>,
-    pub limits: Limits,
-    pub network: NetworkPolicy,
-    /// `meshbox.mesh`, `meshbox.service`, ...: names the sandbox for its backend.
-    pub labels: BTreeMap<String, String>,
-    /// Container image (docker); `None` for a local process.
-    pub image: Option<String>,
-    /// Volumes to mount (docker): the installed source, read-only.
-    pub mounts: Vec<Mount>,
-}
-
-/// A named volume mounted into a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A directory a sandbox sees at `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Mount {
-    pub volume: String,
-    pub target: String,
+    pub source: MountSource,
+    pub target: PathBuf,
     pub read_only: bool,
 }
 
-/// What a backend needs to acquire a source before it can run it.
-pub struct PrepareRequest<'a> {
-    pub source: &'a Source,
-    pub runtime: Option<Runtime>,
-    pub command: Option<&'a [String]>,
-    pub args: &'a [String],
-    pub progress: &'a Progress,
-    /// The host's installer (the process backend installs with it directly).
-    pub installer: &'a Installer,
+/// A host directory copied into a sandbox before it starts (a `path:`
+/// source for a sandboxed install); never bind-mounted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upload {
+    pub from: PathBuf,
+    /// Directory inside the sandbox the copy lands in (`<into>/<name>`).
+    pub into: PathBuf,
+    pub name: String,
 }
 
-/// An acquired source: how to start it, and where (image, mounts).
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub launch: Launch,
-    pub image: Option<String>,
-    pub mounts: Vec<Mount>,
+/// What a sandbox is for: a server, or a step run to completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Role {
+    #[default]
+    Server,
+    Install,
 }
 
-/// How a sandboxed server ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ExitReason {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub oom_killed: bool,
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.oom_killed {
-            f.write_str("killed: out of memory")?;
-            return Ok(());
-        }
-        match (self.code, self.signal) {
-            (Some(c), _) => write!(f, "exit code {c}"),
-            (None, Some(s)) => write!(f, "killed by signal {s}"),
-            (None, None) => f.write_str("exit status unknown"),
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Install => "install",
         }
     }
 }
 
-/// Waits for an exit signal and returns its reason (default if the sender vanished).
-pub async fn wait_exit(rx: &mut watch::Receiver<Option<ExitReason>>) -> ExitReason {
-    let reason = rx
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|r| r.clone());
-    reason.unwrap_or_else(|| rx.borrow().clone().unwrap_or_default())
+/// Everything a backend needs to start one sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxSpec {
+    /// The service this sandbox belongs to.
+    pub owner: ServiceKey,
+    pub role: Role,
+    /// Container image; `None` runs `argv` on the host (process backend).
+    pub image: Option<String>,
+    /// Program and arguments (argv, never a shell string). Empty with an
+    /// image: the image's own command.
+    pub argv: Vec<String>,
+    /// The complete environment of the server; nothing else is inherited.
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+    /// The server's private, writable home (process backend); containers get
+    /// a tmpfs instead.
+    pub home: Option<PathBuf>,
+    pub limits: Limits,
+    pub network: NetworkPolicy,
+    /// The installed source (read-only) and the spec's host mounts.
+    pub mounts: Vec<Mount>,
+    pub upload: Option<Upload>,
 }
-
-pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
-pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// The server's three standard streams.
 pub struct SandboxIo {
@@ -150,7 +176,7 @@ pub trait SandboxHandle: Send + Sync {
     /// Stops the sandbox: waits `grace` for the server to exit on its own (the
     /// caller has closed stdin), then SIGTERM to the whole tree, then SIGKILL.
     async fn stop(&self, grace: Duration) -> ExitReason;
-    /// Kills at once, without grace.
+    /// Kills at once, without grace (the whole tree).
     fn kill(&self);
     /// Lets go of the sandbox without stopping it (to re-adopt it after a
     /// restart). False where the backend cannot: the caller then stops it.
@@ -162,31 +188,57 @@ pub trait SandboxHandle: Send + Sync {
 pub struct Sandbox {
     pub io: SandboxIo,
     /// `Some` once the server has exited.
-    pub exit: watch::Receiver<Option<ExitReason>>,
+    pub exit: ExitWatch,
     pub handle: Box<dyn SandboxHandle>,
     pub pid: Option<u32>,
     pub container_id: Option<String>,
     pub enforced: Enforced,
 }
 
+/// How a sandbox run to completion ended, and what it printed (bounded).
+#[derive(Debug, Clone, Default)]
+pub struct Completed {
+    pub exit: ExitReason,
+    /// At most [`MAX_COMPLETED_OUTPUT`] bytes of stdout.
+    pub stdout: Vec<u8>,
+    /// The last [`MAX_COMPLETED_OUTPUT`] bytes of stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Completed {
+    pub fn success(&self) -> bool {
+        self.exit.code == Some(0)
+    }
+}
+
+/// Bound on the output kept from a sandbox run to completion.
+pub const MAX_COMPLETED_OUTPUT: usize = 1 << 20;
+
 #[async_trait]
 pub trait Orchestrator: Send + Sync + 'static {
-    /// `"process"` or `"docker"`: shown in status and health.
-    fn backend(&self) -> &'static str;
-    /// Which limits this backend can enforce for `spec`, before starting it.
-    /// Rejects specs it cannot honour (e.g. an allowlist it cannot enforce).
+    fn capabilities(&self) -> Capabilities;
+    /// Which limits and layers this backend would enforce for `spec`, before
+    /// starting it. Rejects specs it cannot honour (an allowlist it cannot
+    /// enforce, an image without an engine).
     fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError>;
-    /// Acquires a source (installing it where this backend runs servers).
-    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError>;
+    /// Starts a server's sandbox with its stdio attached.
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError>;
+    /// Runs a sandbox (an install step) to its end or `timeout`; dropping the
+    /// future removes whatever it started.
+    async fn run_to_completion(
+        &self,
+        spec: SandboxSpec,
+        timeout: Duration,
+    ) -> Result<Completed, OrchestratorError>;
     /// A service is gone for good (undeployed): release what it held alone,
     /// such as its mesh's network once the mesh is empty.
-    async fn released(&self, _mesh: &str, _service: &str) {}
+    async fn release(&self, _owner: &ServiceKey) {}
     /// A sandbox of exactly this spec still running from before a restart,
     /// re-attached; `None` when there is none (or the backend cannot).
     async fn adopt(&self, _spec: &SandboxSpec) -> Option<Sandbox> {
         None
     }
-    /// After a restart: removes managed sandboxes of services not in `keep`.
-    async fn sweep(&self, _keep: &[(String, String)]) {}
+    /// At start: removes what an earlier meshbox of this data dir left behind
+    /// for services not in `keep` (containers, networks, cgroups).
+    async fn sweep(&self, _keep: &[ServiceKey]) {}
 }

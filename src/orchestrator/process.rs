@@ -23,10 +23,10 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    Enforced, ExitReason, Limits, Orchestrator, OrchestratorError, PrepareRequest, Prepared,
-    Sandbox, SandboxHandle, SandboxIo, SandboxSpec,
+    Capabilities, Completed, Enforced, ExitReason, Limits, Orchestrator, OrchestratorError,
+    Sandbox, SandboxHandle, SandboxIo, SandboxSpec, Unsupported, MAX_COMPLETED_OUTPUT,
 };
-use crate::config::NetworkPolicy;
+use crate::model::{NetworkMode, NetworkPolicy};
 
 /// Options of the process backend.
 #[derive(Debug, Clone)]
@@ -126,6 +126,7 @@ impl ProcessBackend {
             // RLIMIT_NPROC does not bind root, so without cgroups root has no pids limit.
             pids: limits.pids.is_some() && (pids || !self.is_root),
             network: false,
+            filesystem: false,
         }
     }
 }
@@ -385,23 +386,33 @@ impl Drop for ProcessHandle {
 
 #[async_trait]
 impl Orchestrator for ProcessBackend {
-    fn backend(&self) -> &'static str {
-        "process"
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "process",
+            images: false,
+            sandboxed_install: false,
+            detach: false,
+        }
     }
 
     fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
+        if spec.image.is_some() {
+            return Err(Unsupported::Images.into());
+        }
         let mut e = self.predict(&spec.limits);
         match spec.network.effective() {
             NetworkPolicy::Allow { .. } => {
-                return Err(OrchestratorError::Unsupported(
-                    "network allowlists cannot be enforced by the process backend; use the docker backend, or network none/full".into(),
-                ))
+                return Err(Unsupported::Allowlist {
+                    reason: "the process backend has no egress proxy yet; use the docker backend, or network none/full",
+                }
+                .into())
             }
-            NetworkPolicy::Mode(crate::config::NetworkMode::None) => {
+            NetworkPolicy::Mode(NetworkMode::None) => {
                 if !self.can_unshare_net {
-                    return Err(OrchestratorError::Unsupported(
-                        "network none needs a network namespace, which only root can create here; run meshbox as root or use the docker backend".into(),
-                    ));
+                    return Err(Unsupported::NetworkNone {
+                        reason: "only root can create one here; run meshbox as root or use the docker backend",
+                    }
+                    .into());
                 }
                 e.network = true;
             }
@@ -410,16 +421,68 @@ impl Orchestrator for ProcessBackend {
         Ok(e)
     }
 
-    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError> {
-        let launch = req
-            .installer
-            .acquire(req.source, req.runtime, req.command, req.args, req.progress)
-            .await?;
-        Ok(Prepared {
-            launch,
-            image: None,
-            mounts: Vec::new(),
-        })
+    async fn run_to_completion(
+        &self,
+        spec: SandboxSpec,
+        timeout: Duration,
+    ) -> Result<Completed, OrchestratorError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let what = spec.argv.first().cloned().unwrap_or_default();
+        let mut sandbox = self.spawn(spec).await?;
+        let _ = sandbox.io.stdin.shutdown().await;
+        let mut stdout = sandbox.io.stdout;
+        let mut stderr = sandbox.io.stderr;
+        let handle = sandbox.handle;
+        let mut exit = sandbox.exit;
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let read_out = async {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match stdout.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let room = MAX_COMPLETED_OUTPUT.saturating_sub(out.len());
+                            out.extend_from_slice(&buf[..n.min(room)]);
+                        }
+                    }
+                }
+            };
+            let read_err = async {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match stderr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            err.extend_from_slice(&buf[..n]);
+                            if err.len() > 2 * MAX_COMPLETED_OUTPUT {
+                                err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+                            }
+                        }
+                    }
+                }
+            };
+            let ((), (), reason) = tokio::join!(read_out, read_err, super::wait_exit(&mut exit));
+            if err.len() > MAX_COMPLETED_OUTPUT {
+                err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+            }
+            Completed {
+                exit: reason,
+                stdout: out,
+                stderr: err,
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(done) => Ok(done),
+            Err(_) => {
+                handle.kill();
+                Err(OrchestratorError::TimedOut {
+                    what,
+                    after: timeout,
+                })
+            }
+        }
     }
 
     async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
@@ -428,19 +491,12 @@ impl Orchestrator for ProcessBackend {
             .argv
             .first()
             .cloned()
-            .ok_or_else(|| OrchestratorError::Setup("empty command".into()))?;
+            .ok_or(Unsupported::EmptyCommand)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let label = |k: &str| {
-            spec.labels
-                .get(k)
-                .map(String::as_str)
-                .unwrap_or("x")
-                .to_owned()
-        };
         let name = format!(
             "{}_{}_{}_{}",
-            label("meshbox.mesh"),
-            label("meshbox.service"),
+            spec.owner.mesh,
+            spec.owner.name,
             std::process::id(),
             seq
         );
@@ -589,7 +645,13 @@ mod tests {
             ..Default::default()
         };
         let err = b.check(&spec).unwrap_err();
-        assert!(err.to_string().contains("allowlists"), "{err}");
+        assert!(
+            matches!(
+                err,
+                OrchestratorError::Unsupported(Unsupported::Allowlist { .. })
+            ),
+            "{err}"
+        );
     }
 
     #[test]

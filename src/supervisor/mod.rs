@@ -8,10 +8,10 @@
 pub mod backoff;
 pub mod health;
 pub mod logs;
+pub mod prepare;
 pub mod service;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -24,35 +24,69 @@ pub use backoff::{BackoffConfig, FailedRetry};
 pub use health::Health;
 pub use service::{Phase, Service, ServiceStatus};
 
-use crate::config::{validate_name, ServiceSpec, SpecError};
+use crate::acquire::sandboxed::SandboxedInstalls;
+use crate::acquire::{AcquireError, InstallConfig, Installer, Source};
+use crate::config::{ServiceSpec, SpecError};
 use crate::mcp::CallError;
-use crate::orchestrator::{Limits, Orchestrator, OrchestratorError, SandboxSpec};
-use crate::source::{InstallConfig, Installer, Source, SourceError};
+use crate::orchestrator::{Capabilities, Limits, Orchestrator, OrchestratorError, SandboxSpec};
 use crate::store::Store;
 use futures_util::StreamExt;
+use prepare::Validated;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub mesh: String,
-    pub name: String,
+pub use crate::model::ServiceKey;
+
+/// Why a start attempt failed (kept, as text, in the status's `last_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("env `{key}`: cannot read its secret file")]
+    Secret {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to create the server's home `{}`", path.display())]
+    Home {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Acquire(#[from] AcquireError),
+    #[error("the sandbox could not be started")]
+    Orchestrator(#[from] OrchestratorError),
+    #[error("server exited during {step} ({reason})")]
+    ExitedDuring {
+        step: &'static str,
+        reason: crate::model::ExitReason,
+    },
+    #[error("no answer to {step} within {}s", after.as_secs())]
+    HandshakeTimeout { step: &'static str, after: Duration },
+    #[error("MCP {step} failed")]
+    Handshake {
+        step: &'static str,
+        #[source]
+        source: CallError,
+    },
 }
 
-impl ServiceKey {
-    /// A key from untrusted names, validated.
-    pub fn parse(mesh: &str, name: &str) -> Result<Self, SpecError> {
-        validate_name("mesh", mesh)?;
-        validate_name("service name", name)?;
-        Ok(ServiceKey {
-            mesh: mesh.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.mesh, self.name)
-    }
+/// What kind of failure an error is, for callers that map it to a status
+/// (the HTTP API) without knowing the layers below.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ErrorKind {
+    /// Bad input: nothing changed.
+    Invalid,
+    NotFound,
+    /// The service is not running (crashed, failed, stopped) or went away.
+    Unavailable,
+    Timeout,
+    /// The server answered with a JSON-RPC error.
+    Upstream {
+        code: i64,
+        data: Option<serde_json::Value>,
+    },
+    /// The server broke the protocol, or could not be started.
+    BadGateway,
+    Internal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +94,8 @@ pub enum SupervisorError {
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error("spec cannot be run here: {0}")]
+    Source(#[from] AcquireError),
+    #[error("spec cannot be run here")]
     Unsupported(#[source] OrchestratorError),
     #[error("service {key} not found")]
     NotFound { key: ServiceKey },
@@ -85,6 +119,48 @@ pub enum SupervisorError {
         #[source]
         source: CallError,
     },
+}
+
+impl SupervisorError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SupervisorError::Spec(_)
+            | SupervisorError::Source(_)
+            | SupervisorError::Unsupported(_) => ErrorKind::Invalid,
+            SupervisorError::NotFound { .. } => ErrorKind::NotFound,
+            SupervisorError::NotRunning { .. } => ErrorKind::Unavailable,
+            SupervisorError::StartFailed { .. } => ErrorKind::BadGateway,
+            SupervisorError::Store(_) => ErrorKind::Internal,
+            SupervisorError::Call { source, .. } => match source {
+                CallError::Timeout(_) => ErrorKind::Timeout,
+                CallError::Rpc { code, data, .. } => ErrorKind::Upstream {
+                    code: *code,
+                    data: data.clone(),
+                },
+                CallError::Protocol(_) => ErrorKind::BadGateway,
+                CallError::Exited(_) | CallError::Closed(_) => ErrorKind::Unavailable,
+            },
+        }
+    }
+
+    /// The server's own message, for a JSON-RPC error answer.
+    pub fn upstream_message(&self) -> Option<&str> {
+        match self {
+            SupervisorError::Call {
+                source: CallError::Rpc { message, .. },
+                ..
+            } => Some(message),
+            _ => None,
+        }
+    }
+
+    /// The server's last log lines, for a failed start.
+    pub fn logs(&self) -> &[String] {
+        match self {
+            SupervisorError::StartFailed { logs, .. } => logs,
+            _ => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +209,7 @@ pub struct Supervisor {
     /// Desired state, when persisted.
     store: Option<Arc<Store>>,
     installer: Arc<Installer>,
+    sandboxed: Arc<SandboxedInstalls>,
     config: Arc<SupervisorConfig>,
     services: RwLock<HashMap<ServiceKey, Arc<Service>>>,
     /// Serializes deploys and removals of the same key.
@@ -145,6 +222,9 @@ impl Supervisor {
             orchestrator,
             store: None,
             installer: Arc::new(Installer::new(config.install.clone())),
+            sandboxed: Arc::new(SandboxedInstalls::new(
+                config.data_dir.join("docker-installs"),
+            )),
             config: Arc::new(config),
             services: RwLock::new(HashMap::new()),
             key_locks: Mutex::new(HashMap::new()),
@@ -157,8 +237,13 @@ impl Supervisor {
         self
     }
 
+    pub fn capabilities(&self) -> Capabilities {
+        self.orchestrator.capabilities()
+    }
+
+    /// The backend's name, as status and health show it.
     pub fn backend(&self) -> &'static str {
-        self.orchestrator.backend()
+        self.orchestrator.capabilities().name
     }
 
     pub fn config(&self) -> &SupervisorConfig {
@@ -191,22 +276,24 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })
     }
 
-    /// Checks a spec completely, without side effects.
-    pub fn validate(&self, spec: &ServiceSpec) -> Result<Source, SupervisorError> {
+    /// Checks a spec completely, without side effects: the typed value the
+    /// lifecycle consumes.
+    pub fn validate(&self, spec: ServiceSpec) -> Result<Validated, SupervisorError> {
         spec.validate()?;
         let source: Source = spec.source.parse()?;
         match &source {
-            Source::Image(_) if self.backend() != "docker" => {
-                return Err(SourceError::Unsupported { kind: "image" }.into());
+            Source::Image(_) if !self.capabilities().images => {
+                return Err(AcquireError::Unsupported { kind: "image" }.into());
             }
             // A local directory is checked now: a missing dir or entry is bad input.
             Source::Path(dir) => {
-                crate::source::check_dir(dir, spec.runtime, spec.command.as_deref())?;
+                crate::acquire::check_dir(dir, spec.runtime, spec.command.as_deref())?;
             }
             _ => {}
         }
         let probe = SandboxSpec {
             argv: vec!["probe".into()],
+            image: matches!(source, Source::Image(_)).then(|| "probe".to_owned()),
             limits: Limits {
                 memory_mb: spec.memory_mb,
                 cpus: spec.cpus,
@@ -218,23 +305,17 @@ impl Supervisor {
         self.orchestrator
             .check(&probe)
             .map_err(SupervisorError::Unsupported)?;
-        Ok(source)
+        Ok(Validated { spec, source })
     }
 
     /// Starts a service's lifecycle and puts it in the registry.
-    fn register(
-        &self,
-        key: ServiceKey,
-        spec: ServiceSpec,
-        source: Source,
-        adopt: bool,
-    ) -> Arc<Service> {
+    fn register(&self, key: ServiceKey, v: Validated, adopt: bool) -> Arc<Service> {
         let svc = Service::launch(
             key.clone(),
-            spec,
-            source,
+            v,
             self.orchestrator.clone(),
             self.installer.clone(),
+            self.sandboxed.clone(),
             self.config.clone(),
             adopt,
         );
@@ -251,12 +332,12 @@ impl Supervisor {
         key: ServiceKey,
         spec: ServiceSpec,
     ) -> Result<ServiceStatus, SupervisorError> {
-        let source = self.validate(&spec)?;
+        let v = self.validate(spec)?;
         let lock = self.key_lock(&key);
         let _guard = lock.lock().await;
         // Desired state first: a crash from here on still restores it.
         if let Some(store) = &self.store {
-            store.put(&key, &spec)?;
+            store.put(&key, &v.spec)?;
         }
         let old = self
             .services
@@ -267,7 +348,7 @@ impl Supervisor {
             info!(service = %key, "replacing");
             old.stop().await;
         }
-        let svc = self.register(key, spec, source, false);
+        let svc = self.register(key, v, false);
         self.wait_up(&svc).await
     }
 
@@ -302,7 +383,7 @@ impl Supervisor {
             store.delete(key)?;
         }
         svc.stop().await;
-        self.orchestrator.released(&key.mesh, &key.name).await;
+        self.orchestrator.release(key).await;
         info!(service = %key, "undeployed");
         Ok(())
     }
@@ -360,17 +441,14 @@ impl Supervisor {
         let n = all.len();
         info!(services = n, "restoring");
         // Sandboxes left by services that are no longer wanted go first.
-        let keep: Vec<(String, String)> = all
-            .iter()
-            .map(|(k, _)| (k.mesh.clone(), k.name.clone()))
-            .collect();
+        let keep: Vec<ServiceKey> = all.iter().map(|(k, _)| k.clone()).collect();
         self.orchestrator.sweep(&keep).await;
         futures_util::stream::iter(all)
             .for_each_concurrent(parallelism.max(1), |(key, spec)| async move {
-                let source: Source = match spec.source.parse() {
-                    Ok(s) => s,
+                let v = match self.validate(spec) {
+                    Ok(v) => v,
                     Err(e) => {
-                        tracing::error!(service = %key, error = %e, "stored spec no longer valid; skipped");
+                        tracing::error!(service = %key, error = %crate::error_chain(&e), "stored spec no longer valid; skipped");
                         return;
                     }
                 };
@@ -379,7 +457,7 @@ impl Supervisor {
                 if self.services.read().expect("registry poisoned").contains_key(&key) {
                     return; // deployed again meanwhile
                 }
-                let svc = self.register(key, spec, source, true);
+                let svc = self.register(key, v, true);
                 let _ = svc.settled(Instant::now() + self.config.deploy_timeout).await;
             })
             .await;
@@ -410,7 +488,7 @@ impl Supervisor {
             .collect();
         futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
         for s in &all {
-            self.orchestrator.released(&s.key.mesh, &s.key.name).await;
+            self.orchestrator.release(&s.key).await;
         }
     }
 }

@@ -4,8 +4,6 @@
 //! snapshot and wait on the phase channel. A service is `running` only after
 //! the MCP handshake succeeded, and stays honest about everything else.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,14 +17,15 @@ use tracing::{info, instrument, warn};
 use super::backoff::{Action, Backoff};
 use super::health::{Health, HealthTracker, Verdict};
 use super::logs::LogRing;
-use super::{ServiceKey, SupervisorConfig, SupervisorError};
-use crate::config::{EnvValue, HealthSpec, Runtime, ServiceSpec};
+use super::prepare::{self, Acquirers, Validated};
+use super::{ServiceKey, StartError, SupervisorConfig, SupervisorError};
+use crate::acquire::sandboxed::SandboxedInstalls;
+use crate::acquire::{Installer, Progress, Source};
+use crate::config::{HealthSpec, Runtime, ServiceSpec};
 use crate::mcp::{CallError, LogSink, LogStream, Session, SessionConfig};
 use crate::orchestrator::{
-    wait_exit, Enforced, ExitReason, Limits, Orchestrator, PrepareRequest, Prepared, SandboxHandle,
-    SandboxSpec,
+    wait_exit, Enforced, ExitReason, Orchestrator, SandboxHandle, SandboxSpec,
 };
-use crate::source::{Installer, Progress, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,7 +146,7 @@ pub struct Service {
 enum Outcome {
     Stopped,
     /// Spawn or handshake failed.
-    StartFailed(String),
+    StartFailed(StartError),
     Exited {
         reason: ExitReason,
         ran_for: Duration,
@@ -162,17 +161,18 @@ impl Service {
     /// Creates the service and starts its lifecycle task.
     pub(crate) fn launch(
         key: ServiceKey,
-        spec: ServiceSpec,
-        source: Source,
+        v: Validated,
         orchestrator: Arc<dyn Orchestrator>,
         installer: Arc<Installer>,
+        sandboxed: Arc<SandboxedInstalls>,
         config: Arc<SupervisorConfig>,
         adopt: bool,
     ) -> Arc<Service> {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let Validated { spec, source } = v;
         let svc = Arc::new(Service {
             key,
-            backend: orchestrator.backend(),
+            backend: orchestrator.capabilities().name,
             source,
             state: Mutex::new(State {
                 health: Health::Unknown,
@@ -196,10 +196,13 @@ impl Service {
             task: Mutex::new(None),
             adopt_first: std::sync::atomic::AtomicBool::new(adopt),
         });
-        let task = tokio::spawn(
-            svc.clone()
-                .lifecycle(orchestrator, installer, config, control_rx),
-        );
+        let task = tokio::spawn(svc.clone().lifecycle(
+            orchestrator,
+            installer,
+            sandboxed,
+            config,
+            control_rx,
+        ));
         *svc.task.lock().expect("poisoned") = Some(task);
         svc
     }
@@ -369,25 +372,33 @@ impl Service {
         orchestrator: &dyn Orchestrator,
         config: &SupervisorConfig,
         installer: &Installer,
-    ) -> Result<(Prepared, BTreeMap<String, String>), String> {
+        sandboxed: &SandboxedInstalls,
+    ) -> Result<SandboxSpec, StartError> {
         // Secrets first: a missing one fails fast, before any download.
-        let env = curated_env(config, &self.key, &self.spec.env)?;
+        let home = prepare::server_home(&config.data_dir, &self.key)?;
+        let env = prepare::server_env(&config.server_path, &home, &self.spec.env)?;
         let progress: Progress = {
             let ring = self.logs.clone();
             Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
         };
-        let prepared = orchestrator
-            .prepare(PrepareRequest {
-                source: &self.source,
-                runtime: self.spec.runtime,
-                command: self.spec.command.as_deref(),
-                args: &self.spec.args,
-                progress: &progress,
-                installer,
-            })
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
-        Ok((prepared, env))
+        let acquirers = Acquirers {
+            installer,
+            sandboxed,
+            install_timeout: config.install.timeout,
+        };
+        let v = Validated {
+            spec: self.spec.clone(),
+            source: self.source.clone(),
+        };
+        let prepared = prepare::acquire(orchestrator, &acquirers, &self.key, &v, &progress).await?;
+        self.state().runtime = prepared.launch.runtime.or(self.spec.runtime);
+        Ok(prepare::server_sandbox(
+            &self.key,
+            &self.spec,
+            &prepared,
+            env,
+            Some(home),
+        ))
     }
 
     #[instrument(skip_all, fields(mesh = %self.key.mesh, service = %self.key.name))]
@@ -395,15 +406,20 @@ impl Service {
         self: Arc<Self>,
         orchestrator: Arc<dyn Orchestrator>,
         installer: Arc<Installer>,
+        sandboxed: Arc<SandboxedInstalls>,
         config: Arc<SupervisorConfig>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let mut failures = 0u32;
         'attempt: loop {
             self.set_phase(Phase::Installing);
-            let (prepared, env) = match self.prepare(&*orchestrator, &config, &installer).await {
+            let prepared = self
+                .prepare(&*orchestrator, &config, &installer, &sandboxed)
+                .await;
+            let sandbox_spec = match prepared {
                 Ok(x) => x,
                 Err(e) => {
+                    let e = crate::error_chain(&e);
                     self.note(&format!("start failed: {e}"));
                     self.state().last_error = Some(e);
                     self.set_phase(Phase::Failed);
@@ -413,26 +429,6 @@ impl Service {
                     }
                     return;
                 }
-            };
-            let launch = &prepared.launch;
-            self.state().runtime = launch.runtime.or(self.spec.runtime);
-            let sandbox_spec = SandboxSpec {
-                argv: launch.argv.clone(),
-                env,
-                workdir: Some(launch.workdir.clone()),
-                image: prepared.image.clone(),
-                mounts: prepared.mounts.clone(),
-                limits: Limits {
-                    memory_mb: self.spec.memory_mb,
-                    cpus: self.spec.cpus,
-                    pids: self.spec.pids,
-                },
-                network: self.spec.network.clone(),
-                labels: BTreeMap::from([
-                    ("meshbox.managed".into(), "true".into()),
-                    ("meshbox.mesh".into(), self.key.mesh.clone()),
-                    ("meshbox.service".into(), self.key.name.clone()),
-                ]),
             };
             let mut backoff = Backoff::new(config.backoff.clone());
             let mut ever_ran = false;
@@ -451,6 +447,7 @@ impl Service {
                         return;
                     }
                     Outcome::StartFailed(e) => {
+                        let e = crate::error_chain(&e);
                         self.note(&format!("start failed: {e}"));
                         self.state().last_error = Some(e);
                         self.attempt_settled();
@@ -573,7 +570,7 @@ impl Service {
             }
             None => match orchestrator.spawn(spec.clone()).await {
                 Ok(s) => s,
-                Err(e) => return Outcome::StartFailed(crate::error_chain(&e)),
+                Err(e) => return Outcome::StartFailed(StartError::Orchestrator(e)),
             },
         };
         {
@@ -625,10 +622,19 @@ impl Service {
             }
         };
         if let Err(e) = handshake {
-            let msg = match &e {
-                CallError::Exited(r) => format!("server exited during initialize ({r})"),
-                CallError::Timeout(d) => format!("no answer to initialize within {}s", d.as_secs()),
-                other => format!("MCP handshake failed: {other}"),
+            let msg = match e {
+                CallError::Exited(reason) => StartError::ExitedDuring {
+                    step: "initialize",
+                    reason,
+                },
+                CallError::Timeout(after) => StartError::HandshakeTimeout {
+                    step: "initialize",
+                    after,
+                },
+                source => StartError::Handshake {
+                    step: "handshake",
+                    source,
+                },
             };
             drop(session);
             handle.kill();
@@ -772,31 +778,4 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// The only environment a server gets: PATH, HOME, LANG, and its spec's env.
-/// File values are read now; a missing secret fails loudly, naming the key.
-fn curated_env(
-    config: &SupervisorConfig,
-    key: &ServiceKey,
-    spec_env: &BTreeMap<String, EnvValue>,
-) -> Result<BTreeMap<String, String>, String> {
-    let home: PathBuf = config.data_dir.join("home").join(&key.mesh).join(&key.name);
-    std::fs::create_dir_all(&home)
-        .map_err(|e| format!("failed to create home `{}`: {e}", home.display()))?;
-    let mut env = BTreeMap::from([
-        ("PATH".to_owned(), config.server_path.clone()),
-        ("HOME".to_owned(), home.to_string_lossy().into_owned()),
-        ("LANG".to_owned(), "C.UTF-8".to_owned()),
-    ]);
-    for (k, v) in spec_env {
-        let value = match v {
-            EnvValue::Literal(s) => s.clone(),
-            EnvValue::File { file } => std::fs::read_to_string(file)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|e| format!("env `{k}`: cannot read its secret file: {}", e.kind()))?,
-        };
-        env.insert(k.clone(), value);
-    }
-    Ok(env)
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::orchestrator::{
-    Enforced, ExitReason, PrepareRequest, Prepared, Sandbox, SandboxHandle, SandboxIo,
+    Capabilities, Completed, Enforced, ExitReason, Sandbox, SandboxHandle, SandboxIo,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -60,22 +60,23 @@ impl SandboxHandle for FakeHandle {
 
 #[async_trait]
 impl Orchestrator for Fake {
-    fn backend(&self) -> &'static str {
-        "fake"
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "fake",
+            images: false,
+            sandboxed_install: false,
+            detach: false,
+        }
     }
     fn check(&self, _: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
         Ok(Enforced::default())
     }
-    async fn prepare(&self, req: PrepareRequest<'_>) -> Result<Prepared, OrchestratorError> {
-        let launch = req
-            .installer
-            .acquire(req.source, req.runtime, req.command, req.args, req.progress)
-            .await?;
-        Ok(Prepared {
-            launch,
-            image: None,
-            mounts: Vec::new(),
-        })
+    async fn run_to_completion(
+        &self,
+        _spec: SandboxSpec,
+        _timeout: Duration,
+    ) -> Result<Completed, OrchestratorError> {
+        Ok(Completed::default())
     }
     async fn spawn(&self, _spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
         self.spawns.lock().unwrap().push(Instant::now());

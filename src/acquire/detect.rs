@@ -4,8 +4,8 @@ use std::path::{Component, Path};
 
 use serde_json::Value;
 
-use super::SourceError;
-use crate::config::Runtime;
+use super::AcquireError;
+use crate::model::Runtime;
 
 /// bun lockfile/bunfig → bun, package.json → node, pyproject/requirements/*.py → python.
 pub fn detect_runtime(dir: &Path) -> Option<Runtime> {
@@ -57,17 +57,17 @@ pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> 
     Ok(pkg.get("main").and_then(Value::as_str).map(str::to_owned))
 }
 
-fn read_package_json(dir: &Path) -> Result<Option<Value>, SourceError> {
+fn read_package_json(dir: &Path) -> Result<Option<Value>, AcquireError> {
     let path = dir.join("package.json");
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| SourceError::NoEntry {
+            .map_err(|e| AcquireError::NoEntry {
                 dir: dir.to_path_buf(),
                 hint: format!("package.json is not valid JSON: {e}"),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SourceError::Read { path, source }),
+        Err(source) => Err(AcquireError::Read { path, source }),
     }
 }
 
@@ -94,8 +94,8 @@ pub(crate) fn pyproject_scripts(text: &str) -> Vec<String> {
 }
 
 /// The command that starts the server in `dir` with `runtime`.
-pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, SourceError> {
-    let no_entry = |hint: String| SourceError::NoEntry {
+pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, AcquireError> {
+    let no_entry = |hint: String| AcquireError::NoEntry {
         dir: dir.to_path_buf(),
         hint,
     };

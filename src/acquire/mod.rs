@@ -1,26 +1,44 @@
-//! Sources: parsing source strings, acquiring what they name, and finding how
-//! to start it.
+//! Acquisition: parsing source strings, installing what they name, and
+//! finding how to start it.
 //!
 //! This module owns the source grammar (`path:`, `npm:`, `pypi:`, `git:`,
-//! `image:`) and every check on it, runtime and entry detection, and turning a
-//! spec into a [`Launch`] (argv and working directory). It never starts a
-//! server and knows no backend, so the Docker install step can run the same
-//! code inside its install container.
+//! `image:`) and every check on it, runtime and entry detection, host installs
+//! into the cache ([`Installer`]) and the plan of an install that runs inside
+//! a sandbox ([`sandboxed`]), ending in a [`Launch`] (argv and working
+//! directory). It never starts a server and knows no backend: the supervisor
+//! asks it for a launch and then the orchestrator for a sandbox, and the
+//! install container runs this same code (`meshbox install`).
 
 mod detect;
 pub mod install;
+pub mod sandboxed;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::config::Runtime;
+use crate::model::{shown, Runtime};
 
 pub use detect::{detect_entry, detect_runtime};
-pub use install::{InstallConfig, Installer, Progress};
+pub use install::{fnv, tail, InstallConfig, Installer, Progress};
+
+/// What to acquire, as the supervisor (or `meshbox run`, or `meshbox install`
+/// inside an install container) asks for it. Parsed once; borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireRequest<'a> {
+    pub source: &'a Source,
+    pub runtime: Option<Runtime>,
+    /// Replaces the detected entry.
+    pub command: Option<&'a [String]>,
+    pub args: &'a [String],
+    /// Extra environment of install steps (literals).
+    pub install_env: &'a std::collections::BTreeMap<String, String>,
+    /// Budget of one install step; the installer's default when `None`.
+    pub install_timeout: Option<std::time::Duration>,
+}
 
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum AcquireError {
     #[error("invalid source: {0}")]
     Invalid(String),
     #[error("source directory `{}` does not exist or is not a directory", .0.display())]
@@ -46,6 +64,11 @@ pub enum SourceError {
     InstallTimeout { what: String, secs: u64 },
     #[error("{tool} not found on PATH: {hint}")]
     MissingTool { tool: String, hint: String },
+    #[error("the install step gave no launch answer{}", if output.is_empty() { String::new() } else { format!(":\n{output}") })]
+    NoAnswer { output: String },
+    /// Installing in an image of another runtime than the source needs.
+    #[error("source needs the {needs} runtime, not {image}")]
+    NeedsRuntime { needs: Runtime, image: Runtime },
 }
 
 /// A parsed, validated source string.
@@ -104,8 +127,8 @@ impl fmt::Display for Source {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> SourceError {
-    SourceError::Invalid(msg.into())
+fn invalid(msg: impl Into<String>) -> AcquireError {
+    AcquireError::Invalid(msg.into())
 }
 
 fn has_control_or_space(s: &str) -> bool {
@@ -113,9 +136,9 @@ fn has_control_or_space(s: &str) -> bool {
 }
 
 impl FromStr for Source {
-    type Err = SourceError;
+    type Err = AcquireError;
 
-    fn from_str(s: &str) -> Result<Self, SourceError> {
+    fn from_str(s: &str) -> Result<Self, AcquireError> {
         if s.len() > 2048 {
             return Err(invalid("source string is longer than 2048 bytes"));
         }
@@ -133,17 +156,13 @@ impl FromStr for Source {
             "image" => parse_image(rest),
             other => Err(invalid(format!(
                 "unknown source kind `{}` (expected path, npm, pypi, git or image)",
-                other
-                    .chars()
-                    .take(32)
-                    .flat_map(char::escape_default)
-                    .collect::<String>()
+                shown(other, 32)
             ))),
         }
     }
 }
 
-fn parse_path(rest: &str) -> Result<Source, SourceError> {
+fn parse_path(rest: &str) -> Result<Source, AcquireError> {
     let p = Path::new(rest);
     if !p.is_absolute() {
         return Err(invalid("path: sources need an absolute directory"));
@@ -196,7 +215,7 @@ fn valid_version_spec(v: &str) -> bool {
         })
 }
 
-fn parse_npm(rest: &str) -> Result<Source, SourceError> {
+fn parse_npm(rest: &str) -> Result<Source, AcquireError> {
     // `@scope/pkg@1.2.3`: the version separator is the last `@` past index 0.
     let at = rest
         .char_indices()
@@ -210,20 +229,14 @@ fn parse_npm(rest: &str) -> Result<Source, SourceError> {
     if !valid_npm_name(name) {
         return Err(invalid(format!(
             "`{}` is not a valid npm package name",
-            name.chars()
-                .take(80)
-                .flat_map(char::escape_default)
-                .collect::<String>()
+            shown(name, 80)
         )));
     }
     if let Some(v) = version {
         if !valid_version_spec(v) {
             return Err(invalid(format!(
                 "`{}` is not a valid npm version",
-                v.chars()
-                    .take(80)
-                    .flat_map(char::escape_default)
-                    .collect::<String>()
+                shown(v, 80)
             )));
         }
     }
@@ -241,7 +254,7 @@ pub fn pypi_name(requirement: &str) -> &str {
     &requirement[..end]
 }
 
-fn parse_pypi(rest: &str) -> Result<Source, SourceError> {
+fn parse_pypi(rest: &str) -> Result<Source, AcquireError> {
     let name = pypi_name(rest);
     let name_ok = !name.is_empty()
         && name.len() <= 128
@@ -279,7 +292,7 @@ fn parse_pypi(rest: &str) -> Result<Source, SourceError> {
     } else {
         Err(invalid(format!(
             "`{}` is not a valid PyPI requirement (name[extras]specifier, e.g. mcp-server-time==0.6.2)",
-            rest.chars().take(80).flat_map(char::escape_default).collect::<String>()
+            shown(rest, 80)
         )))
     }
 }
@@ -295,7 +308,7 @@ fn valid_git_ref(r: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
 }
 
-fn parse_git(rest: &str) -> Result<Source, SourceError> {
+fn parse_git(rest: &str) -> Result<Source, AcquireError> {
     let (url, reference) = match rest.rsplit_once('#') {
         Some((u, r)) => (u, Some(r)),
         None => (rest, None),
@@ -332,7 +345,7 @@ fn parse_git(rest: &str) -> Result<Source, SourceError> {
         if !valid_git_ref(r) {
             return Err(invalid(format!(
                 "git: `{}` is not a valid ref (letters, digits, . _ - /; not starting with - or /; no ..)",
-                r.chars().take(80).flat_map(char::escape_default).collect::<String>()
+                shown(r, 80)
             )));
         }
     }
@@ -359,7 +372,7 @@ fn is_scp_like(url: &str) -> bool {
     word(user) && word(host) && !path.is_empty() && !path.starts_with('-') && !path.starts_with('/')
 }
 
-fn parse_image(rest: &str) -> Result<Source, SourceError> {
+fn parse_image(rest: &str) -> Result<Source, AcquireError> {
     let ok = !rest.is_empty()
         && rest.len() <= 255
         && !rest.starts_with('-')
@@ -388,15 +401,15 @@ pub fn launch_from_dir(
     runtime: Option<Runtime>,
     command: Option<&[String]>,
     args: &[String],
-) -> Result<Launch, SourceError> {
+) -> Result<Launch, AcquireError> {
     if !dir.is_dir() {
-        return Err(SourceError::MissingDir(dir.to_path_buf()));
+        return Err(AcquireError::MissingDir(dir.to_path_buf()));
     }
     let runtime = runtime.or_else(|| detect_runtime(dir));
     let mut argv = match command {
         Some(cmd) => cmd.to_vec(),
         None => {
-            let rt = runtime.ok_or_else(|| SourceError::NoEntry {
+            let rt = runtime.ok_or_else(|| AcquireError::NoEntry {
                 dir: dir.to_path_buf(),
                 hint: "no package.json, pyproject.toml, requirements.txt or bun lockfile; give `command`".into(),
             })?;
@@ -417,10 +430,10 @@ pub fn check_dir(
     dir: &Path,
     runtime: Option<Runtime>,
     command: Option<&[String]>,
-) -> Result<(), SourceError> {
+) -> Result<(), AcquireError> {
     match launch_from_dir(dir, runtime, command, &[]) {
         Ok(_) => Ok(()),
-        Err(e @ SourceError::NoEntry { .. }) => {
+        Err(e @ AcquireError::NoEntry { .. }) => {
             let builds = std::fs::read(dir.join("package.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -433,6 +446,41 @@ pub fn check_dir(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Paths, sizes and mtimes of a directory's files (skipping `.git`,
+/// `node_modules`, `.venv`, `__pycache__`): changes when its content does.
+pub fn dir_fingerprint(dir: &Path) -> String {
+    let mut acc = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = rd.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if matches!(
+                e.file_name().to_str(),
+                Some(".git" | "node_modules" | ".venv" | "__pycache__")
+            ) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            acc.push_str(&format!("{}|{}|{mtime}\n", e.path().display(), meta.len()));
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    fnv(&acc)
 }
 
 #[cfg(test)]

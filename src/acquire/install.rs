@@ -19,37 +19,11 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use super::detect::{detect_runtime, package_json_entry};
-use super::{launch_from_dir, pypi_name, Launch, Source, SourceError};
-use crate::config::Runtime;
+use super::{launch_from_dir, pypi_name, AcquireError, AcquireRequest, Launch, Source};
+use crate::model::Runtime;
 
 /// Marker written last into a cache entry: its presence means "complete".
 const COMPLETE: &str = ".meshbox-complete";
-/// Runner variables an installer may see: proxies, CA bundles, registry config.
-/// None of them is a credential by itself; tokens stay out.
-const PASSTHROUGH: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "NODE_EXTRA_CA_CERTS",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "PIP_CERT",
-    "GIT_SSL_CAINFO",
-    "PIP_INDEX_URL",
-    "PIP_EXTRA_INDEX_URL",
-    "PIP_FIND_LINKS",
-    "PIP_DEFAULT_TIMEOUT",
-    "UV_INDEX_URL",
-    "UV_EXTRA_INDEX_URL",
-    "npm_config_registry",
-    "NPM_CONFIG_REGISTRY",
-];
-
 /// Receives one line per install step, for a terminal or a service's log.
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -75,7 +49,7 @@ impl InstallConfig {
             cache_dir,
             timeout: Duration::from_secs(600),
             resolve_ttl: Duration::from_secs(3600),
-            path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            path: crate::environ::runner_path(),
         }
     }
 }
@@ -88,7 +62,7 @@ pub struct Installer {
 }
 
 /// A stable 64-bit FNV-1a hash, hex: cache names for arbitrary strings.
-pub(crate) fn fnv(s: &str) -> String {
+pub fn fnv(s: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in s.as_bytes() {
         h ^= u64::from(*b);
@@ -98,7 +72,7 @@ pub(crate) fn fnv(s: &str) -> String {
 }
 
 /// The last lines of an installer's output, for error messages.
-pub(crate) fn tail(bytes: &[u8]) -> String {
+pub fn tail(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(15);
@@ -126,8 +100,8 @@ fn is_sha(r: &str) -> bool {
     r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |source| SourceError::Read {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AcquireError + '_ {
+    move |source| AcquireError::Read {
         path: path.to_path_buf(),
         source,
     }
@@ -147,11 +121,10 @@ impl Installer {
             ("npm_config_update_notifier".to_owned(), "false".to_owned()),
             ("PIP_DISABLE_PIP_VERSION_CHECK".to_owned(), "1".to_owned()),
         ]);
-        for k in PASSTHROUGH {
-            if let Ok(v) = std::env::var(k) {
-                env.insert((*k).to_owned(), v);
-            }
-        }
+        env.extend(crate::environ::from_runner(&[
+            crate::environ::PROXY_AND_CA,
+            crate::environ::REGISTRY,
+        ]));
         Installer {
             config,
             env,
@@ -178,7 +151,7 @@ impl Installer {
         what: &str,
         argv: &[&str],
         cwd: Option<&Path>,
-    ) -> Result<Vec<u8>, SourceError> {
+    ) -> Result<Vec<u8>, AcquireError> {
         let home = self.config.cache_dir.join("home");
         std::fs::create_dir_all(&home).map_err(io_err(&home))?;
         let mut cmd = Command::new(argv[0]);
@@ -193,7 +166,7 @@ impl Installer {
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| SourceError::MissingTool {
+        let mut child = cmd.spawn().map_err(|e| AcquireError::MissingTool {
             tool: argv[0].to_owned(),
             hint: format!("{what} needs it ({e})"),
         })?;
@@ -217,7 +190,7 @@ impl Installer {
                     // SAFETY: killpg has no memory-safety preconditions.
                     unsafe { libc::killpg(pgid, libc::SIGKILL) };
                 }
-                return Err(SourceError::InstallTimeout {
+                return Err(AcquireError::InstallTimeout {
                     what: what.to_owned(),
                     secs: self.config.timeout.as_secs(),
                 });
@@ -230,7 +203,7 @@ impl Installer {
                 if t.is_empty() {
                     t = tail(&out);
                 }
-                Err(SourceError::Install {
+                Err(AcquireError::Install {
                     what: what.to_owned(),
                     status: s
                         .code()
@@ -238,7 +211,7 @@ impl Installer {
                     tail: t,
                 })
             }
-            Err(e) => Err(SourceError::Install {
+            Err(e) => Err(AcquireError::Install {
                 what: what.to_owned(),
                 status: "wait failed".into(),
                 tail: e.to_string(),
@@ -246,15 +219,23 @@ impl Installer {
         }
     }
 
-    /// Acquires a source and resolves how to start it.
+    /// Acquires a source and resolves how to start it. With `image_runtime`
+    /// (inside an install container of that runtime's image), a `git:` source
+    /// without a runtime that needs another image stops after its clone with
+    /// [`AcquireError::NeedsRuntime`].
     pub async fn acquire(
         &self,
-        source: &Source,
-        runtime: Option<Runtime>,
-        command: Option<&[String]>,
-        args: &[String],
+        req: &AcquireRequest<'_>,
+        image_runtime: Option<Runtime>,
         progress: &Progress,
-    ) -> Result<Launch, SourceError> {
+    ) -> Result<Launch, AcquireError> {
+        let AcquireRequest {
+            source,
+            runtime,
+            command,
+            args,
+            ..
+        } = *req;
         match source {
             Source::Path(dir) => {
                 self.install_dir_deps(dir, runtime, command, progress)
@@ -268,19 +249,24 @@ impl Installer {
             Source::Pypi { requirement } => self.pypi(requirement, command, args, progress).await,
             Source::Git { url, reference } => {
                 let dir = self.git(url, reference.as_deref(), progress).await?;
+                if let (Some(image), None) = (image_runtime, runtime) {
+                    if let Some(needs) = detect_runtime(&dir).filter(|rt| *rt != image) {
+                        return Err(AcquireError::NeedsRuntime { needs, image });
+                    }
+                }
                 let lock = self.lock(&dir.to_string_lossy());
                 let _guard = lock.lock().await;
                 self.install_dir_deps(&dir, runtime, command, progress)
                     .await?;
                 launch_from_dir(&dir, runtime, command, args)
             }
-            Source::Image(_) => Err(SourceError::Unsupported { kind: "image" }),
+            Source::Image(_) => Err(AcquireError::Unsupported { kind: "image" }),
         }
     }
 
     // ---- npm ----------------------------------------------------------------
 
-    async fn npm_resolve(&self, name: &str, spec: &str) -> Result<String, SourceError> {
+    async fn npm_resolve(&self, name: &str, spec: &str) -> Result<String, AcquireError> {
         if exact_semver(spec) {
             return Ok(spec.to_owned());
         }
@@ -315,7 +301,7 @@ impl Installer {
             _ => None,
         }
         .filter(|s| exact_semver(s))
-        .ok_or_else(|| SourceError::Install {
+        .ok_or_else(|| AcquireError::Install {
             what: format!("npm view {target}"),
             status: "no version".into(),
             tail: format!("no published version of {name} matches `{spec}`"),
@@ -333,7 +319,7 @@ impl Installer {
         command: Option<&[String]>,
         args: &[String],
         progress: &Progress,
-    ) -> Result<Launch, SourceError> {
+    ) -> Result<Launch, AcquireError> {
         let spec = version.unwrap_or("latest");
         let resolved = self.npm_resolve(name, spec).await?;
         let ident = format!("{name}@{resolved}");
@@ -394,24 +380,24 @@ impl Installer {
         }
         let pj = pkg_dir.join("package.json");
         let text = std::fs::read(&pj).map_err(io_err(&pj))?;
-        let pkg: Value = serde_json::from_slice(&text).map_err(|e| SourceError::NoEntry {
+        let pkg: Value = serde_json::from_slice(&text).map_err(|e| AcquireError::NoEntry {
             dir: pkg_dir.clone(),
             hint: format!("package.json is not valid JSON: {e}"),
         })?;
         let has_bin = pkg.get("bin").is_some();
         let entry = package_json_entry(&pkg)
-            .map_err(|hint| SourceError::NoEntry {
+            .map_err(|hint| AcquireError::NoEntry {
                 dir: pkg_dir.clone(),
                 hint,
             })?
             .filter(|_| has_bin)
-            .ok_or_else(|| SourceError::NoEntry {
+            .ok_or_else(|| AcquireError::NoEntry {
                 dir: pkg_dir.clone(),
                 hint: format!("{name} has no `bin` to run; give `command`"),
             })?;
         let entry_path = pkg_dir.join(&entry);
         if !entry_path.starts_with(&pkg_dir) || entry.contains("..") || !entry_path.is_file() {
-            return Err(SourceError::NoEntry {
+            return Err(AcquireError::NoEntry {
                 dir: pkg_dir,
                 hint: format!("bin `{entry}` is missing or outside the package"),
             });
@@ -433,7 +419,7 @@ impl Installer {
         venv: &Path,
         what: &[&str],
         cwd: Option<&Path>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), AcquireError> {
         let venv_s = venv.to_string_lossy().into_owned();
         let python = venv.join("bin/python").to_string_lossy().into_owned();
         if which("uv", &self.config.path).is_some() {
@@ -466,7 +452,7 @@ impl Installer {
         command: Option<&[String]>,
         args: &[String],
         progress: &Progress,
-    ) -> Result<Launch, SourceError> {
+    ) -> Result<Launch, AcquireError> {
         let dist = pypi_name(requirement);
         let key = requirement.to_ascii_lowercase();
         let dir = self.config.cache_dir.join("pypi").join(format!(
@@ -508,7 +494,7 @@ impl Installer {
         url: &str,
         reference: Option<&str>,
         progress: &Progress,
-    ) -> Result<PathBuf, SourceError> {
+    ) -> Result<PathBuf, AcquireError> {
         let sha = match reference {
             Some(r) if is_sha(r) => r.to_ascii_lowercase(),
             _ => {
@@ -538,7 +524,7 @@ impl Installer {
                         best = Some((rank, sha.to_owned()));
                     }
                 }
-                best.map(|(_, s)| s).ok_or_else(|| SourceError::Install {
+                best.map(|(_, s)| s).ok_or_else(|| AcquireError::Install {
                     what: format!("git ls-remote {url}"),
                     status: "no such ref".into(),
                     tail: format!("`{want}` not found in {url}"),
@@ -663,9 +649,9 @@ impl Installer {
         runtime: Option<Runtime>,
         command: Option<&[String]>,
         progress: &Progress,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), AcquireError> {
         if !dir.is_dir() {
-            return Err(SourceError::MissingDir(dir.to_path_buf()));
+            return Err(AcquireError::MissingDir(dir.to_path_buf()));
         }
         let has = |f: &str| dir.join(f).exists();
         match runtime.or_else(|| detect_runtime(dir)) {
@@ -792,7 +778,7 @@ fn console_scripts(text: &str) -> Vec<String> {
 
 /// The console script named like the distribution, else the only one, else
 /// `python -m <module>`; read from the installed dist-info metadata.
-fn python_entry(venv: &Path, dist: &str) -> Result<Vec<String>, SourceError> {
+fn python_entry(venv: &Path, dist: &str) -> Result<Vec<String>, AcquireError> {
     let want = normalize(dist);
     let python = venv.join("bin/python").to_string_lossy().into_owned();
     let mut scripts = Vec::new();
