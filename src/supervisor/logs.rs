@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use tokio::sync::Notify;
 
-use crate::mcp::LogStream;
+use crate::model::LogStream;
 
 /// Default lines kept per service.
 pub const DEFAULT_LOG_LINES: usize = 1000;

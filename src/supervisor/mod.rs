@@ -138,7 +138,9 @@ impl SupervisorError {
                     data: data.clone(),
                 },
                 CallError::Protocol(_) => ErrorKind::BadGateway,
-                CallError::Exited(_) | CallError::Closed(_) => ErrorKind::Unavailable,
+                CallError::Exited(_) | CallError::Closed | CallError::StdoutClosed => {
+                    ErrorKind::Unavailable
+                }
             },
         }
     }

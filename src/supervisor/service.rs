@@ -22,7 +22,8 @@ use super::{ServiceKey, StartError, SupervisorConfig, SupervisorError};
 use crate::acquire::sandboxed::SandboxedInstalls;
 use crate::acquire::{Installer, Progress, Source};
 use crate::config::{HealthSpec, Runtime, ServiceSpec};
-use crate::mcp::{CallError, LogSink, LogStream, Session, SessionConfig};
+use crate::mcp::{CallError, LogSink, Session, SessionConfig};
+use crate::model::LogStream;
 use crate::orchestrator::{
     wait_exit, Enforced, ExitReason, Orchestrator, SandboxHandle, SandboxSpec,
 };
@@ -607,9 +608,24 @@ impl Service {
             r = async {
                 if was_adopted {
                     // Initialized long ago: only its tool list is refreshed.
-                    session.adopt(config.handshake_timeout).await
+                    let info = crate::mcp::ServerInfo {
+                        protocol: crate::model::Protocol::Handshake,
+                        protocol_version: String::new(),
+                        server_info: Value::Null,
+                        capabilities: Value::Null,
+                        instructions: None,
+                        discover: None,
+                    };
+                    session.adopt(info, config.handshake_timeout).await
                 } else {
-                    session.handshake(config.handshake_timeout).await.map(|_| ())
+                    session
+                        .connect(Some(crate::model::Protocol::Handshake), config.handshake_timeout)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| match e {
+                            crate::mcp::ConnectError::Step { source, .. } => source,
+                            crate::mcp::ConnectError::ExitedDuringProbe(r) => CallError::Exited(r),
+                        })
                 }
             } => r,
             c = control.recv() => {
@@ -754,7 +770,7 @@ impl Service {
 /// JSON-RPC error or `isError: true` is a failure).
 async fn check_health(session: &Session, spec: &HealthSpec) -> bool {
     let timeout = Duration::from_secs(spec.timeout_s);
-    if session.ping(timeout).await.is_err() {
+    if session.probe(timeout).await.is_err() {
         return false;
     }
     match &spec.tool {
