@@ -356,6 +356,12 @@ impl ServiceSpec {
         Ok(())
     }
 
+    /// Identifies what the spec asks for: a detected protocol era is kept
+    /// with it, and changes when the spec does.
+    pub fn hash(&self) -> String {
+        crate::model::stable_hash(&serde_json::to_string(self).expect("a spec always serializes"))
+    }
+
     pub fn call_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.call_timeout_ms.unwrap_or(DEFAULT_CALL_TIMEOUT_MS))
     }

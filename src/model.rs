@@ -37,6 +37,17 @@ pub fn shown(value: &str, max: usize) -> String {
         .collect()
 }
 
+/// A stable 64-bit FNV-1a hash, as 16 hex digits: names and cache keys for
+/// arbitrary strings (not for security).
+pub fn stable_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Checks a mesh or service name against `^[a-zA-Z0-9][a-zA-Z0-9_-]{0,63}$`.
 pub fn validate_name(what: &'static str, value: &str) -> Result<(), NameError> {
     let bytes = value.as_bytes();

@@ -19,10 +19,19 @@ async fn deploy_lists_all_pages_and_reports_honest_status() {
     assert_eq!(health["backend"], "process");
     assert_eq!(health["services"], 0);
 
-    let (code, st) = d.deploy_py("acme", "py", &[], json!({})).await;
+    let (code, st) = d
+        .deploy_py(
+            "acme",
+            "py",
+            &[],
+            json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 3}}),
+        )
+        .await;
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["status"], "running");
-    assert_eq!(st["health"], "healthy");
+    // Nothing has been probed yet: nothing is claimed.
+    assert_eq!(st["health"], "unknown", "{st}");
+    assert_eq!(st["protocol"], "2025-11-25", "{st}");
     assert_eq!(st["backend"], "process");
     assert_eq!(st["runtime"], "python");
     assert_eq!(st["mesh"], "acme");
@@ -37,6 +46,9 @@ async fn deploy_lists_all_pages_and_reports_honest_status() {
     // Nothing was asked, so nothing is claimed.
     assert_eq!(st["limits"]["enforced"]["memory"], false);
     assert_eq!(st["limits"]["enforced"]["cpus"], false);
+    // Healthy once the first liveness probe has passed.
+    d.wait_status("acme", "py", UP, |s| s["health"] == "healthy")
+        .await;
 
     let (code, t) = d.get("/v1/meshes/acme/services/py/tools").await;
     assert_eq!(code, 200);
@@ -298,19 +310,31 @@ async fn failing_pings_restart_the_server() {
     assert_ne!(st["pid"], first);
     let (_, logs) = d.get("/v1/meshes/m/services/deaf/logs?lines=200").await;
     assert!(
-        logs["lines"].to_string().contains("health checks failed"),
+        logs["lines"].to_string().contains("liveness checks failed"),
         "{logs}"
     );
 }
 
 #[tokio::test]
-async fn readiness_tool_error_counts_as_unhealthy() {
+async fn readiness_tool_error_marks_unhealthy_without_a_restart() {
     let d = Daemon::start();
-    let health = json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 1, "tool": "fail"}});
-    let (code, _) = d.deploy_py("m", "unready", &[], health).await;
+    let health = json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 2, "tool": "fail"}});
+    let (code, st) = d.deploy_py("m", "unready", &[], health).await;
     assert_eq!(code, 200);
-    d.wait_status("m", "unready", UP, |s| s["restarts"].as_u64() >= Some(1))
+    let pid = st["pid"].clone();
+    let st = d
+        .wait_status("m", "unready", UP, |s| s["health"] == "unhealthy")
         .await;
+    // The probe's own message, and the same process: readiness never restarts.
+    assert!(
+        st["health_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("isError"),
+        "{st}"
+    );
+    assert_eq!((st["restarts"].clone(), st["pid"].clone()), (json!(0), pid));
+    assert_eq!(st["status"], "running");
     // A readiness tool that succeeds keeps it healthy.
     let health = json!({"health": {"interval_s": 1, "timeout_s": 2, "failure_threshold": 1, "tool": "echo", "arguments": {"text": "ok"}}});
     let (code, _) = d.deploy_py("m", "ready", &[], health).await;

@@ -61,15 +61,7 @@ pub struct Installer {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// A stable 64-bit FNV-1a hash, hex: cache names for arbitrary strings.
-pub fn fnv(s: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
-}
+pub use crate::model::stable_hash as fnv;
 
 /// The last lines of an installer's output, for error messages.
 pub fn tail(bytes: &[u8]) -> String {

@@ -35,6 +35,7 @@ impl ApiError {
                 ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 ErrorKind::Upstream { .. } | ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+                ErrorKind::Conflict => StatusCode::CONFLICT,
                 ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }

@@ -127,8 +127,12 @@ async fn call(State(st): State<AppState>, JsonBody(body): JsonBody<CallBody>) ->
     if let Err(e) = super::v1::check_call(&body.tool, &body.args, None) {
         return e.into_response();
     }
-    match st.supervisor.call(&key, &body.tool, body.args, None).await {
-        Ok(result) => Json(json!({ "result": result })).into_response(),
+    match st
+        .supervisor
+        .call_raw(&key, &body.tool, body.args, None)
+        .await
+    {
+        Ok(result) => super::result_response(&result),
         // The seed answered call failures with 200 {error}; keep that.
         Err(e @ SupervisorError::Call { .. }) => {
             let msg = match (e.kind(), e.upstream_message()) {

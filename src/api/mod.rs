@@ -126,6 +126,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+/// `{"result": <raw>}`: a tool's result passed on without re-encoding it.
+pub(crate) fn result_response(raw: &serde_json::value::RawValue) -> axum::response::Response {
+    let mut body = String::with_capacity(raw.get().len() + 12);
+    body.push_str("{\"result\":");
+    body.push_str(raw.get());
+    body.push('}');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,

@@ -131,18 +131,18 @@ async fn call(
     State(st): State<AppState>,
     Key(key): Key,
     JsonBody(body): JsonBody<CallBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     check_call(&body.tool, &body.arguments, body.timeout_ms)?;
     let result = st
         .supervisor
-        .call(
+        .call_raw(
             &key,
             &body.tool,
             body.arguments,
             body.timeout_ms.map(Duration::from_millis),
         )
         .await?;
-    Ok(Json(json!({ "result": result })))
+    Ok(super::result_response(&result))
 }
 
 #[derive(Deserialize)]

@@ -57,6 +57,8 @@ pub enum CliError {
     Orchestrator(#[from] crate::orchestrator::OrchestratorError),
     #[error(transparent)]
     Start(#[from] crate::supervisor::StartError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("the tool reported an error")]
     ToolError,
     #[error("server exited ({0})")]

@@ -13,7 +13,7 @@ use crate::api::{self, ApiConfig};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
-use crate::store::Store;
+use crate::store::{DataDirLock, Store};
 use crate::supervisor::{FailedRetry, Supervisor, SupervisorConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,8 +140,9 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         fast_interval: Duration::from_secs(args.failed_retry_secs.max(1)),
         slow_interval: Duration::from_secs(args.failed_retry_slow_secs.max(1)),
     };
-    let store =
-        Arc::new(Store::open(&data_dir).map_err(|e| CliError::Usage(crate::error_chain(&e)))?);
+    // One daemon per data dir: a second one would run every server twice.
+    let _lock = DataDirLock::acquire(&data_dir)?;
+    let store = Arc::new(Store::open(&data_dir)?);
     let supervisor = Arc::new(Supervisor::new(backend, config).with_store(store));
     let router = api::router(
         supervisor.clone(),

@@ -57,6 +57,8 @@ pub enum ProtocolError {
     TooManyPages { method: &'static str, pages: usize },
     #[error("the tool list is larger than meshbox accepts ({what} over {limit})")]
     ToolListTooLarge { what: &'static str, limit: usize },
+    #[error("the answer is larger than meshbox accepts here ({size} bytes, over {limit})")]
+    ResultTooLarge { size: usize, limit: usize },
     #[error("the server speaks protocol version {0}, which meshbox does not support")]
     UnsupportedVersion(String),
     #[error("server/discover does not list {}", protocol::STATELESS_VERSION)]
@@ -216,6 +218,8 @@ struct Slot {
     progress: Option<(Value, mpsc::Sender<Value>)>,
     peer: Option<Arc<dyn ClientPeer>>,
     deadline: Instant,
+    /// Larger results are refused without being copied.
+    max_result: usize,
 }
 
 /// A line queued for stdin, holding its share of the byte budget.
@@ -419,6 +423,16 @@ impl Shared {
         params: Option<Value>,
         opts: CallOptions,
     ) -> Reply {
+        self.request_limited(method, params, opts, usize::MAX).await
+    }
+
+    async fn request_limited(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<Value>,
+        opts: CallOptions,
+        max_result: usize,
+    ) -> Reply {
         let deadline = Instant::now() + opts.timeout;
         if let Some(e) = self.closed_error() {
             return Err(e);
@@ -444,6 +458,7 @@ impl Shared {
                 progress,
                 peer: opts.peer,
                 deadline,
+                max_result,
             },
         );
         let mut guard = PendingGuard {
@@ -504,10 +519,21 @@ impl Shared {
             };
             let left = deadline.saturating_duration_since(Instant::now());
             let raw = self
-                .request(method::TOOLS_LIST, Some(params), CallOptions::timeout(left))
+                .request_limited(
+                    method::TOOLS_LIST,
+                    Some(params),
+                    CallOptions::timeout(left),
+                    self.config.max_tools_bytes - bytes,
+                )
                 .await
                 .map_err(|e| match e {
                     CallError::Timeout(_) => CallError::Timeout(timeout),
+                    CallError::Protocol(ProtocolError::ResultTooLarge { .. }) => {
+                        CallError::Protocol(ProtocolError::ToolListTooLarge {
+                            what: "bytes",
+                            limit: self.config.max_tools_bytes,
+                        })
+                    }
                     other => other,
                 })?;
             bytes += raw.get().len();
@@ -1122,9 +1148,16 @@ fn on_response(
             message: e.message.unwrap_or_default(),
             data: e.data,
         }),
-        None => Ok(result
-            .map(RawValue::to_owned)
-            .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"))),
+        None => match result {
+            Some(r) if r.get().len() > slot.max_result => {
+                Err(CallError::Protocol(ProtocolError::ResultTooLarge {
+                    size: r.get().len(),
+                    limit: slot.max_result,
+                }))
+            }
+            Some(r) => Ok(r.to_owned()),
+            None => Ok(RawValue::from_string("null".into()).expect("null is JSON")),
+        },
     };
     let _ = slot.reply.send(reply);
 }

@@ -57,15 +57,7 @@ pub struct DockerConfig {
     pub data_dir: PathBuf,
 }
 
-/// A stable 64-bit FNV-1a hash, hex: names for arbitrary strings.
-fn fnv(s: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
-}
+use crate::model::stable_hash as fnv;
 
 pub struct DockerBackend {
     docker: Docker,

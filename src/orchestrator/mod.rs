@@ -13,6 +13,8 @@
 //! optionally [`adopt`](Orchestrator::adopt).
 
 pub mod docker;
+#[cfg(test)]
+pub mod fake;
 pub mod process;
 
 use std::collections::BTreeMap;

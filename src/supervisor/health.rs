@@ -1,5 +1,11 @@
-//! Health as a separate field from lifecycle status: consecutive failed checks
-//! degrade a service and, at the threshold, ask for a restart.
+//! Health as a separate field from lifecycle status.
+//!
+//! Two kinds of probe, tracked apart: **liveness** (`ping`, or
+//! `server/discover` for a stateless server) whose consecutive failures at
+//! the threshold restart the server, and **readiness** (an optional tool
+//! call whose JSON-RPC error or `isError: true` fails it) whose failures at
+//! the threshold mark the service `unhealthy` with the probe's own message,
+//! without a restart. Pure: the probe task lives in `service.rs`.
 
 use serde::Serialize;
 
@@ -12,40 +18,76 @@ pub enum Health {
     Unknown,
 }
 
-/// Counts consecutive failed checks against a threshold.
+/// One round of probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    pub live: bool,
+    /// The readiness probe, when one is configured: `Err` holds its message.
+    pub ready: Option<Result<(), String>>,
+}
+
+/// What a round means for the service.
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Keep {
+        health: Health,
+        /// The readiness probe's own message while it fails.
+        error: Option<String>,
+    },
+    /// Liveness failed `threshold` times in a row: restart the server.
+    Restart,
+}
+
+/// Counts consecutive failures of each probe against a threshold.
 #[derive(Debug, Clone)]
 pub struct HealthTracker {
     threshold: u32,
-    failures: u32,
-}
-
-/// What a check result means for the service.
-#[must_use]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Keep(Health),
-    /// The threshold is reached: restart the server.
-    Restart,
+    liveness_failures: u32,
+    readiness_failures: u32,
 }
 
 impl HealthTracker {
     pub fn new(threshold: u32) -> Self {
         HealthTracker {
             threshold: threshold.max(1),
-            failures: 0,
+            liveness_failures: 0,
+            readiness_failures: 0,
         }
     }
 
-    pub fn record(&mut self, ok: bool) -> Verdict {
-        if ok {
-            self.failures = 0;
-            return Verdict::Keep(Health::Healthy);
+    pub fn record(&mut self, r: ProbeResult) -> Verdict {
+        if !r.live {
+            self.liveness_failures += 1;
+            if self.liveness_failures >= self.threshold {
+                return Verdict::Restart;
+            }
+            return Verdict::Keep {
+                health: Health::Degraded,
+                error: Some("liveness probe failed".into()),
+            };
         }
-        self.failures += 1;
-        if self.failures >= self.threshold {
-            Verdict::Restart
-        } else {
-            Verdict::Keep(Health::Degraded)
+        self.liveness_failures = 0;
+        match r.ready {
+            None | Some(Ok(())) => {
+                self.readiness_failures = 0;
+                Verdict::Keep {
+                    health: Health::Healthy,
+                    error: None,
+                }
+            }
+            Some(Err(message)) => {
+                self.readiness_failures += 1;
+                let health = if self.readiness_failures >= self.threshold {
+                    Health::Unhealthy
+                } else {
+                    Health::Degraded
+                };
+                Verdict::Keep {
+                    health,
+                    error: Some(message),
+                }
+            }
         }
     }
 }
@@ -54,13 +96,67 @@ impl HealthTracker {
 mod tests {
     use super::*;
 
+    fn live(ok: bool) -> ProbeResult {
+        ProbeResult {
+            live: ok,
+            ready: None,
+        }
+    }
+
     #[test]
-    fn three_failures_restart_and_success_heals() {
+    fn three_liveness_failures_restart_and_success_heals() {
         let mut t = HealthTracker::new(3);
-        assert_eq!(t.record(false), Verdict::Keep(Health::Degraded));
-        assert_eq!(t.record(true), Verdict::Keep(Health::Healthy));
-        assert_eq!(t.record(false), Verdict::Keep(Health::Degraded));
-        assert_eq!(t.record(false), Verdict::Keep(Health::Degraded));
-        assert_eq!(t.record(false), Verdict::Restart);
+        assert!(matches!(
+            t.record(live(false)),
+            Verdict::Keep {
+                health: Health::Degraded,
+                ..
+            }
+        ));
+        assert_eq!(
+            t.record(live(true)),
+            Verdict::Keep {
+                health: Health::Healthy,
+                error: None
+            }
+        );
+        let _ = t.record(live(false));
+        let _ = t.record(live(false));
+        assert_eq!(t.record(live(false)), Verdict::Restart);
+    }
+
+    #[test]
+    fn readiness_failures_mark_unhealthy_with_the_message_never_restart() {
+        let mut t = HealthTracker::new(2);
+        let failing = || ProbeResult {
+            live: true,
+            ready: Some(Err("tool `ready` answered isError: db down".into())),
+        };
+        assert!(matches!(
+            t.record(failing()),
+            Verdict::Keep {
+                health: Health::Degraded,
+                ..
+            }
+        ));
+        for _ in 0..10 {
+            match t.record(failing()) {
+                Verdict::Keep {
+                    health: Health::Unhealthy,
+                    error: Some(e),
+                } => assert!(e.contains("db down")),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            t.record(ProbeResult {
+                live: true,
+                ready: Some(Ok(()))
+            }),
+            Verdict::Keep {
+                health: Health::Healthy,
+                error: None
+            }
+        );
     }
 }

@@ -1,22 +1,27 @@
 //! The supervisor: a registry of services keyed (mesh, name), each with a
 //! lifecycle task that starts, watches, health-checks and restarts it.
 //!
-//! It holds a `dyn Orchestrator` and never names a backend. It validates
-//! everything it is given before touching the registry, so bad input changes
-//! nothing.
+//! It holds a `dyn Orchestrator` and never names a backend (it reads its
+//! capabilities). It validates everything it is given before touching the
+//! registry or the store, so bad input changes nothing; the store and the
+//! registry change together under one short lock, never across a start.
+//! A redeploy of a serving service is transactional: the new spec runs as a
+//! candidate beside the old instance and replaces it only once up.
 
 pub mod backoff;
 pub mod health;
+pub mod lifecycle;
 pub mod logs;
 pub mod prepare;
 pub mod service;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde_json::Value;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -29,11 +34,30 @@ use crate::acquire::{AcquireError, InstallConfig, Installer, Source};
 use crate::config::{ServiceSpec, SpecError};
 use crate::mcp::CallError;
 use crate::orchestrator::{Capabilities, Limits, Orchestrator, OrchestratorError, SandboxSpec};
-use crate::store::Store;
+use crate::store::{Remembered, Store};
 use futures_util::StreamExt;
 use prepare::Validated;
+use service::LaunchOptions;
 
 pub use crate::model::ServiceKey;
+
+/// A service appeared, changed phase or went away (`phase: Stopped` and no
+/// longer listed): what a mesh endpoint needs for its list_changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEvent {
+    pub key: ServiceKey,
+    pub phase: Phase,
+}
+
+/// What every service's lifecycle shares.
+pub(crate) struct Ctx {
+    pub orchestrator: Arc<dyn Orchestrator>,
+    pub installer: Arc<Installer>,
+    pub sandboxed: Arc<SandboxedInstalls>,
+    pub config: Arc<SupervisorConfig>,
+    pub store: Option<Arc<Store>>,
+    pub events: broadcast::Sender<ServiceEvent>,
+}
 
 /// Why a start attempt failed (kept, as text, in the status's `last_error`).
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +110,8 @@ pub enum ErrorKind {
     },
     /// The server broke the protocol, or could not be started.
     BadGateway,
+    /// Another change to the same service won.
+    Conflict,
     Internal,
 }
 
@@ -113,6 +139,10 @@ pub enum SupervisorError {
     },
     #[error("failed to record the desired state")]
     Store(#[from] crate::store::StoreError),
+    #[error(
+        "service {key} was changed by another request meanwhile; nothing of this one was applied"
+    )]
+    Superseded { key: ServiceKey },
     #[error("call to {key} failed")]
     Call {
         key: ServiceKey,
@@ -131,6 +161,7 @@ impl SupervisorError {
             SupervisorError::NotRunning { .. } => ErrorKind::Unavailable,
             SupervisorError::StartFailed { .. } => ErrorKind::BadGateway,
             SupervisorError::Store(_) => ErrorKind::Internal,
+            SupervisorError::Superseded { .. } => ErrorKind::Conflict,
             SupervisorError::Call { source, .. } => match source {
                 CallError::Timeout(_) => ErrorKind::Timeout,
                 CallError::Rpc { code, data, .. } => ErrorKind::Upstream {
@@ -168,9 +199,9 @@ impl SupervisorError {
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
     pub data_dir: PathBuf,
-    /// Budget for `initialize` + `tools/list`.
+    /// Budget for connecting (probe, initialize or discover, first tool list).
     pub handshake_timeout: Duration,
-    /// Grace between closing stdin, SIGTERM and SIGKILL.
+    /// Each step of a stop: after stdin closes, after SIGTERM (then SIGKILL).
     pub stop_grace: Duration,
     pub backoff: BackoffConfig,
     pub log_lines: usize,
@@ -191,12 +222,11 @@ impl SupervisorConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         SupervisorConfig {
             handshake_timeout: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(3),
+            stop_grace: Duration::from_millis(500),
             backoff: BackoffConfig::default(),
             log_lines: logs::DEFAULT_LOG_LINES,
             max_line: crate::mcp::framing::DEFAULT_MAX_LINE,
-            server_path: std::env::var("PATH")
-                .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            server_path: crate::environ::runner_path(),
             health_interval: None,
             deploy_timeout: Duration::from_secs(1800),
             install: InstallConfig::new(data_dir.join("cache")),
@@ -207,49 +237,58 @@ impl SupervisorConfig {
 }
 
 pub struct Supervisor {
-    orchestrator: Arc<dyn Orchestrator>,
-    /// Desired state, when persisted.
-    store: Option<Arc<Store>>,
-    installer: Arc<Installer>,
-    sandboxed: Arc<SandboxedInstalls>,
-    config: Arc<SupervisorConfig>,
+    ctx: Arc<Ctx>,
     services: RwLock<HashMap<ServiceKey, Arc<Service>>>,
-    /// Serializes deploys and removals of the same key.
-    key_locks: Mutex<HashMap<ServiceKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held only around changes of the store and the registry together.
+    writes: tokio::sync::Mutex<()>,
+    /// Bumped on every registry change, so a waiting redeploy notices that
+    /// it was superseded.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Supervisor {
     pub fn new(orchestrator: Arc<dyn Orchestrator>, config: SupervisorConfig) -> Self {
-        Supervisor {
+        let ctx = Ctx {
             orchestrator,
-            store: None,
             installer: Arc::new(Installer::new(config.install.clone())),
             sandboxed: Arc::new(SandboxedInstalls::new(
                 config.data_dir.join("docker-installs"),
             )),
             config: Arc::new(config),
+            store: None,
+            events: broadcast::channel(1024).0,
+        };
+        Supervisor {
+            ctx: Arc::new(ctx),
             services: RwLock::new(HashMap::new()),
-            key_locks: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::channel(0).0,
         }
     }
 
     /// Persists desired state in `store` and restores from it.
     pub fn with_store(mut self, store: Arc<Store>) -> Self {
-        self.store = Some(store);
+        let ctx = Arc::get_mut(&mut self.ctx).expect("set before any service starts");
+        ctx.store = Some(store);
         self
     }
 
     pub fn capabilities(&self) -> Capabilities {
-        self.orchestrator.capabilities()
+        self.ctx.orchestrator.capabilities()
     }
 
     /// The backend's name, as status and health show it.
     pub fn backend(&self) -> &'static str {
-        self.orchestrator.capabilities().name
+        self.capabilities().name
     }
 
     pub fn config(&self) -> &SupervisorConfig {
-        &self.config
+        &self.ctx.config
+    }
+
+    /// Registry and phase changes, for mesh endpoints.
+    pub fn events(&self) -> broadcast::Receiver<ServiceEvent> {
+        self.ctx.events.subscribe()
     }
 
     pub fn len(&self) -> usize {
@@ -258,15 +297,6 @@ impl Supervisor {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn key_lock(&self, key: &ServiceKey) -> Arc<tokio::sync::Mutex<()>> {
-        self.key_locks
-            .lock()
-            .expect("poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone()
     }
 
     pub fn get(&self, key: &ServiceKey) -> Result<Arc<Service>, SupervisorError> {
@@ -278,20 +308,74 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })
     }
 
+    /// Whether `svc` is still the registered instance of `key`.
+    fn is_current(&self, key: &ServiceKey, svc: &Arc<Service>) -> bool {
+        self.services
+            .read()
+            .expect("registry poisoned")
+            .get(key)
+            .is_some_and(|s| Arc::ptr_eq(s, svc))
+    }
+
+    /// Registers `svc` (replacing whatever was there) and tells watchers.
+    fn insert(&self, svc: Arc<Service>) -> Option<Arc<Service>> {
+        let prev = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .insert(svc.key.clone(), svc.clone());
+        self.changes.send_modify(|n| *n += 1);
+        let _ = self.ctx.events.send(ServiceEvent {
+            key: svc.key.clone(),
+            phase: svc.phase(),
+        });
+        prev
+    }
+
+    fn remove_if_current(&self, key: &ServiceKey, svc: &Arc<Service>) -> bool {
+        let mut services = self.services.write().expect("registry poisoned");
+        if services.get(key).is_some_and(|s| Arc::ptr_eq(s, svc)) {
+            services.remove(key);
+            drop(services);
+            self.changes.send_modify(|n| *n += 1);
+            let _ = self.ctx.events.send(ServiceEvent {
+                key: key.clone(),
+                phase: Phase::Stopped,
+            });
+            true
+        } else {
+            false
+        }
+    }
+
+    fn remembered(&self, key: &ServiceKey) -> Remembered {
+        self.ctx
+            .store
+            .as_ref()
+            .and_then(|s| s.remembered(key).ok())
+            .unwrap_or_default()
+    }
+
     /// Checks a spec completely, without side effects: the typed value the
-    /// lifecycle consumes.
+    /// lifecycle consumes. A local directory is checked too: on a deploy, a
+    /// missing directory or entry is bad input.
     pub fn validate(&self, spec: ServiceSpec) -> Result<Validated, SupervisorError> {
+        let v = self.validate_shape(spec)?;
+        if let Source::Path(dir) = &v.source {
+            crate::acquire::check_dir(dir, v.spec.runtime, v.spec.command.as_deref())?;
+        }
+        Ok(v)
+    }
+
+    /// The checks that depend on the spec alone (and the backend), not on
+    /// the host's files: what a stored spec must still pass at restore. A
+    /// directory that is gone for now fails the start instead, and is
+    /// retried in place like any external cause.
+    fn validate_shape(&self, spec: ServiceSpec) -> Result<Validated, SupervisorError> {
         spec.validate()?;
         let source: Source = spec.source.parse()?;
-        match &source {
-            Source::Image(_) if !self.capabilities().images => {
-                return Err(AcquireError::Unsupported { kind: "image" }.into());
-            }
-            // A local directory is checked now: a missing dir or entry is bad input.
-            Source::Path(dir) => {
-                crate::acquire::check_dir(dir, spec.runtime, spec.command.as_deref())?;
-            }
-            _ => {}
+        if matches!(source, Source::Image(_)) && !self.capabilities().images {
+            return Err(AcquireError::Unsupported { kind: "image" }.into());
         }
         let probe = SandboxSpec {
             argv: vec!["probe".into()],
@@ -304,88 +388,159 @@ impl Supervisor {
             network: spec.network.clone(),
             ..Default::default()
         };
-        self.orchestrator
+        self.ctx
+            .orchestrator
             .check(&probe)
             .map_err(SupervisorError::Unsupported)?;
         Ok(Validated { spec, source })
     }
 
-    /// Starts a service's lifecycle and puts it in the registry.
-    fn register(&self, key: ServiceKey, v: Validated, adopt: bool) -> Arc<Service> {
-        let svc = Service::launch(
-            key.clone(),
-            v,
-            self.orchestrator.clone(),
-            self.installer.clone(),
-            self.sandboxed.clone(),
-            self.config.clone(),
-            adopt,
-        );
-        self.services
-            .write()
-            .expect("registry poisoned")
-            .insert(key, svc.clone());
-        svc
+    fn launch(&self, key: ServiceKey, v: Validated, opts: LaunchOptions) -> Arc<Service> {
+        Service::launch(key, v, self.ctx.clone(), opts)
     }
 
     /// Deploys (or replaces) a service and waits until it runs or fails.
+    ///
+    /// A first deploy is stored, then started: if it fails it stays listed
+    /// as `failed` and is retried in place. A redeploy of a serving service
+    /// starts the new spec beside it and swaps only once the new one runs; if
+    /// it fails, the error is answered and the old instance keeps running,
+    /// serving and stored.
     pub async fn deploy(
         &self,
         key: ServiceKey,
         spec: ServiceSpec,
     ) -> Result<ServiceStatus, SupervisorError> {
         let v = self.validate(spec)?;
-        let lock = self.key_lock(&key);
-        let _guard = lock.lock().await;
-        // Desired state first: a crash from here on still restores it.
-        if let Some(store) = &self.store {
-            store.put(&key, &v.spec)?;
+        match self.get(&key) {
+            Ok(old) if matches!(old.phase(), Phase::Running | Phase::Restarting) => {
+                self.replace(key, v, old).await
+            }
+            _ => {
+                let svc = {
+                    let _w = self.writes.lock().await;
+                    // Desired state first: a crash from here on still restores it.
+                    if let Some(store) = &self.ctx.store {
+                        store.put(&key, &v.spec)?;
+                    }
+                    let remembered = self.remembered(&key);
+                    let svc = self.launch(
+                        key.clone(),
+                        v,
+                        LaunchOptions {
+                            remembered,
+                            ..Default::default()
+                        },
+                    );
+                    if let Some(prev) = self.insert(svc.clone()) {
+                        info!(service = %key, "replacing a service that was not serving");
+                        tokio::spawn(async move { prev.stop().await });
+                    }
+                    svc
+                };
+                self.wait_up(&svc).await
+            }
         }
-        let old = self
-            .services
-            .write()
-            .expect("registry poisoned")
-            .remove(&key);
-        if let Some(old) = old {
-            info!(service = %key, "replacing");
-            old.stop().await;
-        }
-        let svc = self.register(key, v, false);
-        self.wait_up(&svc).await
     }
 
-    async fn wait_up(&self, svc: &Service) -> Result<ServiceStatus, SupervisorError> {
-        let phase = svc
-            .settled(Instant::now() + self.config.deploy_timeout)
-            .await;
-        let status = svc.status();
-        if phase == Phase::Running {
-            return Ok(status);
+    /// The transactional redeploy: a candidate beside `old`.
+    async fn replace(
+        &self,
+        key: ServiceKey,
+        v: Validated,
+        old: Arc<Service>,
+    ) -> Result<ServiceStatus, SupervisorError> {
+        info!(service = %key, "redeploying beside the running instance");
+        let candidate = self.launch(
+            key.clone(),
+            v,
+            LaunchOptions {
+                candidate: true,
+                ..Default::default()
+            },
+        );
+        let mut changes = self.changes.subscribe();
+        let deadline = Instant::now() + self.ctx.config.deploy_timeout;
+        let phase = loop {
+            tokio::select! {
+                p = candidate.settled(deadline) => break p,
+                _ = changes.changed() => {
+                    if !self.is_current(&key, &old) {
+                        candidate.stop().await;
+                        return Err(SupervisorError::Superseded { key });
+                    }
+                }
+            }
+        };
+        if phase != Phase::Running {
+            let err = self.start_failed(&candidate, phase);
+            candidate.stop().await;
+            return Err(err);
         }
-        Err(SupervisorError::StartFailed {
+        {
+            let _w = self.writes.lock().await;
+            if !self.is_current(&key, &old) {
+                drop(_w);
+                candidate.stop().await;
+                return Err(SupervisorError::Superseded { key });
+            }
+            if let Some(store) = &self.ctx.store {
+                if let Err(e) = store.put(&key, &candidate.spec) {
+                    drop(_w);
+                    candidate.stop().await;
+                    return Err(e.into());
+                }
+            }
+            candidate.promote();
+            self.insert(candidate.clone());
+        }
+        old.stop().await;
+        info!(service = %key, "redeployed");
+        Ok(candidate.status())
+    }
+
+    fn start_failed(&self, svc: &Service, phase: Phase) -> SupervisorError {
+        let status = svc.status();
+        SupervisorError::StartFailed {
             key: svc.key.clone(),
             message: status
                 .last_error
                 .unwrap_or_else(|| format!("service is {phase}")),
             logs: svc.logs.tail(20).0,
-        })
+        }
     }
 
-    /// Stops and forgets a service.
-    pub async fn undeploy(&self, key: &ServiceKey) -> Result<(), SupervisorError> {
-        let lock = self.key_lock(key);
-        let _guard = lock.lock().await;
-        let svc = self
-            .services
-            .write()
-            .expect("registry poisoned")
-            .remove(key)
-            .ok_or_else(|| SupervisorError::NotFound { key: key.clone() })?;
-        if let Some(store) = &self.store {
-            store.delete(key)?;
+    async fn wait_up(&self, svc: &Service) -> Result<ServiceStatus, SupervisorError> {
+        let phase = svc
+            .settled(Instant::now() + self.ctx.config.deploy_timeout)
+            .await;
+        if phase == Phase::Running {
+            return Ok(svc.status());
         }
+        Err(self.start_failed(svc, phase))
+    }
+
+    /// Stops and forgets a service. The stored spec goes first (a failed
+    /// write changes nothing: the service stays listed and running), then the
+    /// sandbox, then the registry entry, so a listed service never has its
+    /// process gone nor an unlisted one a process left.
+    pub async fn undeploy(&self, key: &ServiceKey) -> Result<(), SupervisorError> {
+        let svc = {
+            let _w = self.writes.lock().await;
+            let svc = self.get(key)?;
+            if let Some(store) = &self.ctx.store {
+                store.delete(key)?;
+            }
+            svc
+        };
         svc.stop().await;
-        self.orchestrator.release(key).await;
+        {
+            let _w = self.writes.lock().await;
+            self.remove_if_current(key, &svc);
+        }
+        if self.get(key).is_err() {
+            self.ctx.orchestrator.release(key).await;
+        }
         info!(service = %key, "undeployed");
         Ok(())
     }
@@ -398,7 +553,7 @@ impl Supervisor {
             let spec = svc.spec.clone();
             return self.deploy(key.clone(), spec).await;
         }
-        svc.restart_and_wait(Instant::now() + self.config.deploy_timeout)
+        svc.restart_and_wait(Instant::now() + self.ctx.config.deploy_timeout)
             .await;
         self.wait_up(&svc).await
     }
@@ -417,80 +572,118 @@ impl Supervisor {
         out
     }
 
+    /// Calls a tool; the result as raw JSON, passed on as it came.
+    pub async fn call_raw(
+        &self,
+        key: &ServiceKey,
+        tool: &str,
+        arguments: serde_json::Value,
+        timeout: Option<Duration>,
+    ) -> Result<Box<serde_json::value::RawValue>, SupervisorError> {
+        let svc = self.get(key)?;
+        let timeout = timeout.unwrap_or_else(|| svc.spec.call_timeout());
+        svc.call_raw(tool, arguments, timeout).await
+    }
+
     pub async fn call(
         &self,
         key: &ServiceKey,
         tool: &str,
-        arguments: Value,
+        arguments: serde_json::Value,
         timeout: Option<Duration>,
-    ) -> Result<Value, SupervisorError> {
+    ) -> Result<serde_json::Value, SupervisorError> {
         let svc = self.get(key)?;
         let timeout = timeout.unwrap_or_else(|| svc.spec.call_timeout());
         svc.call(tool, arguments, timeout).await
     }
 
-    /// Starts every stored service, `parallelism` at a time; returns how many.
-    /// One that fails shows it in its status and holds no other back.
+    /// Starts every stored service, `parallelism` at a time; returns how many
+    /// came back. Each row stands alone: one that does not decode or no
+    /// longer validates is reported and skipped, holding no other back.
     pub async fn restore(&self, parallelism: usize) -> usize {
-        let Some(store) = &self.store else { return 0 };
-        let all = match store.all() {
-            Ok(all) => all,
+        let Some(store) = &self.ctx.store else {
+            return 0;
+        };
+        let rows = match store.all() {
+            Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), "cannot read the desired state");
                 return 0;
             }
         };
-        let n = all.len();
-        info!(services = n, "restoring");
+        info!(services = rows.len(), "restoring");
         // Sandboxes left by services that are no longer wanted go first.
-        let keep: Vec<ServiceKey> = all.iter().map(|(k, _)| k.clone()).collect();
-        self.orchestrator.sweep(&keep).await;
-        futures_util::stream::iter(all)
-            .for_each_concurrent(parallelism.max(1), |(key, spec)| async move {
-                let v = match self.validate(spec) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::error!(service = %key, error = %crate::error_chain(&e), "stored spec no longer valid; skipped");
-                        return;
-                    }
-                };
-                let lock = self.key_lock(&key);
-                let _guard = lock.lock().await;
-                if self.services.read().expect("registry poisoned").contains_key(&key) {
-                    return; // deployed again meanwhile
+        let keep: Vec<ServiceKey> = rows.iter().map(|r| r.key.clone()).collect();
+        self.ctx.orchestrator.sweep(&keep).await;
+        let restored = std::sync::atomic::AtomicUsize::new(0);
+        futures_util::stream::iter(rows)
+            .for_each_concurrent(parallelism.max(1), |row| {
+                let restored = &restored;
+                async move {
+                    let key = row.key;
+                    let v = match row
+                        .spec
+                        .map_err(SupervisorError::from)
+                        .and_then(|s| self.validate_shape(s))
+                    {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::error!(service = %key, error = %crate::error_chain(&e), "stored spec is not valid; skipped");
+                            return;
+                        }
+                    };
+                    let svc = {
+                        let _w = self.writes.lock().await;
+                        if self.get(&key).is_ok() {
+                            return; // deployed again meanwhile
+                        }
+                        let svc = self.launch(
+                            key,
+                            v,
+                            LaunchOptions {
+                                adopt: true,
+                                candidate: false,
+                                remembered: row.remembered,
+                            },
+                        );
+                        self.insert(svc.clone());
+                        svc
+                    };
+                    restored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = svc
+                        .settled(Instant::now() + self.ctx.config.deploy_timeout)
+                        .await;
                 }
-                let svc = self.register(key, v, true);
-                let _ = svc.settled(Instant::now() + self.config.deploy_timeout).await;
             })
             .await;
-        n
+        restored.into_inner()
+    }
+
+    fn drain(&self) -> Vec<Arc<Service>> {
+        let all: Vec<Arc<Service>> = self
+            .services
+            .write()
+            .expect("registry poisoned")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        self.changes.send_modify(|n| *n += 1);
+        all
     }
 
     /// Stops supervising every service, leaving sandboxes running where the
     /// backend can (docker containers, for re-adoption); the rest are stopped.
     pub async fn detach_all(&self) {
-        let all: Vec<Arc<Service>> = self
-            .services
-            .write()
-            .expect("registry poisoned")
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+        let all = self.drain();
         futures_util::future::join_all(all.iter().map(|s| s.detach())).await;
     }
 
     /// Stops every service, concurrently.
     pub async fn shutdown(&self) {
-        let all: Vec<Arc<Service>> = self
-            .services
-            .write()
-            .expect("registry poisoned")
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+        let all = self.drain();
         futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
         for s in &all {
-            self.orchestrator.release(&s.key).await;
+            self.ctx.orchestrator.release(&s.key).await;
         }
     }
 }

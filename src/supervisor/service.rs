@@ -1,32 +1,43 @@
-//! One supervised service: its lifecycle task, its state and its calls.
+//! One supervised service: its state, its calls, and the async shell of its
+//! lifecycle.
+//!
+//! The shell does what [`Decider`](super::lifecycle::Decider) decides. Every
+//! await in it (acquisition and installs, spawn, connect, backoff and retry
+//! waits, supervision) is raced against the control channel, so stop,
+//! restart and undeploy take effect at once in every phase; a dropped phase
+//! future kills what it started (installers, containers). Health probes run
+//! in their own task beside the supervise loop and report verdicts to it.
 //!
 //! The lifecycle task is the only writer of the status; API handlers read a
-//! snapshot and wait on the phase channel. A service is `running` only after
-//! the MCP handshake succeeded, and stays honest about everything else.
+//! snapshot. A service is `running` only once connected, `pid` and
+//! `container_id` are shown only while the sandbox exists, and health is
+//! `unknown` until a probe has passed.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, instrument, warn};
 
-use super::backoff::{Action, Backoff};
-use super::health::{Health, HealthTracker, Verdict};
-use super::logs::LogRing;
+use super::health::{Health, HealthTracker, ProbeResult, Verdict};
+use super::lifecycle::{Decider, EndCause, Event, Next, Then};
+use super::logs::{drain_lines, LogRing};
 use super::prepare::{self, Acquirers, Validated};
-use super::{ServiceKey, StartError, SupervisorConfig, SupervisorError};
-use crate::acquire::sandboxed::SandboxedInstalls;
-use crate::acquire::{Installer, Progress, Source};
+use super::{Ctx, ServiceEvent, ServiceKey, StartError, SupervisorError};
+use crate::acquire::{Progress, Source};
 use crate::config::{HealthSpec, Runtime, ServiceSpec};
-use crate::mcp::{CallError, LogSink, Session, SessionConfig};
-use crate::model::LogStream;
-use crate::orchestrator::{
-    wait_exit, Enforced, ExitReason, Orchestrator, SandboxHandle, SandboxSpec,
+use crate::mcp::{
+    CallError, CallOptions, ConnectError, LogSink, ServerInfo, Session, SessionConfig,
 };
+use crate::model::{wait_exit, Enforced, ExitReason, LogStream, Protocol};
+use crate::orchestrator::SandboxSpec;
+use crate::store::Remembered;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,12 +56,23 @@ impl Phase {
     pub fn is_settled_down(self) -> bool {
         matches!(self, Phase::Crashed | Phase::Failed | Phase::Stopped)
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Installing => "installing",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Restarting => "restarting",
+            Phase::Crashed => "crashed",
+            Phase::Failed => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
 }
 
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok();
-        f.write_str(s.as_ref().and_then(Value::as_str).unwrap_or("?"))
+        f.write_str(self.as_str())
     }
 }
 
@@ -62,6 +84,14 @@ pub struct LimitsStatus {
     pub enforced: Enforced,
 }
 
+/// When a failed service is tried again.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryStatus {
+    pub attempts: u32,
+    pub last_attempt_at: String,
+    pub next_retry_at: String,
+}
+
 /// The `ServiceStatus` of the HTTP contract.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
@@ -69,9 +99,14 @@ pub struct ServiceStatus {
     pub name: String,
     pub status: Phase,
     pub health: Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
     pub backend: &'static str,
     pub runtime: Option<Runtime>,
     pub source: String,
+    /// The protocol version spoken with the server (its era shows in it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,6 +131,7 @@ pub struct ServiceStatus {
 #[derive(Debug)]
 struct State {
     health: Health,
+    health_error: Option<String>,
     runtime: Option<Runtime>,
     pid: Option<u32>,
     container_id: Option<String>,
@@ -106,17 +142,11 @@ struct State {
     tools: Arc<Vec<Value>>,
     enforced: Enforced,
     retry: Option<RetryStatus>,
-}
-
-/// When a failed service is tried again.
-#[derive(Debug, Clone, Serialize)]
-pub struct RetryStatus {
-    pub attempts: u32,
-    pub next_retry_at: String,
+    server: Option<ServerInfo>,
 }
 
 /// Requests to the lifecycle task.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Control {
     Stop,
     Restart,
@@ -125,10 +155,22 @@ pub(crate) enum Control {
     Detach,
 }
 
+/// How a service starts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LaunchOptions {
+    /// Restored after a restart of meshbox: try re-adopting first.
+    pub adopt: bool,
+    /// A redeploy's candidate: its first failure ends it (the deploy answers
+    /// the error and the running instance stays) instead of retrying.
+    pub candidate: bool,
+    pub remembered: Remembered,
+}
+
 pub struct Service {
     pub key: ServiceKey,
     pub spec: ServiceSpec,
     source: Source,
+    spec_hash: String,
     backend: &'static str,
     state: Mutex<State>,
     phase: watch::Sender<Phase>,
@@ -137,25 +179,49 @@ pub struct Service {
     attempts: watch::Sender<u64>,
     session: watch::Sender<Option<Arc<Session>>>,
     pub logs: Arc<LogRing>,
-    control: mpsc::UnboundedSender<Control>,
+    control: mpsc::Sender<Control>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Set for services restored after a restart: try re-adopting first.
-    adopt_first: std::sync::atomic::AtomicBool,
+    candidate: AtomicBool,
+    events: broadcast::Sender<ServiceEvent>,
 }
 
 /// How one run of the server ended.
-enum Outcome {
+enum RunEnd {
     Stopped,
-    /// Spawn or handshake failed.
     StartFailed(StartError),
-    Exited {
-        reason: ExitReason,
-        ran_for: Duration,
-    },
-    Unhealthy {
-        ran_for: Duration,
-    },
+    ProbeExited,
+    Ended { ran_for: Duration, cause: EndCause },
     RestartRequested,
+}
+
+/// A phase's future finished, or a control request came first (and the
+/// future was dropped, killing what it started).
+enum Step<T> {
+    Done(T),
+    Control(Control),
+}
+
+async fn interruptible<F: Future>(
+    fut: F,
+    control: &mut mpsc::Receiver<Control>,
+) -> Step<F::Output> {
+    tokio::select! {
+        biased;
+        c = control.recv() => Step::Control(c.unwrap_or(Control::Stop)),
+        v = fut => Step::Done(v),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Service {
@@ -163,20 +229,19 @@ impl Service {
     pub(crate) fn launch(
         key: ServiceKey,
         v: Validated,
-        orchestrator: Arc<dyn Orchestrator>,
-        installer: Arc<Installer>,
-        sandboxed: Arc<SandboxedInstalls>,
-        config: Arc<SupervisorConfig>,
-        adopt: bool,
+        ctx: Arc<Ctx>,
+        opts: LaunchOptions,
     ) -> Arc<Service> {
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(16);
         let Validated { spec, source } = v;
         let svc = Arc::new(Service {
             key,
-            backend: orchestrator.capabilities().name,
+            backend: ctx.orchestrator.capabilities().name,
             source,
+            spec_hash: spec.hash(),
             state: Mutex::new(State {
                 health: Health::Unknown,
+                health_error: None,
                 runtime: spec.runtime,
                 pid: None,
                 container_id: None,
@@ -187,23 +252,19 @@ impl Service {
                 tools: Arc::new(Vec::new()),
                 enforced: Enforced::default(),
                 retry: None,
+                server: None,
             }),
             spec,
             phase: watch::channel(Phase::Installing).0,
             attempts: watch::channel(0).0,
             session: watch::channel(None).0,
-            logs: Arc::new(LogRing::new(config.log_lines)),
+            logs: Arc::new(LogRing::new(ctx.config.log_lines)),
             control: control_tx,
             task: Mutex::new(None),
-            adopt_first: std::sync::atomic::AtomicBool::new(adopt),
+            candidate: AtomicBool::new(opts.candidate),
+            events: ctx.events.clone(),
         });
-        let task = tokio::spawn(svc.clone().lifecycle(
-            orchestrator,
-            installer,
-            sandboxed,
-            config,
-            control_rx,
-        ));
+        let task = tokio::spawn(svc.clone().lifecycle(ctx, control_rx, opts));
         *svc.task.lock().expect("poisoned") = Some(task);
         svc
     }
@@ -216,11 +277,30 @@ impl Service {
         *self.phase.borrow()
     }
 
+    /// A phase change: watchers (calls, deploys) and the supervisor's events.
+    pub fn subscribe_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// A candidate becomes the registered instance: from now on its failures
+    /// are retried in place.
+    pub(crate) fn promote(&self) {
+        self.candidate.store(false, Ordering::SeqCst);
+        let _ = self.events.send(ServiceEvent {
+            key: self.key.clone(),
+            phase: self.phase(),
+        });
+    }
+
+    fn is_candidate(&self) -> bool {
+        self.candidate.load(Ordering::SeqCst)
+    }
+
     /// Restarts now and waits until the new start attempt has settled.
     pub(crate) async fn restart_and_wait(&self, deadline: Instant) {
         let mut attempts = self.attempts.subscribe();
         let before = *attempts.borrow_and_update();
-        self.request(Control::Restart);
+        let _ = tokio::time::timeout_at(deadline, self.control.send(Control::Restart)).await;
         let _ = tokio::time::timeout_at(deadline, attempts.wait_for(|n| *n > before)).await;
     }
 
@@ -229,11 +309,17 @@ impl Service {
     }
 
     fn set_phase(&self, p: Phase) {
-        self.phase.send_if_modified(|cur| {
+        let changed = self.phase.send_if_modified(|cur| {
             let changed = *cur != p;
             *cur = p;
             changed
         });
+        if changed && !self.is_candidate() {
+            let _ = self.events.send(ServiceEvent {
+                key: self.key.clone(),
+                phase: p,
+            });
+        }
     }
 
     pub fn note(&self, text: &str) {
@@ -244,24 +330,21 @@ impl Service {
         let phase = self.phase();
         let session_tools = self.session.borrow().as_ref().map(|s| s.tools());
         let st = self.state();
+        let running = phase == Phase::Running;
         ServiceStatus {
             mesh: self.key.mesh.clone(),
             name: self.key.name.clone(),
             status: phase,
-            health: if phase == Phase::Running {
-                st.health
-            } else {
-                Health::Unknown
-            },
+            health: if running { st.health } else { Health::Unknown },
+            health_error: running.then(|| st.health_error.clone()).flatten(),
             backend: self.backend,
             runtime: st.runtime,
             source: self.source.to_string(),
+            protocol: st.server.as_ref().map(|s| s.protocol_version.clone()),
             pid: st.pid,
             container_id: st.container_id.clone(),
             restarts: st.restarts,
-            started_at: st
-                .started_at
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            started_at: st.started_at.map(rfc3339),
             last_error: st.last_error.clone(),
             last_exit: st.last_exit.clone(),
             tools: session_tools.unwrap_or_else(|| st.tools.clone()),
@@ -288,6 +371,11 @@ impl Service {
         }
     }
 
+    /// The server's own description (era, capabilities), once connected.
+    pub fn server_info(&self) -> Option<ServerInfo> {
+        self.state().server.clone()
+    }
+
     /// Waits until the service has left its transitional phases (or `deadline`).
     pub async fn settled(&self, deadline: Instant) -> Phase {
         let mut rx = self.phase.subscribe();
@@ -304,7 +392,13 @@ impl Service {
     }
 
     /// The live session, waiting through starts and restarts up to `deadline`.
-    pub async fn session(&self, deadline: Instant) -> Result<Arc<Session>, SupervisorError> {
+    pub async fn upstream(&self, deadline: Instant) -> Result<Arc<Session>, SupervisorError> {
+        // The common case: running, nothing to wait for.
+        if let Some(s) = self.session.borrow().as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
         let mut rx = self.session.subscribe();
         let mut phase = self.phase.subscribe();
         loop {
@@ -338,8 +432,11 @@ impl Service {
         }
     }
 
+    /// Asks the lifecycle task without waiting (a full queue already holds
+    /// requests that will be acted on).
+    #[cfg(test)]
     pub(crate) fn request(&self, c: Control) {
-        let _ = self.control.send(c);
+        let _ = self.control.try_send(c);
     }
 
     /// Asks the lifecycle task to stop and waits for it to finish.
@@ -353,7 +450,7 @@ impl Service {
     }
 
     async fn finish(&self, how: Control) {
-        self.request(how);
+        let _ = self.control.send(how).await;
         let task = self.task.lock().expect("poisoned").take();
         if let Some(t) = task {
             let _ = t.await;
@@ -366,16 +463,54 @@ impl Service {
         Arc::new(move |stream, line| ring.push(stream, line))
     }
 
-    /// Resolves the spec into what to run: the backend acquires the source
-    /// (installing it when needed) and finds the entry; then the environment.
-    async fn prepare(
+    /// Calls a tool, waiting through a restart up to the call's timeout; the
+    /// result as raw JSON.
+    pub async fn call_raw(
         &self,
-        orchestrator: &dyn Orchestrator,
-        config: &SupervisorConfig,
-        installer: &Installer,
-        sandboxed: &SandboxedInstalls,
-    ) -> Result<SandboxSpec, StartError> {
-        // Secrets first: a missing one fails fast, before any download.
+        tool: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Box<RawValue>, SupervisorError> {
+        let deadline = Instant::now() + timeout;
+        let session = self.upstream(deadline).await.map_err(|e| match e {
+            SupervisorError::Call { key, .. } => SupervisorError::Call {
+                key,
+                source: CallError::Timeout(timeout),
+            },
+            other => other,
+        })?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        session
+            .request_raw(
+                crate::mcp::protocol::method::TOOLS_CALL,
+                Some(json!({"name": tool, "arguments": arguments})),
+                CallOptions::timeout(left),
+            )
+            .await
+            .map_err(|e| SupervisorError::Call {
+                key: self.key.clone(),
+                source: match e {
+                    CallError::Timeout(_) => CallError::Timeout(timeout),
+                    other => other,
+                },
+            })
+    }
+
+    /// As [`call_raw`](Self::call_raw), parsed.
+    pub async fn call(
+        &self,
+        tool: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, SupervisorError> {
+        let raw = self.call_raw(tool, arguments, timeout).await?;
+        Ok(serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+    }
+
+    /// Resolves the spec into a sandbox: secrets and home first (a missing
+    /// secret fails before any download), then the source.
+    async fn prepare(&self, ctx: &Ctx) -> Result<SandboxSpec, StartError> {
+        let config = &ctx.config;
         let home = prepare::server_home(&config.data_dir, &self.key)?;
         let env = prepare::server_env(&config.server_path, &home, &self.spec.env)?;
         let progress: Progress = {
@@ -383,15 +518,16 @@ impl Service {
             Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
         };
         let acquirers = Acquirers {
-            installer,
-            sandboxed,
+            installer: &ctx.installer,
+            sandboxed: &ctx.sandboxed,
             install_timeout: config.install.timeout,
         };
         let v = Validated {
             spec: self.spec.clone(),
             source: self.source.clone(),
         };
-        let prepared = prepare::acquire(orchestrator, &acquirers, &self.key, &v, &progress).await?;
+        let prepared =
+            prepare::acquire(&*ctx.orchestrator, &acquirers, &self.key, &v, &progress).await?;
         self.state().runtime = prepared.launch.runtime.or(self.spec.runtime);
         Ok(prepare::server_sandbox(
             &self.key,
@@ -402,166 +538,210 @@ impl Service {
         ))
     }
 
+    fn record_failure(&self, e: &StartError) {
+        let text = crate::error_chain(e);
+        warn!(mesh = %self.key.mesh, service = %self.key.name, error = %text, "start failed");
+        self.note(&format!("start failed: {text}"));
+        self.state().last_error = Some(text);
+    }
+
+    fn persist_retry(&self, ctx: &Ctx, attempts: u32) {
+        if self.is_candidate() {
+            return;
+        }
+        if let Some(store) = &ctx.store {
+            if let Err(e) = store.set_retry(&self.key, attempts) {
+                warn!(service = %self.key, error = %crate::error_chain(&e), "cannot record the retry count");
+            }
+        }
+    }
+
     #[instrument(skip_all, fields(mesh = %self.key.mesh, service = %self.key.name))]
     async fn lifecycle(
         self: Arc<Self>,
-        orchestrator: Arc<dyn Orchestrator>,
-        installer: Arc<Installer>,
-        sandboxed: Arc<SandboxedInstalls>,
-        config: Arc<SupervisorConfig>,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        ctx: Arc<Ctx>,
+        mut control: mpsc::Receiver<Control>,
+        opts: LaunchOptions,
     ) {
-        let mut failures = 0u32;
-        'attempt: loop {
-            self.set_phase(Phase::Installing);
-            let prepared = self
-                .prepare(&*orchestrator, &config, &installer, &sandboxed)
-                .await;
-            let sandbox_spec = match prepared {
-                Ok(x) => x,
-                Err(e) => {
-                    let e = crate::error_chain(&e);
-                    self.note(&format!("start failed: {e}"));
-                    self.state().last_error = Some(e);
-                    self.set_phase(Phase::Failed);
-                    self.attempt_settled();
-                    if self.wait_retry(&config, &mut failures, &mut control).await {
-                        continue 'attempt;
+        let config = ctx.config.clone();
+        let mut decider = Decider::new(
+            config.backoff.clone(),
+            config.failed_retry.clone(),
+            opts.remembered.retry_attempts,
+        );
+        // The era: pinned by the spec, else the verdict kept for this spec.
+        let mut pin = self.spec.protocol.pinned().or_else(|| {
+            opts.remembered
+                .protocol
+                .as_ref()
+                .filter(|(hash, _)| *hash == self.spec_hash)
+                .map(|(_, p)| *p)
+        });
+        let mut adopt = opts.adopt;
+        let mut prepared: Option<SandboxSpec> = None;
+        let mut next = Next::PrepareNow;
+        loop {
+            next = match next {
+                Next::Supervise | Next::RunNow if prepared.is_some() => {
+                    let spec = prepared.clone().expect("checked");
+                    let end = self
+                        .run_once(
+                            &ctx,
+                            &spec,
+                            &mut pin,
+                            &mut adopt,
+                            &mut control,
+                            &mut decider,
+                        )
+                        .await;
+                    match end {
+                        RunEnd::Stopped => break,
+                        RunEnd::StartFailed(e) => {
+                            self.record_failure(&e);
+                            self.attempt_settled();
+                            if self.is_candidate() {
+                                self.set_phase(Phase::Failed);
+                                break;
+                            }
+                            decider.on(Event::StartFailed)
+                        }
+                        RunEnd::ProbeExited => {
+                            self.note("the server exited on the server/discover probe; starting it again in the handshake era");
+                            pin = Some(Protocol::Handshake);
+                            self.keep_verdict(&ctx, Protocol::Handshake);
+                            decider.on(Event::ProbeExited)
+                        }
+                        RunEnd::Ended { ran_for, cause } => {
+                            decider.on(Event::Ended { ran_for, cause })
+                        }
+                        RunEnd::RestartRequested => {
+                            self.note("restart requested");
+                            decider.on(Event::RestartRequested)
+                        }
                     }
-                    return;
+                }
+                Next::Supervise | Next::RunNow | Next::PrepareNow => {
+                    self.set_phase(Phase::Installing);
+                    match interruptible(self.prepare(&ctx), &mut control).await {
+                        Step::Control(Control::Restart) => Next::PrepareNow,
+                        Step::Control(_) => break,
+                        Step::Done(Ok(spec)) => {
+                            prepared = Some(spec);
+                            Next::RunNow
+                        }
+                        Step::Done(Err(e)) => {
+                            self.record_failure(&e);
+                            self.attempt_settled();
+                            if self.is_candidate() {
+                                self.set_phase(Phase::Failed);
+                                break;
+                            }
+                            decider.on(Event::PrepareFailed)
+                        }
+                    }
+                }
+                Next::Wait {
+                    phase,
+                    delay,
+                    then,
+                    attempts,
+                } => {
+                    self.state().restarts = decider.restarts();
+                    let now = SystemTime::now();
+                    if phase == Phase::Failed {
+                        self.state().retry = Some(RetryStatus {
+                            attempts,
+                            last_attempt_at: rfc3339(now),
+                            next_retry_at: rfc3339(now + delay),
+                        });
+                        self.persist_retry(&ctx, attempts);
+                        self.note(&format!(
+                            "retrying in {}s (failed attempt {attempts})",
+                            delay.as_secs()
+                        ));
+                    } else {
+                        self.note(&format!(
+                            "{} in {:.1}s",
+                            if phase == Phase::Crashed {
+                                "restart budget spent; crashed, retrying"
+                            } else {
+                                "restarting"
+                            },
+                            delay.as_secs_f64()
+                        ));
+                    }
+                    self.set_phase(phase);
+                    match interruptible(tokio::time::sleep(delay), &mut control).await {
+                        Step::Done(()) => {}
+                        Step::Control(Control::Restart) => {
+                            self.note("restart requested");
+                            let _ = decider.on(Event::RestartRequested);
+                        }
+                        Step::Control(_) => break,
+                    }
+                    self.state().restarts = decider.restarts();
+                    match then {
+                        Then::Run => Next::RunNow,
+                        Then::Prepare => Next::PrepareNow,
+                    }
                 }
             };
-            let mut backoff = Backoff::new(config.backoff.clone());
-            let mut ever_ran = false;
-            loop {
-                self.set_phase(if ever_ran || self.state().restarts > 0 {
-                    Phase::Restarting
-                } else {
-                    Phase::Starting
-                });
-                let outcome = self
-                    .run_once(&*orchestrator, &sandbox_spec, &config, &mut control)
-                    .await;
-                let ran_for = match outcome {
-                    Outcome::Stopped => {
-                        self.set_phase(Phase::Stopped);
-                        return;
-                    }
-                    Outcome::StartFailed(e) => {
-                        let e = crate::error_chain(&e);
-                        self.note(&format!("start failed: {e}"));
-                        self.state().last_error = Some(e);
-                        self.attempt_settled();
-                        if !ever_ran {
-                            // Never came up: a bad entry or server, not a flaky one.
-                            // Retried in place on the slow failed schedule.
-                            self.set_phase(Phase::Failed);
-                            if self.wait_retry(&config, &mut failures, &mut control).await {
-                                continue 'attempt;
-                            }
-                            return;
-                        }
-                        Duration::ZERO
-                    }
-                    Outcome::Exited { reason, ran_for } => {
-                        self.note(&format!("server exited: {reason}"));
-                        warn!(%reason, "server exited");
-                        let mut st = self.state();
-                        st.last_error = Some(format!("server exited: {reason}"));
-                        st.last_exit = Some(reason);
-                        ran_for
-                    }
-                    Outcome::Unhealthy { ran_for } => {
-                        self.note("health checks failed; restarting");
-                        self.state().last_error = Some("health checks failed".into());
-                        ran_for
-                    }
-                    Outcome::RestartRequested => {
-                        self.note("restart requested");
-                        self.state().restarts += 1;
-                        continue;
-                    }
-                };
-                ever_ran = true;
-                let (phase, delay) = match backoff.on_exit(ran_for) {
-                    Action::Restart(d) => (Phase::Restarting, d),
-                    Action::Crashed(d) => (Phase::Crashed, d),
-                };
-                self.set_phase(phase);
-                self.note(&format!(
-                    "{} in {:.1}s",
-                    if phase == Phase::Crashed {
-                        "restart budget spent; crashed, retrying"
-                    } else {
-                        "restarting"
-                    },
-                    delay.as_secs_f64()
-                ));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    c = control.recv() => match c {
-                        Some(Control::Restart) => {}
-                        Some(Control::Stop | Control::Detach) | None => {
-                            self.set_phase(Phase::Stopped);
-                            return;
-                        }
-                    }
-                }
-                self.state().restarts += 1;
+            self.state().restarts = decider.restarts();
+        }
+        {
+            let mut st = self.state();
+            st.pid = None;
+            st.container_id = None;
+        }
+        self.session.send_replace(None);
+        self.set_phase(Phase::Stopped);
+    }
+
+    fn keep_verdict(&self, ctx: &Ctx, protocol: Protocol) {
+        if let (Some(store), false) = (&ctx.store, self.is_candidate()) {
+            if let Err(e) = store.set_protocol(&self.key, &self.spec_hash, protocol) {
+                warn!(service = %self.key, error = %crate::error_chain(&e), "cannot record the protocol era");
             }
         }
     }
 
-    /// Waits out the failed-retry schedule (30 s × 5, then every 5 min by
-    /// default). False when the service is to stop instead.
-    async fn wait_retry(
-        &self,
-        config: &SupervisorConfig,
-        failures: &mut u32,
-        control: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> bool {
-        *failures += 1;
-        let delay = config.failed_retry.delay(*failures);
-        self.state().retry = Some(RetryStatus {
-            attempts: *failures,
-            next_retry_at: humantime::format_rfc3339_seconds(SystemTime::now() + delay).to_string(),
-        });
-        self.note(&format!(
-            "retrying in {}s (failed attempt {})",
-            delay.as_secs(),
-            *failures
-        ));
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            c = control.recv() => match c {
-                Some(Control::Restart) => true,
-                Some(Control::Stop | Control::Detach) | None => {
-                    self.set_phase(Phase::Stopped);
-                    false
-                }
-            }
+    fn clear_sandbox(&self, exit: Option<ExitReason>) {
+        let mut st = self.state();
+        st.pid = None;
+        st.container_id = None;
+        if exit.is_some() {
+            st.last_exit = exit;
         }
     }
 
-    /// Starts the server, handshakes, and supervises it until it ends.
+    /// Starts the server, connects, and supervises it until it ends.
     async fn run_once(
         &self,
-        orchestrator: &dyn Orchestrator,
+        ctx: &Ctx,
         spec: &SandboxSpec,
-        config: &SupervisorConfig,
-        control: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> Outcome {
+        pin: &mut Option<Protocol>,
+        adopt: &mut bool,
+        control: &mut mpsc::Receiver<Control>,
+        decider: &mut Decider,
+    ) -> RunEnd {
+        let config = &ctx.config;
+        self.set_phase(if decider.ever_ran() || decider.restarts() > 0 {
+            Phase::Restarting
+        } else {
+            Phase::Starting
+        });
+        let orchestrator = &ctx.orchestrator;
         // After a restart of meshbox: the same sandbox may still be running.
-        let adopted = if self
-            .adopt_first
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            orchestrator.adopt(spec).await
+        let adopted = if std::mem::take(adopt) && orchestrator.capabilities().detach {
+            match interruptible(orchestrator.adopt(spec), control).await {
+                Step::Done(s) => s,
+                Step::Control(c) => return control_end(c),
+            }
         } else {
             None
         };
         let was_adopted = adopted.is_some();
-        let mut sandbox = match adopted {
+        let sandbox = match adopted {
             Some(s) => {
                 self.note(&format!(
                     "re-adopted running sandbox {}",
@@ -569,9 +749,10 @@ impl Service {
                 ));
                 s
             }
-            None => match orchestrator.spawn(spec.clone()).await {
-                Ok(s) => s,
-                Err(e) => return Outcome::StartFailed(StartError::Orchestrator(e)),
+            None => match interruptible(orchestrator.spawn(spec.clone()), control).await {
+                Step::Done(Ok(s)) => s,
+                Step::Done(Err(e)) => return RunEnd::StartFailed(StartError::Orchestrator(e)),
+                Step::Control(c) => return control_end(c),
             },
         };
         {
@@ -580,218 +761,249 @@ impl Service {
             st.container_id = sandbox.container_id.clone();
             st.enforced = sandbox.enforced;
             st.health = Health::Unknown;
+            st.health_error = None;
         }
         let handle = sandbox.handle;
-        let log = self.log_sink();
-        // stderr is logs; drain it always so the server never blocks on a full pipe.
-        let stderr = {
-            let log = log.clone();
-            let mut lines = BufReader::new(sandbox.io.stderr).split(b'\n');
-            tokio::spawn(async move {
-                while let Ok(Some(line)) = lines.next_segment().await {
-                    log(LogStream::Stderr, &String::from_utf8_lossy(&line));
-                }
-            })
+        let mut exit = sandbox.exit;
+        // stderr is logs; drained always so the server never blocks on a full pipe.
+        let _stderr = {
+            let ring = self.logs.clone();
+            AbortOnDrop(tokio::spawn(drain_lines(sandbox.io.stderr, move |l| {
+                ring.push(LogStream::Stderr, l)
+            })))
         };
-        let _stderr_guard = AbortOnDrop(stderr);
         let session = Arc::new(Session::start(
             sandbox.io.stdout,
             sandbox.io.stdin,
-            sandbox.exit.clone(),
-            log,
+            exit.clone(),
+            self.log_sink(),
             SessionConfig {
                 max_line: config.max_line,
                 ..Default::default()
             },
         ));
-        let handshake = tokio::select! {
-            r = async {
-                if was_adopted {
-                    // Initialized long ago: only its tool list is refreshed.
-                    let info = crate::mcp::ServerInfo {
-                        protocol: crate::model::Protocol::Handshake,
+        let connect = async {
+            match (was_adopted, *pin) {
+                // Connected long ago: its era is known, only the tool list is read.
+                (true, Some(era)) => {
+                    let info = self.state().server.clone().unwrap_or(ServerInfo {
+                        protocol: era,
                         protocol_version: String::new(),
                         server_info: Value::Null,
                         capabilities: Value::Null,
                         instructions: None,
                         discover: None,
-                    };
-                    session.adopt(info, config.handshake_timeout).await
-                } else {
+                    });
                     session
-                        .connect(Some(crate::model::Protocol::Handshake), config.handshake_timeout)
+                        .adopt(info.clone(), config.handshake_timeout)
                         .await
-                        .map(|_| ())
-                        .map_err(|e| match e {
-                            crate::mcp::ConnectError::Step { source, .. } => source,
-                            crate::mcp::ConnectError::ExitedDuringProbe(r) => CallError::Exited(r),
+                        .map(|()| info)
+                        .map_err(|source| ConnectError::Step {
+                            step: "tools/list",
+                            source,
                         })
                 }
-            } => r,
-            c = control.recv() => {
-                drop(session);
-                handle.stop(config.stop_grace).await;
-                return match c {
-                    Some(Control::Restart) => Outcome::RestartRequested,
-                    _ => Outcome::Stopped,
-                };
+                _ => session.connect(*pin, config.handshake_timeout).await,
             }
         };
-        if let Err(e) = handshake {
-            let msg = match e {
-                CallError::Exited(reason) => StartError::ExitedDuring {
-                    step: "initialize",
-                    reason,
-                },
-                CallError::Timeout(after) => StartError::HandshakeTimeout {
-                    step: "initialize",
-                    after,
-                },
-                source => StartError::Handshake {
-                    step: "handshake",
-                    source,
-                },
-            };
-            drop(session);
-            handle.kill();
-            let reason = handle.stop(Duration::from_millis(100)).await;
-            self.state().last_exit = Some(reason);
-            return Outcome::StartFailed(msg);
+        let info = match interruptible(connect, control).await {
+            Step::Done(Ok(info)) => info,
+            Step::Done(Err(e)) => {
+                session.close();
+                handle.kill();
+                let reason = handle.stop(Duration::from_millis(100)).await;
+                self.clear_sandbox(Some(reason));
+                return match e {
+                    ConnectError::ExitedDuringProbe(_) if pin.is_none() => RunEnd::ProbeExited,
+                    ConnectError::ExitedDuringProbe(reason) => {
+                        RunEnd::StartFailed(StartError::ExitedDuring {
+                            step: "server/discover",
+                            reason,
+                        })
+                    }
+                    ConnectError::Step { step, source } => RunEnd::StartFailed(match source {
+                        CallError::Exited(reason) => StartError::ExitedDuring { step, reason },
+                        CallError::Timeout(after) => StartError::HandshakeTimeout {
+                            step,
+                            after: config.handshake_timeout.max(after),
+                        },
+                        source => StartError::Handshake { step, source },
+                    }),
+                };
+            }
+            Step::Control(c) => {
+                session.close();
+                let reason = handle.stop(config.stop_grace).await;
+                self.clear_sandbox(Some(reason));
+                return control_end(c);
+            }
+        };
+        if pin.is_none() {
+            *pin = Some(info.protocol);
+            self.keep_verdict(ctx, info.protocol);
         }
         let started = Instant::now();
-        {
+        let cleared_retry = {
             let mut st = self.state();
             st.started_at = Some(SystemTime::now());
-            st.health = Health::Healthy;
             st.tools = session.tools();
+            st.server = Some(info);
+            st.last_error = None;
+            st.retry.take().is_some()
+        };
+        if cleared_retry || decider.failures() > 0 {
+            self.persist_retry(ctx, 0);
         }
+        let _ = decider.on(Event::Running);
         self.session.send_replace(Some(session.clone()));
-        self.state().retry = None;
         self.set_phase(Phase::Running);
         self.attempt_settled();
         info!(tools = session.tools().len(), "running");
-        let outcome = self
-            .supervise(
-                &session,
-                &mut sandbox.exit,
-                &*handle,
-                config,
-                control,
-                started,
-            )
-            .await;
-        self.state().tools = session.tools();
-        self.session.send_replace(None);
-        outcome
-    }
 
-    async fn supervise(
-        &self,
-        session: &Arc<Session>,
-        exit: &mut watch::Receiver<Option<ExitReason>>,
-        handle: &dyn SandboxHandle,
-        config: &SupervisorConfig,
-        control: &mut mpsc::UnboundedReceiver<Control>,
-        started: Instant,
-    ) -> Outcome {
         let health_spec = self.spec.health.clone().unwrap_or_default();
         let interval = config
             .health_interval
             .unwrap_or(Duration::from_secs(health_spec.interval_s));
-        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (health_tx, mut health_rx) = mpsc::channel(1);
+        let _health = AbortOnDrop(tokio::spawn(health_loop(
+            session.clone(),
+            health_spec.clone(),
+            interval,
+            health_tx,
+        )));
         let mut tracker = HealthTracker::new(health_spec.failure_threshold);
-        loop {
+        let end = loop {
             tokio::select! {
-                reason = wait_exit(exit) => {
-                    return Outcome::Exited { reason, ran_for: started.elapsed() };
-                }
+                biased;
                 c = control.recv() => {
-                    if matches!(c, Some(Control::Detach)) && handle.detach() {
+                    let c = c.unwrap_or(Control::Stop);
+                    if c == Control::Detach && handle.detach() {
                         self.note("detached; the sandbox keeps running for re-adoption");
-                        return Outcome::Stopped;
+                        break RunEnd::Stopped;
                     }
                     session.close();
                     let reason = handle.stop(config.stop_grace).await;
-                    self.state().last_exit = Some(reason);
-                    return match c {
-                        Some(Control::Restart) => Outcome::RestartRequested,
-                        _ => Outcome::Stopped,
-                    };
+                    self.clear_sandbox(Some(reason));
+                    break control_end(c);
                 }
-                _ = ticker.tick() => {
-                    let ok = check_health(session, &health_spec).await;
-                    match tracker.record(ok) {
-                        Verdict::Keep(h) => self.state().health = h,
-                        Verdict::Restart => {
-                            self.state().health = Health::Unhealthy;
-                            session.close();
-                            handle.kill();
-                            let reason = handle.stop(config.stop_grace).await;
-                            self.state().last_exit = Some(reason);
-                            return Outcome::Unhealthy { ran_for: started.elapsed() };
-                        }
+                reason = wait_exit(&mut exit) => {
+                    self.note(&format!("server exited: {reason}"));
+                    warn!(%reason, "server exited");
+                    self.state().last_error = Some(format!("server exited: {reason}"));
+                    self.clear_sandbox(Some(reason));
+                    break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::Exited };
+                }
+                e = session.closed() => {
+                    if let CallError::Exited(reason) = e {
+                        self.note(&format!("server exited: {reason}"));
+                        self.state().last_error = Some(format!("server exited: {reason}"));
+                        self.clear_sandbox(Some(reason));
+                        break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::Exited };
                     }
+                    self.note("the server closed its stdout; stopping it");
+                    self.state().last_error = Some("server closed its stdout".into());
+                    handle.kill();
+                    let reason = handle.stop(Duration::from_millis(100)).await;
+                    self.clear_sandbox(Some(reason));
+                    break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::StdoutClosed };
                 }
-            }
-        }
-    }
-
-    /// Calls a tool, waiting through a restart up to the call's timeout.
-    pub async fn call(
-        &self,
-        tool: &str,
-        arguments: Value,
-        timeout: Duration,
-    ) -> Result<Value, SupervisorError> {
-        let deadline = Instant::now() + timeout;
-        let session = self.session(deadline).await.map_err(|e| match e {
-            SupervisorError::Call { key, .. } => SupervisorError::Call {
-                key,
-                source: CallError::Timeout(timeout),
-            },
-            other => other,
-        })?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        session
-            .call_tool(tool, arguments, left)
-            .await
-            .map_err(|e| SupervisorError::Call {
-                key: self.key.clone(),
-                source: match e {
-                    CallError::Timeout(_) => CallError::Timeout(timeout),
-                    other => other,
+                Some(result) = health_rx.recv() => match tracker.record(result) {
+                    Verdict::Keep { health, error } => {
+                        let mut st = self.state();
+                        st.health = health;
+                        st.health_error = error;
+                    }
+                    Verdict::Restart => {
+                        self.note("liveness checks failed; restarting");
+                        {
+                            let mut st = self.state();
+                            st.health = Health::Unhealthy;
+                            st.last_error = Some("liveness checks failed".into());
+                        }
+                        session.close();
+                        handle.kill();
+                        let reason = handle.stop(config.stop_grace).await;
+                        self.clear_sandbox(Some(reason));
+                        break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::Liveness };
+                    }
                 },
-            })
+            }
+        };
+        self.state().tools = session.tools();
+        self.session.send_replace(None);
+        end
     }
 }
 
-/// One health check: `ping`, and the readiness tool when configured (its
-/// JSON-RPC error or `isError: true` is a failure).
-async fn check_health(session: &Session, spec: &HealthSpec) -> bool {
-    let timeout = Duration::from_secs(spec.timeout_s);
-    if session.probe(timeout).await.is_err() {
-        return false;
+fn control_end(c: Control) -> RunEnd {
+    match c {
+        Control::Restart => RunEnd::RestartRequested,
+        Control::Stop | Control::Detach => RunEnd::Stopped,
     }
-    match &spec.tool {
-        None => true,
-        Some(tool) => {
-            let args = spec
-                .arguments
-                .clone()
-                .unwrap_or(Value::Object(Default::default()));
-            match session.call_tool(tool, args, timeout).await {
-                Ok(result) => result.get("isError").and_then(Value::as_bool) != Some(true),
-                Err(_) => false,
-            }
+}
+
+/// Probes the server every `interval` and reports each round; a probe that
+/// times out is a failure. Runs beside the supervise loop, never inside it.
+async fn health_loop(
+    session: Arc<Session>,
+    spec: HealthSpec,
+    interval: Duration,
+    tx: mpsc::Sender<ProbeResult>,
+) {
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = Duration::from_secs(spec.timeout_s);
+    loop {
+        ticker.tick().await;
+        let live = session.probe(timeout).await.is_ok();
+        let ready = match (&spec.tool, live) {
+            (Some(tool), true) => Some(readiness(&session, tool, &spec, timeout).await),
+            _ => None,
+        };
+        if tx.send(ProbeResult { live, ready }).await.is_err() {
+            return;
         }
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The readiness tool: its JSON-RPC error or `isError: true` fails it, with
+/// the probe's own message.
+async fn readiness(
+    session: &Session,
+    tool: &str,
+    spec: &HealthSpec,
+    timeout: Duration,
+) -> Result<(), String> {
+    let args = spec
+        .arguments
+        .clone()
+        .unwrap_or(Value::Object(Default::default()));
+    match session.call_tool(tool, args, timeout).await {
+        Ok(result) if result.get("isError").and_then(Value::as_bool) == Some(true) => {
+            let text = result
+                .pointer("/content/0/text")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            Err(format!(
+                "readiness tool `{}` answered isError: {}",
+                crate::model::shown(tool, 64),
+                text.chars().take(500).collect::<String>()
+            ))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "readiness tool `{}` failed: {}",
+            crate::model::shown(tool, 64),
+            crate::error_chain(&e)
+        )),
+    }
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("key", &self.key)
+            .field("phase", &self.phase())
+            .finish()
     }
 }
