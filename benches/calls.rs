@@ -1,33 +1,48 @@
-//! `make bench`: what meshbox adds, measured against a baseline in the same run.
+//! `make bench`, calls part: what meshbox adds to a tool call, measured in
+//! one run against baselines taken in the same run (issue 9, item 10).
 //!
-//! 1. A tool call through the HTTP API vs the same call over a direct stdio
-//!    pipe to the same fixture server, at 1 and at 64 concurrent callers:
-//!    p50/p99 latency, calls/s, and the ratio.
-//! 2. Deploy-to-running through the API vs the bare process start + MCP
-//!    handshake (initialize, initialized, every tools/list page).
+//! The same node echo server (tests/fixtures/node_server) behind:
+//! - a direct stdio pipe, driven by a client whose callers write
+//!   concurrently with no lock (the strongest baseline);
+//! - `meshbox serve` (its own process), `POST /v1/.../call`;
+//! - the seed runner (../shared/peers/seed-runner.mjs, node), `POST /call`.
+//! Each HTTP caller owns one keep-alive connection (no pool, no lock).
+//!
+//! Figures: added p50 at 1 caller; calls/s at 64 callers as ratios; meshbox
+//! CPU per call from /proc; idle RSS and RSS per idle service; deploy time
+//! vs a bare start + handshake.
 
 mod common;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, Daemon, Direct};
+use bytes::Bytes;
+use common::{cpu_time, median, rss_kib, Direct, HttpCaller, ProcDaemon};
 use serde_json::json;
 
 const SEQ_CALLS: usize = 3000;
 const CONC: usize = 64;
-const CONC_CALLS_EACH: usize = 60;
+const CONC_CALLS_EACH: usize = 200;
 const STARTS: usize = 10;
+const IDLE_SERVICES: usize = 20;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/py_server")
+fn node_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_server")
+}
+
+fn seed_runner() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/seed-runner.mjs")
 }
 
 struct Stats {
     p50: Duration,
     p99: Duration,
     per_sec: f64,
+    calls: usize,
 }
 
 fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
@@ -37,6 +52,7 @@ fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
         p50: pick(0.50),
         p99: pick(0.99),
         per_sec: lat.len() as f64 / wall.as_secs_f64(),
+        calls: lat.len(),
     }
 }
 
@@ -44,25 +60,38 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-async fn run_load<F, Fut>(callers: usize, each: usize, call: F) -> Stats
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    let mut tasks = Vec::new();
+type CallFut = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One caller: made per task, then called `each` times in a row.
+trait Caller: Send + 'static {
+    fn call(&mut self) -> CallFut;
+}
+
+type MakeCaller =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Box<dyn Caller>> + Send>> + Send + Sync>;
+
+async fn run_load(callers: usize, each: usize, make: &MakeCaller) -> Stats {
+    let mut clients = Vec::new();
     for _ in 0..callers {
-        let call = call.clone();
+        clients.push(make().await);
+    }
+    let start_line = Arc::new(tokio::sync::Barrier::new(callers + 1));
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        let start_line = start_line.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(each);
+            start_line.wait().await;
             for _ in 0..each {
                 let t = Instant::now();
-                call().await;
+                c.call().await;
                 lat.push(t.elapsed());
             }
             lat
         }));
     }
+    start_line.wait().await;
+    let start = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
@@ -70,138 +99,277 @@ where
     stats(all, start.elapsed())
 }
 
-fn row(label: &str, base: &Stats, mesh: &Stats) {
+struct DirectCaller(Arc<Direct>);
+
+impl Caller for DirectCaller {
+    fn call(&mut self) -> CallFut {
+        let d = self.0.clone();
+        Box::pin(async move {
+            let r = d
+                .request(
+                    "tools/call",
+                    json!({"name": "echo", "arguments": {"text": "hello"}}),
+                )
+                .await;
+            assert_eq!(r["result"]["content"][0]["text"], "hello");
+        })
+    }
+}
+
+/// One caller's own connection (the mutex is never contended: each caller
+/// makes its calls one after another).
+struct Http {
+    c: Arc<tokio::sync::Mutex<HttpCaller>>,
+    path: Arc<str>,
+    body: Bytes,
+}
+
+impl Caller for Http {
+    fn call(&mut self) -> CallFut {
+        let c = self.c.clone();
+        let (path, body) = (self.path.clone(), self.body.clone());
+        Box::pin(async move {
+            let (status, bytes) = c.lock().await.post(&path, body).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+            assert!(
+                bytes.windows(5).any(|w| w == b"hello"),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+        })
+    }
+}
+
+fn row(label: &str, base: &Stats, other: &Stats, who: &str) {
     println!(
-        "{label:<22} direct p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0}/s | meshbox p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0}/s | added p50 {:>7.1} µs  ratio p50 {:.2}x  throughput {:.2}x",
+        "{label:<24} direct p50 {:>7.1} µs p99 {:>7.1} µs {:>7.0}/s | {who} p50 {:>7.1} µs p99 {:>7.1} µs {:>7.0}/s | added p50 {:>6.1} µs | throughput {:.2}x of direct",
         us(base.p50),
         us(base.p99),
         base.per_sec,
-        us(mesh.p50),
-        us(mesh.p99),
-        mesh.per_sec,
-        us(mesh.p50) - us(base.p50),
-        us(mesh.p50) / us(base.p50),
-        mesh.per_sec / base.per_sec,
+        us(other.p50),
+        us(other.p99),
+        other.per_sec,
+        us(other.p50) - us(base.p50),
+        other.per_sec / base.per_sec,
     );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT MET"
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_caller_factory(base: String, path: String, body: Bytes) -> MakeCaller {
+    let path: Arc<str> = path.into();
+    Arc::new(move || {
+        let (base, path, body) = (base.clone(), path.clone(), body.clone());
+        Box::pin(async move {
+            Box::new(Http {
+                c: Arc::new(tokio::sync::Mutex::new(HttpCaller::connect(&base).await)),
+                path,
+                body,
+            }) as Box<dyn Caller>
+        })
+    })
 }
 
 #[tokio::main]
 async fn main() {
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(data.path().to_path_buf(), None).await;
-    let base = daemon.base.clone();
-    let http = reqwest::Client::new();
-    let spec = json!({"source": format!("path:{}", fixture().display())});
+    let fixture = node_fixture();
+    println!(
+        "meshbox bench — calls: node echo server (tests/fixtures/node_server), process backend"
+    );
 
-    println!("meshbox bench — fixture: tests/fixtures/py_server (python), process backend");
+    // ---- the three ways in --------------------------------------------------
+    let daemon = ProcDaemon::start(&[]);
+    let mut admin = HttpCaller::connect(&daemon.base).await;
+    let spec = json!({"source": format!("path:{}", fixture.display())}).to_string();
+    let (code, body) = admin
+        .put("/v1/meshes/bench/services/echo", Bytes::from(spec.clone()))
+        .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+
+    let direct = Arc::new(Direct::spawn(&["node", "server.js"], &fixture).await);
+    direct.handshake().await;
+
+    let seed_port = free_port();
+    let mut seed = tokio::process::Command::new("node")
+        .arg(seed_runner())
+        .env("RUNNER_PORT", seed_port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs the seed runner");
+    let seed_base = format!("http://127.0.0.1:{seed_port}");
+    let mut seed_admin = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", seed_port))
+            .await
+            .is_ok()
+        {
+            break HttpCaller::connect(&seed_base).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (code, body) = seed_admin
+        .post(
+            "/load",
+            Bytes::from(json!({"name": "echo", "sourcePath": fixture}).to_string()),
+        )
+        .await;
+    assert_eq!(code, 200, "seed /load: {}", String::from_utf8_lossy(&body));
+
+    let direct_make: MakeCaller = {
+        let d = direct.clone();
+        Arc::new(move || {
+            let d = d.clone();
+            Box::pin(async move { Box::new(DirectCaller(d)) as Box<dyn Caller> })
+        })
+    };
+    let mesh_make = http_caller_factory(
+        daemon.base.clone(),
+        "/v1/meshes/bench/services/echo/call".into(),
+        Bytes::from(json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string()),
+    )
+    .await;
+    let seed_make = http_caller_factory(
+        seed_base.clone(),
+        "/call".into(),
+        Bytes::from(json!({"name": "echo", "tool": "echo", "args": {"text": "hello"}}).to_string()),
+    )
+    .await;
+
+    // Warm up every path.
+    for m in [&direct_make, &mesh_make, &seed_make] {
+        run_load(4, 200, m).await;
+    }
+
+    // ---- 1 caller -----------------------------------------------------------
     println!();
-    println!("== deploy-to-running vs bare start + handshake (median of {STARTS}) ==");
+    println!("== one caller, {SEQ_CALLS} sequential `echo` calls ==");
+    let floor = {
+        let mut c = HttpCaller::connect(&daemon.base).await;
+        let mut lat = Vec::new();
+        for _ in 0..SEQ_CALLS {
+            let t = Instant::now();
+            let (code, _) = c.get("/v1/health").await;
+            assert_eq!(code, 200);
+            lat.push(t.elapsed());
+        }
+        median(lat)
+    };
+    println!(
+        "HTTP floor (GET /v1/health on one connection): p50 {:.1} µs",
+        us(floor)
+    );
+    let b1 = run_load(1, SEQ_CALLS, &direct_make).await;
+    let m1 = run_load(1, SEQ_CALLS, &mesh_make).await;
+    let s1 = run_load(1, SEQ_CALLS, &seed_make).await;
+    row("1 caller", &b1, &m1, "meshbox");
+    row("1 caller", &b1, &s1, "seed");
+    let added = us(m1.p50) - us(b1.p50);
+
+    // ---- 64 callers ---------------------------------------------------------
+    println!();
+    println!("== {CONC} concurrent callers × {CONC_CALLS_EACH} calls ==");
+    let b64 = run_load(CONC, CONC_CALLS_EACH, &direct_make).await;
+    let cpu0 = cpu_time(daemon.pid());
+    let m64 = run_load(CONC, CONC_CALLS_EACH, &mesh_make).await;
+    let cpu = cpu_time(daemon.pid()) - cpu0;
+    let s64 = run_load(CONC, CONC_CALLS_EACH, &seed_make).await;
+    row("64 callers", &b64, &m64, "meshbox");
+    row("64 callers", &b64, &s64, "seed");
+    let cpu_per_call = us(cpu) / m64.calls as f64;
+    let of_direct = m64.per_sec / b64.per_sec;
+    let of_seed = m64.per_sec / s64.per_sec;
+
+    // ---- memory -------------------------------------------------------------
+    let idle_daemon = ProcDaemon::start(&[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_kib(idle_daemon.pid());
+    let mut idle_admin = HttpCaller::connect(&idle_daemon.base).await;
+    for i in 0..IDLE_SERVICES {
+        let (code, body) = idle_admin
+            .put(
+                &format!("/v1/meshes/idle/services/s{i}"),
+                Bytes::from(spec.clone()),
+            )
+            .await;
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded_rss = rss_kib(idle_daemon.pid());
+    let per_service = (loaded_rss.saturating_sub(idle_rss)) as f64 / IDLE_SERVICES as f64;
+    drop(idle_daemon);
+
+    // ---- deploy time --------------------------------------------------------
     let mut bare = Vec::new();
     let mut deploy = Vec::new();
     for i in 0..STARTS {
         let t = Instant::now();
-        let d = Direct::spawn(&["python3", "server.py"], &fixture()).await;
-        let n = d.handshake().await;
+        let d = Direct::spawn(&["node", "server.js"], &fixture).await;
+        d.handshake().await;
         bare.push(t.elapsed());
-        assert_eq!(n, 15);
         drop(d);
         let t = Instant::now();
-        let r = http
-            .put(format!("{base}/v1/meshes/bench/services/start{i}"))
-            .json(&spec)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let (code, _) = admin
+            .put(
+                &format!("/v1/meshes/bench/services/start{i}"),
+                Bytes::from(spec.clone()),
+            )
+            .await;
+        assert_eq!(code, 200);
         deploy.push(t.elapsed());
-        http.delete(format!("{base}/v1/meshes/bench/services/start{i}"))
-            .send()
-            .await
-            .unwrap();
+        admin
+            .delete(&format!("/v1/meshes/bench/services/start{i}"))
+            .await;
     }
-    let (b, m) = (median(bare), median(deploy));
-    println!(
-        "bare start+handshake {:>8.1} ms | meshbox deploy-to-running {:>8.1} ms | ratio {:.2}x (target ≤ 1.20x)",
-        b.as_secs_f64() * 1e3,
-        m.as_secs_f64() * 1e3,
-        m.as_secs_f64() / b.as_secs_f64()
-    );
+    let (bare, deploy) = (median(bare), median(deploy));
 
     println!();
-    println!("== tool call `echo`: HTTP API vs direct stdio pipe (same server code) ==");
-    let r = http
-        .put(format!("{base}/v1/meshes/bench/services/calls"))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let direct = Arc::new(Direct::spawn(&["python3", "server.py"], &fixture()).await);
-    direct.handshake().await;
-    let body = json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string();
-    let url = format!("{base}/v1/meshes/bench/services/calls/call");
-
-    let direct_call = {
-        let direct = direct.clone();
-        move || {
-            let direct = direct.clone();
-            async move {
-                let r = direct
-                    .request(
-                        "tools/call",
-                        json!({"name": "echo", "arguments": {"text": "hello"}}),
-                    )
-                    .await;
-                assert_eq!(r["result"]["content"][0]["text"], "hello");
-            }
-        }
-    };
-    let mesh_call = {
-        let http = http.clone();
-        move || {
-            let (http, url, body) = (http.clone(), url.clone(), body.clone());
-            async move {
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                let _ = r.bytes().await.unwrap();
-            }
-        }
-    };
-    // Warm up both paths.
-    run_load(4, 100, direct_call.clone()).await;
-    run_load(4, 100, mesh_call.clone()).await;
-
-    let health_url = format!("{base}/v1/health");
-    let floor = {
-        let http = http.clone();
-        move || {
-            let (http, url) = (http.clone(), health_url.clone());
-            async move {
-                let r = http.get(&url).send().await.unwrap();
-                let _ = r.bytes().await.unwrap();
-            }
-        }
-    };
-    run_load(1, 200, floor.clone()).await;
-    let f = run_load(1, SEQ_CALLS, floor).await;
+    println!("== summary (targets from issue 9) ==");
     println!(
-        "HTTP floor (GET /v1/health, no MCP): p50 {:.1} µs  p99 {:.1} µs",
-        us(f.p50),
-        us(f.p99)
+        "1 caller: meshbox adds {added:.1} µs p50 over the direct pipe (target ≤ 60 µs): {}",
+        verdict(added <= 60.0)
     );
-    let b1 = run_load(1, SEQ_CALLS, direct_call.clone()).await;
-    let m1 = run_load(1, SEQ_CALLS, mesh_call.clone()).await;
-    row("1 caller", &b1, &m1);
-    let b64 = run_load(CONC, CONC_CALLS_EACH, direct_call).await;
-    let m64 = run_load(CONC, CONC_CALLS_EACH, mesh_call).await;
-    row("64 concurrent callers", &b64, &m64);
-    println!("(target: ≤ 60 µs added p50 per call)");
-
-    daemon.stop().await;
+    println!(
+        "64 callers: meshbox {:.0}/s = {:.0}% of the direct pipe (target ≥ 50%): {}",
+        m64.per_sec,
+        of_direct * 100.0,
+        verdict(of_direct >= 0.5)
+    );
+    println!(
+        "64 callers: meshbox {:.2}x the seed runner (target ≥ 3x): {}",
+        of_seed,
+        verdict(of_seed >= 3.0)
+    );
+    println!(
+        "meshbox CPU per call at 64 callers: {cpu_per_call:.1} µs (target ≤ 25 µs): {}",
+        verdict(cpu_per_call <= 25.0)
+    );
+    println!(
+        "idle RSS {:.1} MB (target ≤ 15 MB): {}; per idle service {:.0} KB (target ≤ 100 KB): {}",
+        idle_rss as f64 / 1024.0,
+        verdict(idle_rss <= 15 * 1024),
+        per_service,
+        verdict(per_service <= 100.0)
+    );
+    println!(
+        "deploy-to-running {:.1} ms vs bare start + handshake {:.1} ms: {:.2}x",
+        deploy.as_secs_f64() * 1e3,
+        bare.as_secs_f64() * 1e3,
+        deploy.as_secs_f64() / bare.as_secs_f64()
+    );
+    let _ = seed.kill().await;
 }

@@ -9,20 +9,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use meshbox::api::{self, ApiConfig};
 use meshbox::orchestrator::process::{ProcessBackend, ProcessConfig};
 use meshbox::supervisor::{Supervisor, SupervisorConfig};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 use tokio::sync::oneshot;
 
-/// A minimal pipelined JSON-RPC client straight on the server's pipes: the baseline.
+/// The baseline: a pipelined JSON-RPC client straight on the server's pipes.
+/// Callers write concurrently, each its own whole line with one `write(2)`
+/// on the non-blocking pipe (atomic below PIPE_BUF), with no lock between
+/// them; one reader matches replies by id.
 pub struct Direct {
-    stdin: tokio::sync::Mutex<ChildStdin>,
+    stdin: tokio::net::unix::pipe::Sender,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
     next: AtomicU64,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
 }
 
 impl Direct {
@@ -50,6 +56,7 @@ impl Direct {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let stdin: std::os::fd::OwnedFd = child.stdin.take().unwrap().into_owned_fd().unwrap();
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
         let p = pending.clone();
         tokio::spawn(async move {
@@ -67,10 +74,30 @@ impl Direct {
             }
         });
         Direct {
-            stdin: tokio::sync::Mutex::new(child.stdin.take().unwrap()),
+            stdin: tokio::net::unix::pipe::Sender::from_owned_fd(stdin).unwrap(),
             pending,
             next: AtomicU64::new(1),
-            _child: child,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// One whole line in one write: concurrent writers never interleave.
+    async fn write_line(&self, line: &[u8]) {
+        assert!(line.len() < 4096, "lines past PIPE_BUF could interleave");
+        loop {
+            self.stdin.writable().await.unwrap();
+            match self.stdin.try_write(line) {
+                Ok(n) => {
+                    assert_eq!(n, line.len(), "pipe writes below PIPE_BUF are whole");
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("writing the server's stdin: {e}"),
+            }
         }
     }
 
@@ -82,19 +109,13 @@ impl Direct {
             "{}\n",
             json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
         );
-        {
-            let mut w = self.stdin.lock().await;
-            w.write_all(line.as_bytes()).await.unwrap();
-            w.flush().await.unwrap();
-        }
+        self.write_line(line.as_bytes()).await;
         rx.await.unwrap()
     }
 
     pub async fn notify(&self, method: &str) {
         let line = format!("{}\n", json!({"jsonrpc": "2.0", "method": method}));
-        let mut w = self.stdin.lock().await;
-        w.write_all(line.as_bytes()).await.unwrap();
-        w.flush().await.unwrap();
+        self.write_line(line.as_bytes()).await;
     }
 
     /// initialize → initialized → tools/list following nextCursor.
@@ -117,6 +138,150 @@ impl Direct {
             }
         }
     }
+}
+
+/// One HTTP/1.1 keep-alive connection of one caller: no pool, no lock.
+pub struct HttpCaller {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl HttpCaller {
+    pub async fn connect(base: &str) -> HttpCaller {
+        let host = base.trim_start_matches("http://").to_owned();
+        let stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        HttpCaller { sender, host }
+    }
+
+    /// POST `body` to `path`: the status and the whole answer.
+    pub async fn post(&mut self, path: &str, body: Bytes) -> (u16, Bytes) {
+        self.send(hyper::Method::POST, path, body).await
+    }
+
+    pub async fn put(&mut self, path: &str, body: Bytes) -> (u16, Bytes) {
+        self.send(hyper::Method::PUT, path, body).await
+    }
+
+    pub async fn get(&mut self, path: &str) -> (u16, Bytes) {
+        self.send(hyper::Method::GET, path, Bytes::new()).await
+    }
+
+    pub async fn delete(&mut self, path: &str) -> (u16, Bytes) {
+        self.send(hyper::Method::DELETE, path, Bytes::new()).await
+    }
+
+    async fn send(&mut self, method: hyper::Method, path: &str, body: Bytes) -> (u16, Bytes) {
+        use http_body_util::BodyExt;
+        self.sender.ready().await.unwrap();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.host)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .unwrap();
+        let resp = self.sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, bytes)
+    }
+}
+
+/// `meshbox serve` as its own process (its CPU and memory are its own).
+pub struct ProcDaemon {
+    child: std::process::Child,
+    pub base: String,
+    _data: tempfile::TempDir,
+}
+
+impl ProcDaemon {
+    pub fn start(args: &[&str]) -> ProcDaemon {
+        use std::io::BufRead;
+        let data = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshbox"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "process",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .args(args)
+            .env("MESHBOX_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let base = loop {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "meshbox did not start"
+            );
+            if let Some(u) = line.trim().strip_prefix("meshbox listening on ") {
+                break u.to_owned();
+            }
+        };
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        ProcDaemon {
+            child,
+            base,
+            _data: data,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ProcDaemon {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// User + system CPU time of `pid` so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(") ").next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are 11 and 12 after the state field.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident memory of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// meshbox's supervisor and API in this process, on 127.0.0.1:0.
