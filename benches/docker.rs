@@ -68,11 +68,7 @@ async fn call_p50(http: &reqwest::Client, base: &str, name: &str) -> Duration {
 #[tokio::main]
 async fn main() {
     let data = tempfile::tempdir().unwrap();
-    let docker = match DockerBackend::connect(DockerConfig {
-        data_dir: data.path().to_path_buf(),
-    })
-    .await
-    {
+    let docker = match DockerBackend::connect(DockerConfig::new(data.path().to_path_buf())).await {
         Ok(d) => Arc::new(d),
         Err(e) => {
             println!("meshbox bench — docker: skipped ({e})");

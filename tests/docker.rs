@@ -23,10 +23,7 @@ async fn engine() -> Docker {
         .negotiate_version()
         .await
         .unwrap_or_else(|e| panic!("needs docker: no docker engine answers: {e}"));
-    for image in [
-        "meshbox/runner-node:latest",
-        "meshbox/runner-python:latest",
-    ] {
+    for image in ["meshbox/runner-node:latest", "meshbox/runner-python:latest"] {
         if let Err(e) = docker.inspect_image(image).await {
             panic!("needs docker: runner image {image} is missing (run `make images-local`): {e}");
         }
@@ -90,7 +87,12 @@ async fn containers_are_hardened_and_limited() {
     assert_eq!(hc.readonly_rootfs, Some(true));
     assert!(hc.tmpfs.unwrap().contains_key("/tmp"));
     assert_eq!(hc.init, Some(true));
-    assert_eq!(hc.network_mode.as_deref(), Some("meshbox-dk"));
+    // The mesh's own network, found by id: named for the mesh and instance.
+    let instance = std::fs::read_to_string(d.data.path().join("instance-id")).unwrap();
+    let net_id = hc.network_mode.clone().unwrap();
+    let net = docker.inspect_network(&net_id, None).await.unwrap();
+    assert_eq!(net.name, Some(format!("meshbox-dk.{}", instance.trim())));
+    assert_eq!(net.internal, Some(false));
     let cfg = info.config.unwrap();
     assert_eq!(cfg.user.as_deref(), Some("10001"));
     assert_eq!(cfg.tty, Some(false));
@@ -120,7 +122,7 @@ async fn containers_are_hardened_and_limited() {
     let gone = wait_until(|| async { docker.inspect_container(&id, None).await.is_err() }).await;
     assert!(gone, "container left behind");
     let net_gone =
-        wait_until(|| async { docker.inspect_network("meshbox-dk", None).await.is_err() }).await;
+        wait_until(|| async { docker.inspect_network(&net_id, None).await.is_err() }).await;
     assert!(net_gone, "mesh network left behind");
 }
 
@@ -268,10 +270,13 @@ async fn network_none_has_no_network_and_full_joins_the_mesh() {
         .inspect_container(st["container_id"].as_str().unwrap(), None)
         .await
         .unwrap();
-    assert_eq!(
-        info.host_config.unwrap().network_mode.as_deref(),
-        Some("meshbox-dn")
+    let net = info.host_config.unwrap().network_mode.unwrap();
+    let net = docker.inspect_network(&net, None).await.unwrap();
+    assert!(
+        net.name.as_deref().unwrap().starts_with("meshbox-dn."),
+        "{net:?}"
     );
+    assert_eq!(net.labels.unwrap()["meshbox.role"], "mesh-network");
     let (_, r) = d.call("dn", "open", "connect", target).await;
     assert_eq!(text_of(&r), "connected", "{r}");
 }
@@ -440,8 +445,9 @@ async fn allowlist_egress_goes_only_through_the_proxy() {
         .await
         .unwrap();
     let net = info.host_config.unwrap().network_mode.unwrap();
-    assert_eq!(net, "meshbox-de-egress");
     let n = docker.inspect_network(&net, None).await.unwrap();
+    assert!(n.name.as_deref().unwrap().ends_with(".egress"), "{n:?}");
+    assert_eq!(n.labels.clone().unwrap()["meshbox.role"], "egress-network");
     assert_eq!(
         n.internal,
         Some(true),
@@ -515,15 +521,7 @@ async fn allowlist_egress_goes_only_through_the_proxy() {
     let (code, _) = d.delete("/v1/meshes/de/services/s").await;
     assert_eq!(code, 204);
     assert!(wait_until(|| async { docker.inspect_container(&proxy, None).await.is_err() }).await);
-    assert!(
-        wait_until(|| async {
-            docker
-                .inspect_network("meshbox-de-egress", None)
-                .await
-                .is_err()
-        })
-        .await
-    );
+    assert!(wait_until(|| async { docker.inspect_network(&net, None).await.is_err() }).await);
 }
 
 /// A mesh name no earlier run used.
@@ -584,7 +582,11 @@ async fn concurrent_first_deploys_make_one_network_and_leave_none() {
     let allow = json!({"allow": ["registry.npmjs.org:443"]});
     let deploys = (0..8).map(|i| {
         let (d, mesh) = (&d, &mesh);
-        let network = if i % 2 == 0 { json!("full") } else { allow.clone() };
+        let network = if i % 2 == 0 {
+            json!("full")
+        } else {
+            allow.clone()
+        };
         async move {
             let (code, st) = d
                 .put(
@@ -598,8 +600,7 @@ async fn concurrent_first_deploys_make_one_network_and_leave_none() {
     futures_util::future::join_all(deploys).await;
 
     let nets = mesh_networks(&docker, &mesh).await;
-    let (internal, bridge): (Vec<_>, Vec<_>) =
-        nets.iter().partition(|n| n.internal == Some(true));
+    let (internal, bridge): (Vec<_>, Vec<_>) = nets.iter().partition(|n| n.internal == Some(true));
     assert_eq!(bridge.len(), 1, "one mesh network: {nets:?}");
     assert_eq!(internal.len(), 1, "one egress network: {nets:?}");
     for n in &nets {
