@@ -36,13 +36,140 @@ async fn engine() -> Docker {
 async fn host_listener(docker: &Docker) -> (std::net::TcpListener, String, u16) {
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let gateway = docker
+    (listener, bridge_gateway(docker).await, port)
+}
+
+/// The address containers reach the host at: the default bridge's gateway.
+async fn bridge_gateway(docker: &Docker) -> String {
+    docker
         .inspect_network("bridge", None)
         .await
         .ok()
         .and_then(|n| n.ipam?.config?.first()?.gateway.clone())
-        .unwrap_or_else(|| "172.17.0.1".into());
-    (listener, gateway, port)
+        .unwrap_or_else(|| "172.17.0.1".into())
+}
+
+/// Runs a command to success (argv only), panicking with its stderr.
+fn run(argv: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A git repository holding a copy of `source`, served over HTTPS (smart
+/// HTTP, `git http-backend`) on the docker bridge's gateway, where install
+/// containers reach it as they would a forge. Its certificate is
+/// self-signed for that address; `bundle` is the system's CAs plus it, for
+/// `--container-ca-bundle`.
+struct GitServer {
+    child: std::process::Child,
+    url: String,
+    bundle: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GitServer {
+    async fn start(docker: &Docker, source: &std::path::Path) -> GitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let work = root.join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        for e in std::fs::read_dir(source).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), work.join(e.file_name())).unwrap();
+        }
+        run(&["git", "init", "--quiet", "work"], root);
+        run(&["git", "-C", "work", "add", "."], root);
+        run(
+            &[
+                "git",
+                "-C",
+                "work",
+                "-c",
+                "user.name=meshbox",
+                "-c",
+                "user.email=meshbox@localhost",
+                "commit",
+                "--quiet",
+                "-m",
+                "server",
+            ],
+            root,
+        );
+        std::fs::create_dir_all(root.join("served")).unwrap();
+        run(
+            &[
+                "git",
+                "clone",
+                "--quiet",
+                "--bare",
+                "work",
+                "served/server.git",
+            ],
+            root,
+        );
+        let gateway = bridge_gateway(docker).await;
+        run(
+            &[
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-subj",
+                "/CN=meshbox-git-test",
+                "-addext",
+                &format!("subjectAltName=IP:{gateway}"),
+            ],
+            root,
+        );
+        let mut bundle = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+        bundle.extend(std::fs::read(root.join("cert.pem")).unwrap());
+        std::fs::write(root.join("bundle.pem"), bundle).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .arg(fixture("git_https.py"))
+            .arg(root.join("served"))
+            .arg(&gateway)
+            .arg(root.join("cert.pem"))
+            .arg(root.join("key.pem"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the git server");
+        let mut port = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut port,
+        )
+        .unwrap();
+        let port: u16 = port.trim().parse().expect("the git server's port");
+        GitServer {
+            child,
+            url: format!("https://{gateway}:{port}/server.git"),
+            bundle: root.join("bundle.pem"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn py_spec(extra: Value) -> Value {
@@ -715,4 +842,63 @@ async fn sweep_removes_this_instances_stray_networks_and_proxies() {
         "another instance's network was removed"
     );
     docker.remove_network(&other).await.unwrap();
+}
+
+/// Removes the cache volumes a daemon's instance created.
+async fn remove_volumes_of(docker: &Docker, data_dir: &std::path::Path) {
+    let instance = std::fs::read_to_string(data_dir.join("instance-id")).unwrap();
+    let volumes = docker
+        .list_volumes(Some(
+            bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                .filters(&std::collections::HashMap::from([(
+                    "label".to_owned(),
+                    vec![format!("meshbox.instance={}", instance.trim())],
+                )]))
+                .build(),
+        ))
+        .await
+        .unwrap();
+    for v in volumes.volumes.unwrap_or_default() {
+        let _ = docker
+            .remove_volume(
+                &v.name,
+                None::<bollard::query_parameters::RemoveVolumeOptions>,
+            )
+            .await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs docker"]
+async fn a_python_git_source_without_runtime_runs_in_the_python_image() {
+    let docker = engine().await;
+    let git = GitServer::start(&docker, &fixture("py_server")).await;
+    let d = Daemon::start_docker(&["--container-ca-bundle", git.bundle.to_str().unwrap()]);
+    // No `runtime`: the clone in the node image finds a python server.
+    let (code, st) = d
+        .put(
+            "/v1/meshes/dg/services/py",
+            json!({"source": format!("git:{}", git.url), "network": "none"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["runtime"], "python", "{st}");
+    assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
+    let info = docker
+        .inspect_container(st["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        info.config.unwrap().image.as_deref(),
+        Some("meshbox/runner-python:latest")
+    );
+    let (code, r) = d.call("dg", "py", "echo", json!({"text": "cloned"})).await;
+    assert_eq!((code, text_of(&r)), (200, "cloned".to_owned()), "{r}");
+    let (_, logs) = d.get("/v1/meshes/dg/services/py/logs?lines=200").await;
+    let logs = logs["lines"].to_string();
+    assert!(logs.contains("in a node container"), "{logs}");
+    assert!(logs.contains("in a python container"), "{logs}");
+    let (code, _) = d.delete("/v1/meshes/dg/services/py").await;
+    assert_eq!(code, 204);
+    remove_volumes_of(&docker, d.data.path()).await;
 }
