@@ -902,3 +902,110 @@ async fn a_python_git_source_without_runtime_runs_in_the_python_image() {
     assert_eq!(code, 204);
     remove_volumes_of(&docker, d.data.path()).await;
 }
+
+/// Builds `tag` from `dockerfile` with the files of `dir` as its context.
+async fn build_image(docker: &Docker, tag: &str, dockerfile: &str, dir: &std::path::Path) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("Dockerfile", dockerfile.as_bytes());
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        add(
+            &e.file_name().to_string_lossy(),
+            &std::fs::read(e.path()).unwrap(),
+        );
+    }
+    let context = tar.into_inner().unwrap();
+    let mut build = docker.build_image(
+        bollard::query_parameters::BuildImageOptionsBuilder::default()
+            .dockerfile("Dockerfile")
+            .t(tag)
+            .rm(true)
+            .build(),
+        None,
+        Some(bollard::body_full(context.into())),
+    );
+    while let Some(item) = futures_util::StreamExt::next(&mut build).await {
+        let info = item.unwrap_or_else(|e| panic!("building {tag}: {e}"));
+        assert!(info.error_detail.is_none(), "building {tag}: {info:?}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs docker"]
+async fn image_sources_run_their_own_command_with_the_same_hardening() {
+    let docker = engine().await;
+    // An arbitrary image that would run as root with its own command.
+    let image = "meshbox-test/py-server:latest";
+    build_image(
+        &docker,
+        image,
+        "FROM meshbox/runner-python:latest\n\
+         USER root\n\
+         COPY server.py /app/server.py\n\
+         WORKDIR /app\n\
+         CMD [\"python3\", \"/app/server.py\"]\n",
+        &fixture("py_server"),
+    )
+    .await;
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    let d = Daemon::start_docker(&["--container-ca-bundle", bundle]);
+    let (code, st) = d
+        .put(
+            "/v1/meshes/di/services/img",
+            json!({"source": format!("image:{image}"), "memory_mb": 96, "network": "none"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
+    let info = docker
+        .inspect_container(st["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    let cfg = info.config.unwrap();
+    assert_eq!(cfg.image.as_deref(), Some(image));
+    assert_eq!(cfg.user.as_deref(), Some("10001"), "not the image's root");
+    assert_eq!(
+        cfg.cmd,
+        Some(vec!["python3".to_owned(), "/app/server.py".to_owned()]),
+        "the image's own command"
+    );
+    assert_eq!(cfg.working_dir.as_deref(), Some("/app"));
+    let labels = cfg.labels.unwrap();
+    assert_eq!(labels["meshbox.mesh"], "di");
+    assert_eq!(labels["meshbox.service"], "img");
+    let hc = info.host_config.unwrap();
+    assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(hc.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+    assert_eq!(hc.readonly_rootfs, Some(true));
+    assert!(hc.tmpfs.unwrap().contains_key("/tmp"));
+    assert_eq!(hc.init, Some(true));
+    assert_eq!(hc.memory, Some(96 << 20));
+    assert_eq!(hc.memory_swap, Some(96 << 20));
+    assert_eq!(hc.pids_limit, Some(256));
+    assert_eq!(hc.network_mode.as_deref(), Some("none"));
+    // The operator's CA bundle reaches it, read-only.
+    let ca = info
+        .mounts
+        .unwrap()
+        .into_iter()
+        .find(|m| m.destination.as_deref() == Some("/etc/meshbox/ca-bundle.pem"))
+        .expect("CA bundle mounted");
+    assert_eq!(ca.rw, Some(false));
+    let (_, r) = d.call("di", "img", "env", json!({})).await;
+    let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
+    assert_eq!(env["HOME"], "/tmp");
+    assert_eq!(env["SSL_CERT_FILE"], "/etc/meshbox/ca-bundle.pem");
+    // The pids limit holds inside.
+    let (code, r) = d.call("di", "img", "threads", json!({"n": 600})).await;
+    assert_eq!(code, 200, "{r}");
+    let started: u64 = text_of(&r).parse().unwrap();
+    assert!(started < 256, "{started} threads under a pids limit of 256");
+    let (code, _) = d.delete("/v1/meshes/di/services/img").await;
+    assert_eq!(code, 204);
+}
