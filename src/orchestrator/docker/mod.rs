@@ -57,6 +57,7 @@ impl DockerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum What {
     Container,
+    Image,
     Network,
     Volume,
 }
@@ -65,6 +66,7 @@ impl What {
     fn as_str(self) -> &'static str {
         match self {
             What::Container => "container",
+            What::Image => "image",
             What::Network => "network",
             What::Volume => "volume",
         }
@@ -338,7 +340,10 @@ pub async fn describe(backend: &DockerBackend) -> Vec<(String, String)> {
         let image = runner_image(rt);
         let state = match backend.docker.inspect_image(&image).await {
             Ok(_) => "present".to_owned(),
-            Err(_) => "missing (meshbox images build)".to_owned(),
+            Err(e) => match translate("inspecting an image", What::Image, &image, e) {
+                OrchestratorError::NotFound { .. } => "missing (meshbox images build)".to_owned(),
+                other => format!("unknown ({})", crate::error_chain(&other)),
+            },
         };
         out.push((image, state));
     }
