@@ -172,6 +172,43 @@ impl Drop for GitServer {
     }
 }
 
+/// The container a service status names.
+async fn container_of(
+    docker: &Docker,
+    status: &Value,
+) -> bollard::models::ContainerInspectResponse {
+    let id = status["container_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no container id: {status}"));
+    docker.inspect_container(id, None).await.unwrap()
+}
+
+/// A running container carrying `labels` that only sleeps: what a dead
+/// meshbox could have left behind.
+async fn sleeper(docker: &Docker, labels: std::collections::HashMap<String, String>) -> String {
+    let id = docker
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            bollard::models::ContainerCreateBody {
+                image: Some("meshbox/runner-python:latest".into()),
+                cmd: Some(vec!["sleep".into(), "300".into()]),
+                labels: Some(labels),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    docker
+        .start_container(
+            &id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+        .unwrap();
+    id
+}
+
 fn py_spec(extra: Value) -> Value {
     let mut spec = json!({"source": format!("path:{}", fixture("py_server").display())});
     for (k, v) in extra.as_object().unwrap() {
@@ -375,10 +412,7 @@ async fn network_none_has_no_network_and_full_joins_the_mesh() {
         )
         .await;
     assert_eq!(code, 200, "{st}");
-    let info = docker
-        .inspect_container(st["container_id"].as_str().unwrap(), None)
-        .await
-        .unwrap();
+    let info = container_of(&docker, &st).await;
     assert_eq!(
         info.host_config.unwrap().network_mode.as_deref(),
         Some("none")
@@ -393,10 +427,7 @@ async fn network_none_has_no_network_and_full_joins_the_mesh() {
         )
         .await;
     assert_eq!(code, 200, "{st}");
-    let info = docker
-        .inspect_container(st["container_id"].as_str().unwrap(), None)
-        .await
-        .unwrap();
+    let info = container_of(&docker, &st).await;
     let net = info.host_config.unwrap().network_mode.unwrap();
     let net = docker.inspect_network(&net, None).await.unwrap();
     assert!(
@@ -465,31 +496,16 @@ async fn restarts_readopt_running_containers() {
     let server_pid = text_of(&r);
     let instance = std::fs::read_to_string(data.path().join("instance-id")).unwrap();
     // A managed container no stored spec asks for.
-    let stray = docker
-        .create_container(
-            None::<bollard::query_parameters::CreateContainerOptions>,
-            bollard::models::ContainerCreateBody {
-                image: Some("meshbox/runner-python:latest".into()),
-                cmd: Some(vec!["sleep".into(), "300".into()]),
-                labels: Some(std::collections::HashMap::from([
-                    ("meshbox.managed".into(), "true".into()),
-                    ("meshbox.instance".into(), instance.clone()),
-                    ("meshbox.mesh".into(), "da".into()),
-                    ("meshbox.service".into(), "stray".into()),
-                ])),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .id;
-    docker
-        .start_container(
-            &stray,
-            None::<bollard::query_parameters::StartContainerOptions>,
-        )
-        .await
-        .unwrap();
+    let stray = sleeper(
+        &docker,
+        std::collections::HashMap::from([
+            ("meshbox.managed".into(), "true".into()),
+            ("meshbox.instance".into(), instance.clone()),
+            ("meshbox.mesh".into(), "da".into()),
+            ("meshbox.service".into(), "stray".into()),
+        ]),
+    )
+    .await;
 
     // SIGKILL with a call in flight.
     let url = format!("{}/v1/meshes/da/services/keep/call", a.url);
@@ -567,10 +583,7 @@ async fn allowlist_egress_goes_only_through_the_proxy() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["network"], "allow=registry.npmjs.org:443");
     assert_eq!(st["limits"]["enforced"]["network"], true);
-    let info = docker
-        .inspect_container(st["container_id"].as_str().unwrap(), None)
-        .await
-        .unwrap();
+    let info = container_of(&docker, &st).await;
     let net = info.host_config.unwrap().network_mode.unwrap();
     let n = docker.inspect_network(&net, None).await.unwrap();
     assert!(n.name.as_deref().unwrap().ends_with(".egress"), "{n:?}");
@@ -791,42 +804,25 @@ async fn sweep_removes_this_instances_stray_networks_and_proxies() {
         ("meshbox.instance".to_owned(), instance.trim().to_owned()),
         ("meshbox.mesh".to_owned(), mesh.clone()),
     ]);
-    let net = docker
-        .create_network(bollard::models::NetworkCreateRequest {
-            name: format!("meshbox-{mesh}-stray"),
-            labels: Some(ours.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .id;
+    let network = |name: String, labels| async {
+        docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name,
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .id
+    };
+    let net = network(format!("meshbox-{mesh}-stray"), ours.clone()).await;
     let mut proxy_labels = ours.clone();
     proxy_labels.insert("meshbox.role".into(), "proxy".into());
-    let proxy = docker
-        .create_container(
-            None::<bollard::query_parameters::CreateContainerOptions>,
-            bollard::models::ContainerCreateBody {
-                image: Some("meshbox/runner-python:latest".into()),
-                cmd: Some(vec!["sleep".into(), "300".into()]),
-                labels: Some(proxy_labels),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .id;
+    let proxy = sleeper(&docker, proxy_labels).await;
     // Another instance's network is not ours to remove.
     let mut theirs = ours.clone();
     theirs.insert("meshbox.instance".into(), "0123456789abcdef".into());
-    let other = docker
-        .create_network(bollard::models::NetworkCreateRequest {
-            name: format!("meshbox-{mesh}-other"),
-            labels: Some(theirs),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .id;
+    let other = network(format!("meshbox-{mesh}-other"), theirs).await;
 
     let _b = Daemon::start_on_with(data.path(), &["--backend", "docker"]);
     assert!(
@@ -884,10 +880,7 @@ async fn a_python_git_source_without_runtime_runs_in_the_python_image() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["runtime"], "python", "{st}");
     assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
-    let info = docker
-        .inspect_container(st["container_id"].as_str().unwrap(), None)
-        .await
-        .unwrap();
+    let info = container_of(&docker, &st).await;
     assert_eq!(
         info.config.unwrap().image.as_deref(),
         Some("meshbox/runner-python:latest")
@@ -963,10 +956,7 @@ async fn image_sources_run_their_own_command_with_the_same_hardening() {
         .await;
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
-    let info = docker
-        .inspect_container(st["container_id"].as_str().unwrap(), None)
-        .await
-        .unwrap();
+    let info = container_of(&docker, &st).await;
     let cfg = info.config.unwrap();
     assert_eq!(cfg.image.as_deref(), Some(image));
     assert_eq!(cfg.user.as_deref(), Some("10001"), "not the image's root");

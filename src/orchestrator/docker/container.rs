@@ -32,8 +32,8 @@ use super::labels::{self, Labels};
 use super::network::Attachment;
 use super::{engine_err, fnv, translate, What};
 use crate::orchestrator::{
-    Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox, SandboxHandle,
-    SandboxIo, SandboxSpec, Unsupported,
+    wait_exit, Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox,
+    SandboxHandle, SandboxIo, SandboxSpec, Unsupported,
 };
 
 /// The non-root user every container runs as.
@@ -454,10 +454,11 @@ struct DockerHandle {
 }
 
 impl DockerHandle {
+    /// The exit, if it comes within `d`.
     async fn wait_for(&self, d: Duration) -> Option<ExitReason> {
-        let mut rx = self.exit.clone();
-        let r = tokio::time::timeout(d, rx.wait_for(Option::is_some)).await;
-        r.ok().and_then(|r| r.ok().and_then(|v| v.clone()))
+        tokio::time::timeout(d, wait_exit(&mut self.exit.clone()))
+            .await
+            .ok()
     }
 }
 
@@ -609,13 +610,15 @@ mod tests {
             .collect()
     }
 
+    /// The host config of `s`'s server body on `net`.
+    fn host_config(s: &SandboxSpec, net: &Attachment) -> HostConfig {
+        server_body(s, &resolved(net)).unwrap().host_config.unwrap()
+    }
+
     #[test]
     fn servers_drop_every_capability_and_privilege_gain() {
         let net = mesh();
-        let hc = server_body(&spec(), &resolved(&net))
-            .unwrap()
-            .host_config
-            .unwrap();
+        let hc = host_config(&spec(), &net);
         assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
         assert_eq!(hc.cap_add, None);
         assert_eq!(hc.privileged, None);
@@ -641,10 +644,7 @@ mod tests {
     #[test]
     fn servers_get_memory_without_swap_cpus_and_pids() {
         let net = mesh();
-        let hc = server_body(&spec(), &resolved(&net))
-            .unwrap()
-            .host_config
-            .unwrap();
+        let hc = host_config(&spec(), &net);
         assert_eq!(hc.memory, Some(128 << 20));
         assert_eq!(hc.memory_swap, Some(128 << 20), "memory-swap equals memory");
         assert_eq!(hc.nano_cpus, Some(500_000_000));
@@ -656,10 +656,7 @@ mod tests {
             cpus: None,
             pids: Some(32),
         };
-        let hc = server_body(&s, &resolved(&net))
-            .unwrap()
-            .host_config
-            .unwrap();
+        let hc = host_config(&s, &net);
         assert_eq!(
             (hc.memory, hc.memory_swap, hc.nano_cpus),
             (None, None, None)
@@ -768,12 +765,7 @@ mod tests {
     #[test]
     fn volumes_and_host_binds_keep_their_mode() {
         let net = mesh();
-        let mounts = server_body(&spec(), &resolved(&net))
-            .unwrap()
-            .host_config
-            .unwrap()
-            .mounts
-            .unwrap();
+        let mounts = host_config(&spec(), &net).mounts.unwrap();
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
         assert_eq!(mounts[0].source.as_deref(), Some("meshbox-src-1-python"));
