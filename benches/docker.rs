@@ -1,4 +1,5 @@
-//! `make bench`, docker part (skipped with a note when no engine answers):
+//! `make bench`, docker part (fails, naming what is missing, when no engine
+//! answers or the python runner image is absent: `make images-local`):
 //! 1. warm deploy-to-running on docker vs `docker run -i` of the same image
 //!    with the same command + the MCP handshake;
 //! 2. the same `echo` call through meshbox on docker vs on the process backend.
@@ -68,17 +69,17 @@ async fn call_p50(http: &reqwest::Client, base: &str, name: &str) -> Duration {
 #[tokio::main]
 async fn main() {
     let data = tempfile::tempdir().unwrap();
-    let docker = match DockerBackend::connect(DockerConfig {
-        data_dir: data.path().to_path_buf(),
-    })
-    .await
-    {
+    let docker = match DockerBackend::connect(DockerConfig::new(data.path().to_path_buf())).await {
         Ok(d) => Arc::new(d),
-        Err(e) => {
-            println!("meshbox bench — docker: skipped ({e})");
-            return;
-        }
+        Err(e) => panic!(
+            "the docker bench needs a docker engine: {}",
+            meshbox::error_chain(&e)
+        ),
     };
+    let image = "meshbox/runner-python:latest";
+    if let Err(e) = docker.client().inspect_image(image).await {
+        panic!("the docker bench needs {image} (run `make images-local`): {e}");
+    }
     println!(
         "meshbox bench — docker backend (engine API {})",
         docker.api_version()
@@ -94,7 +95,6 @@ async fn main() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let image = "meshbox/runner-python:latest";
     // The source volume of the deployed service, read from its container.
     let first: serde_json::Value = http
         .get(format!("{base}/v1/meshes/bench/services/first"))

@@ -4,6 +4,7 @@
 //! the sandbox) and an optional extra CA bundle.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bollard::query_parameters::BuildImageOptionsBuilder;
@@ -13,6 +14,7 @@ use futures_util::StreamExt;
 
 use crate::model::runner_image;
 use crate::model::Runtime;
+use crate::orchestrator::docker::stream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -26,8 +28,15 @@ pub enum ImageError {
     Pack(#[source] std::io::Error),
     #[error("cannot reach the docker engine")]
     Engine(#[source] bollard::errors::Error),
+    /// The build itself failed; `message` is the engine's account of it.
     #[error("building {image} failed: {message}")]
     Build { image: String, message: String },
+    #[error("the build request for {image} failed")]
+    Request {
+        image: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
 }
 
 /// The Dockerfile of a runtime, embedded so the binary can build anywhere.
@@ -50,26 +59,38 @@ pub struct BuildOptions {
 }
 
 fn add_file(
-    tar: &mut tar::Builder<GzEncoder<Vec<u8>>>,
+    tar: &mut tar::Builder<impl Write>,
     name: &str,
-    data: &[u8],
+    size: u64,
+    data: impl Read,
     mode: u32,
 ) -> std::io::Result<()> {
     let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
+    h.set_size(size);
     h.set_mode(mode);
     h.set_entry_type(tar::EntryType::Regular);
     tar.append_data(&mut h, name, data)
 }
 
-/// The gzipped build context of a runtime's image.
-pub fn context(runtime: Runtime, opts: &BuildOptions) -> Result<Vec<u8>, ImageError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| ImageError::Read {
-            path: p.to_path_buf(),
-            source,
-        })
+/// An input file of the context, opened, with its size.
+fn open(path: &Path) -> Result<(std::fs::File, u64), ImageError> {
+    let read = |source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
     };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let size = file.metadata().map_err(read)?.len();
+    Ok((file, size))
+}
+
+/// Writes the gzipped build context of a runtime's image to `w`: the
+/// Dockerfile, the meshbox binary and the CA bundle (possibly empty), read
+/// as they are packed.
+pub fn write_context(
+    runtime: Runtime,
+    opts: &BuildOptions,
+    w: impl Write,
+) -> Result<(), ImageError> {
     let binary = match &opts.binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().map_err(|source| ImageError::Read {
@@ -77,23 +98,28 @@ pub fn context(runtime: Runtime, opts: &BuildOptions) -> Result<Vec<u8>, ImageEr
             source,
         })?,
     };
-    let bin = read(&binary)?;
-    let ca = match &opts.ca_bundle {
-        Some(p) => read(p)?,
-        None => Vec::new(),
-    };
-    let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let (bin, bin_size) = open(&binary)?;
+    let ca = opts.ca_bundle.as_deref().map(open).transpose()?;
+    let mut tar = tar::Builder::new(GzEncoder::new(w, flate2::Compression::fast()));
+    let dockerfile = dockerfile(runtime).as_bytes();
     add_file(
         &mut tar,
         "Dockerfile",
-        dockerfile(runtime).as_bytes(),
+        dockerfile.len() as u64,
+        dockerfile,
         0o644,
     )
     .map_err(ImageError::Pack)?;
-    add_file(&mut tar, "meshbox", &bin, 0o755).map_err(ImageError::Pack)?;
-    add_file(&mut tar, "ca-bundle.pem", &ca, 0o644).map_err(ImageError::Pack)?;
+    add_file(&mut tar, "meshbox", bin_size, bin, 0o755).map_err(ImageError::Pack)?;
+    match ca {
+        Some((file, size)) => add_file(&mut tar, "ca-bundle.pem", size, file, 0o644),
+        None => add_file(&mut tar, "ca-bundle.pem", 0, std::io::empty(), 0o644),
+    }
+    .map_err(ImageError::Pack)?;
     let gz = tar.into_inner().map_err(ImageError::Pack)?;
-    gz.finish().map_err(ImageError::Pack)
+    gz.finish()
+        .and_then(|mut w| w.flush())
+        .map_err(ImageError::Pack)
 }
 
 /// Builds one runner image; `progress` gets the build's output lines.
@@ -104,7 +130,9 @@ pub async fn build(
     progress: &mut dyn FnMut(&str),
 ) -> Result<String, ImageError> {
     let image = runner_image(runtime);
-    let ctx = context(runtime, opts)?;
+    // The context is packed on the blocking pool as the request sends it.
+    let packing = opts.clone();
+    let (ctx, packer) = stream::produced(move |w| write_context(runtime, &packing, w));
     let mut args = HashMap::new();
     if let Some(b) = &opts.base_image {
         args.insert("BASE_IMAGE".to_owned(), b.clone());
@@ -116,13 +144,37 @@ pub async fn build(
         .forcerm(true)
         .buildargs(&args)
         .build();
-    let mut stream = docker.build_image(options, None, Some(bollard::body_full(ctx.into())));
+    let built = follow(
+        docker.build_image(options, None, Some(bollard::body_try_stream(ctx))),
+        &image,
+        progress,
+    )
+    .await;
+    let packed = packer
+        .await
+        .map_err(|e| ImageError::Pack(std::io::Error::other(e)))?;
+    match (built, packed) {
+        (Ok(()), Ok(())) => Ok(image),
+        // A context that could not be packed explains the failed build;
+        // a broken pipe only says the build ended first.
+        (_, Err(e)) if !matches!(&e, ImageError::Pack(io) if stream::cut_short(io)) => Err(e),
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+    }
+}
+
+/// Follows a build's output to its end: progress lines, or the error.
+async fn follow(
+    mut stream: impl futures_util::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>>
+        + Unpin,
+    image: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
     while let Some(item) = stream.next().await {
         match item {
             Ok(info) => {
                 if let Some(detail) = info.error_detail {
                     return Err(ImageError::Build {
-                        image,
+                        image: image.to_owned(),
                         message: detail.message.unwrap_or_default(),
                     });
                 }
@@ -132,21 +184,20 @@ pub async fn build(
                     }
                 }
             }
-            Err(e) => {
-                return Err(ImageError::Build {
-                    image,
-                    message: e.to_string(),
+            Err(source) => {
+                return Err(ImageError::Request {
+                    image: image.to_owned(),
+                    source,
                 })
             }
         }
     }
-    Ok(image)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     #[test]
     fn context_holds_dockerfile_binary_and_ca() {
@@ -155,13 +206,15 @@ mod tests {
         std::fs::write(&bin, b"\x7fELF fake").unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n").unwrap();
-        let ctx = context(
+        let mut ctx = Vec::new();
+        write_context(
             Runtime::Python,
             &BuildOptions {
                 ca_bundle: Some(ca),
                 binary: Some(bin),
                 ..Default::default()
             },
+            &mut ctx,
         )
         .unwrap();
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&ctx[..]));

@@ -152,7 +152,7 @@ pub async fn doctor(data_dir: PathBuf) -> Result<(), CliError> {
     println!("meshbox {}", env!("CARGO_PKG_VERSION"));
     let process = ProcessBackend::new(ProcessConfig::default());
     println!("process backend: {}", process.describe());
-    match DockerBackend::connect(DockerConfig { data_dir }).await {
+    match DockerBackend::connect(DockerConfig::new(data_dir)).await {
         Ok(d) => {
             println!("docker engine: reachable");
             for (k, v) in docker::describe(&d).await {

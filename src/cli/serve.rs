@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// are re-adopted by the next start).
     #[arg(long)]
     pub stop_containers_on_exit: bool,
+    /// Docker: a complete PEM bundle (system CAs plus your own) mounted
+    /// read-only into every container, trusted instead of the image's own;
+    /// reaches containers of `image:` sources too.
+    #[arg(long, env = "MESHBOX_CONTAINER_CA_BUNDLE")]
+    pub container_ca_bundle: Option<PathBuf>,
     /// Failed services are retried every this many seconds at first ...
     #[arg(long, default_value_t = 30)]
     pub failed_retry_secs: u64,
@@ -120,6 +125,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     };
     let docker_config = DockerConfig {
         data_dir: data_dir.clone(),
+        ca_bundle: args.container_ca_bundle.clone(),
     };
     let backend: Arc<dyn Orchestrator> = match args.backend {
         Backend::Process => process(),
