@@ -5,7 +5,9 @@
 //! - a direct stdio pipe, driven by a client whose callers write
 //!   concurrently with no lock (the strongest baseline);
 //! - `meshbox serve` (its own process), `POST /v1/.../call`;
-//! - the seed runner (../shared/peers/seed-runner.mjs, node), `POST /call`.
+//! - the seed runner (../shared/peers/seed-runner.mjs, node), `POST /call`,
+//!   on a copy of the fixture (it installs into its source directory).
+//!
 //! Each HTTP caller owns one keep-alive connection (no pool, no lock).
 //!
 //! Figures: added p50 at 1 caller; calls/s at 64 callers as ratios; meshbox
@@ -222,10 +224,15 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The seed runner installs into the directory it is given: a copy.
+    let seed_src = tempfile::tempdir().unwrap();
+    for f in ["server.js", "package.json"] {
+        std::fs::copy(fixture.join(f), seed_src.path().join(f)).unwrap();
+    }
     let (code, body) = seed_admin
         .post(
             "/load",
-            Bytes::from(json!({"name": "echo", "sourcePath": fixture}).to_string()),
+            Bytes::from(json!({"name": "echo", "sourcePath": seed_src.path()}).to_string()),
         )
         .await;
     assert_eq!(code, 200, "seed /load: {}", String::from_utf8_lossy(&body));
