@@ -149,6 +149,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         ApiConfig {
             token,
             body_limit: args.body_limit,
+            ..Default::default()
         },
     );
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,0 +1,1 @@
+//! Binds the gateway to the supervisor (placeholder until the session API lands).
