@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::protocol::{GATEWAY_BUSY, INVALID_PARAMS, MISSING_CLIENT_CAPABILITY, META_CLIENT_CAPABILITIES};
+use super::protocol::{rpc_error, GATEWAY_BUSY, INVALID_PARAMS, MISSING_CLIENT_CAPABILITY, META_CLIENT_CAPABILITIES};
 use super::route::{rpc, CallCtx, Endpoint};
 use super::sessions::random_id;
 use super::upstream::{ClientPeer, RpcError, UpstreamError};
@@ -56,7 +56,7 @@ impl ClientPeer for BridgePeer {
             params,
             reply,
         };
-        let gone = || RpcError::new(super::protocol::INTERNAL_ERROR, "the client went away");
+        let gone = || rpc_error(super::protocol::INTERNAL_ERROR, "the client went away");
         self.tx.send(ask).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
@@ -188,12 +188,8 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.map.lock().expect("poisoned").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Drops expired calls (cancelling them upstream); how many.
@@ -241,13 +237,13 @@ impl Inner {
         match call.drive(out).await {
             Drive::Done(r) => r,
             Drive::NeedInput => self.hold(call),
-            Drive::MissingCapability(c) => Err(UpstreamError::Rpc(
-                RpcError::new(
+            Drive::MissingCapability(c) => Err(UpstreamError::Rpc(RpcError {
+                data: Some(json!({ "requiredCapabilities": { c: {} } })),
+                ..rpc_error(
                     MISSING_CLIENT_CAPABILITY,
                     format!("this request needs the client capability `{c}`"),
                 )
-                .with_data(json!({ "requiredCapabilities": { c: {} } })),
-            )),
+            })),
         }
     }
 

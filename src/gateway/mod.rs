@@ -145,12 +145,12 @@ impl Gateway {
 
     /// Handshake-era sessions open now.
     pub fn sessions(&self) -> usize {
-        self.inner.sessions.len()
+        self.inner.sessions.count()
     }
 
     /// Calls held for a stateless client's input now.
     pub fn held_calls(&self) -> usize {
-        self.inner.held.len()
+        self.inner.held.count()
     }
 }
 
@@ -163,7 +163,7 @@ fn rpc_response(status: StatusCode, id: &Value, e: &RpcError) -> Response {
 }
 
 fn bad(id: &Value, code: i64, message: impl Into<String>) -> Response {
-    rpc_response(StatusCode::BAD_REQUEST, id, &RpcError::new(code, message))
+    rpc_response(StatusCode::BAD_REQUEST, id, &rpc_error(code, message))
 }
 
 fn accepted() -> Response {
@@ -259,7 +259,7 @@ async fn endpoint_of(
         return Err(rpc_response(
             StatusCode::FORBIDDEN,
             &Value::Null,
-            &RpcError::new(INVALID_REQUEST, "this token does not reach this mesh"),
+            &rpc_error(INVALID_REQUEST, "this token does not reach this mesh"),
         ));
     }
     let Some(name) = path.get("name") else {
@@ -270,7 +270,7 @@ async fn endpoint_of(
         return Err(rpc_response(
             StatusCode::NOT_FOUND,
             &Value::Null,
-            &RpcError::new(INVALID_REQUEST, format!("service {key} is not deployed")),
+            &rpc_error(INVALID_REQUEST, format!("service {key} is not deployed")),
         ));
     }
     Ok(Endpoint::Service(key))
@@ -307,7 +307,7 @@ async fn check_origin(State(inner): St, req: Request, next: Next) -> Response {
             return rpc_response(
                 StatusCode::FORBIDDEN,
                 &Value::Null,
-                &RpcError::new(INVALID_REQUEST, "requests from this Origin are not allowed"),
+                &rpc_error(INVALID_REQUEST, "requests from this Origin are not allowed"),
             );
         }
     }
@@ -338,7 +338,7 @@ async fn post_mcp(
             } else {
                 r.body_text()
             };
-            return rpc_response(status, &Value::Null, &RpcError::new(INVALID_REQUEST, message));
+            return rpc_response(status, &Value::Null, &rpc_error(INVALID_REQUEST, message));
         }
     };
     let msg = match protocol::parse(&body) {
@@ -390,7 +390,7 @@ async fn stateless_post(
         return rpc_response(
             StatusCode::NOT_FOUND,
             &id,
-            &RpcError::new(METHOD_NOT_FOUND, format!("method `{method}` does not exist in protocol 2026-07-28")),
+            &rpc_error(METHOD_NOT_FOUND, format!("method `{method}` does not exist in protocol 2026-07-28")),
         );
     }
     match method.as_str() {
@@ -482,7 +482,7 @@ async fn listen(
         return rpc_response(
             StatusCode::NOT_ACCEPTABLE,
             &id,
-            &RpcError::new(INVALID_REQUEST, "subscriptions/listen answers with text/event-stream"),
+            &rpc_error(INVALID_REQUEST, "subscriptions/listen answers with text/event-stream"),
         );
     }
     let info = match inner.describe(ep).await {
@@ -587,7 +587,7 @@ async fn initialize(
         return rpc_response(
             StatusCode::BAD_REQUEST,
             id,
-            &RpcError::new(INVALID_PARAMS, "initialize needs params.protocolVersion"),
+            &rpc_error(INVALID_PARAMS, "initialize needs params.protocolVersion"),
         );
     };
     let version = LEGACY_VERSIONS
@@ -604,13 +604,13 @@ async fn initialize(
         .filter(|c| c.is_object())
         .cloned()
         .unwrap_or_else(|| json!({}));
-    let session = match inner.sessions.open(principal, ep, version.to_owned(), client_caps) {
+    let session = match inner.sessions.open(principal, ep, client_caps) {
         Ok(s) => s,
         Err(full) => {
             return rpc_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 id,
-                &RpcError::new(GATEWAY_BUSY, full.to_string()),
+                &rpc_error(GATEWAY_BUSY, full.to_string()),
             )
         }
     };
@@ -634,7 +634,7 @@ fn unknown_session(id: &Value) -> Response {
     rpc_response(
         StatusCode::NOT_FOUND,
         id,
-        &RpcError::new(INVALID_REQUEST, "unknown or expired MCP session; send initialize again"),
+        &rpc_error(INVALID_REQUEST, "unknown or expired MCP session; send initialize again"),
     )
 }
 
@@ -740,7 +740,7 @@ async fn legacy_post(
                 };
                 match Abortable::new(pump(out, prx, work), reg).await {
                     Ok(r) => r.map_err(|e| to_rpc_error(&e)),
-                    Err(_) => Err(RpcError::new(REQUEST_CANCELLED, "request cancelled by the client")),
+                    Err(_) => Err(rpc_error(REQUEST_CANCELLED, "request cancelled by the client")),
                 }
             })
             .await
@@ -772,7 +772,7 @@ fn not_allowed() -> Response {
     let mut r = rpc_response(
         StatusCode::METHOD_NOT_ALLOWED,
         &Value::Null,
-        &RpcError::new(INVALID_REQUEST, "GET and DELETE need an Mcp-Session-Id (protocol 2026-07-28 has neither)"),
+        &rpc_error(INVALID_REQUEST, "GET and DELETE need an Mcp-Session-Id (protocol 2026-07-28 has neither)"),
     );
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
     r
@@ -799,7 +799,7 @@ async fn get_mcp(
         return rpc_response(
             StatusCode::NOT_ACCEPTABLE,
             &Value::Null,
-            &RpcError::new(INVALID_REQUEST, "the GET stream is text/event-stream"),
+            &rpc_error(INVALID_REQUEST, "the GET stream is text/event-stream"),
         );
     }
     let (tx, rx) = mpsc::channel(64);
@@ -807,7 +807,7 @@ async fn get_mcp(
         return rpc_response(
             StatusCode::CONFLICT,
             &Value::Null,
-            &RpcError::new(INVALID_REQUEST, "this session has a GET stream open already"),
+            &rpc_error(INVALID_REQUEST, "this session has a GET stream open already"),
         );
     }
     inner.hub(&ep);

@@ -69,6 +69,15 @@ pub fn may_need_input(method: &str) -> bool {
     matches!(method, "tools/call" | "prompts/get" | "resources/read")
 }
 
+/// A JSON-RPC error object.
+pub fn rpc_error(code: i64, message: impl Into<String>) -> RpcError {
+    RpcError {
+        code,
+        message: message.into(),
+        data: None,
+    }
+}
+
 /// One POSTed JSON-RPC message.
 #[derive(Debug, Clone)]
 pub enum Incoming {
@@ -98,7 +107,7 @@ pub struct Rejected {
 fn invalid(id: Value, message: impl Into<String>) -> Rejected {
     Rejected {
         id,
-        error: RpcError::new(INVALID_REQUEST, message),
+        error: rpc_error(INVALID_REQUEST, message),
     }
 }
 
@@ -107,7 +116,7 @@ fn invalid(id: Value, message: impl Into<String>) -> Rejected {
 pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
     let v: Value = serde_json::from_slice(body).map_err(|e| Rejected {
         id: Value::Null,
-        error: RpcError::new(PARSE_ERROR, format!("invalid JSON: {e}")),
+        error: rpc_error(PARSE_ERROR, format!("invalid JSON: {e}")),
     })?;
     let obj = match v {
         Value::Object(o) => o,
@@ -142,7 +151,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
             Some(_) => {
                 return Err(Rejected {
                     id: echo,
-                    error: RpcError::new(INVALID_PARAMS, "`params` must be an object"),
+                    error: rpc_error(INVALID_PARAMS, "`params` must be an object"),
                 })
             }
         };
@@ -220,7 +229,7 @@ pub fn name_source<'a>(method: &str, params: Option<&'a Map<String, Value>>) -> 
 }
 
 fn header_mismatch(message: String) -> RpcError {
-    RpcError::new(HEADER_MISMATCH, format!("header mismatch: {message}"))
+    rpc_error(HEADER_MISMATCH, format!("header mismatch: {message}"))
 }
 
 /// Checks a stateless request's `_meta` and headers against its body, in
@@ -234,19 +243,19 @@ pub fn check_stateless(
 ) -> Result<String, RpcError> {
     let meta = params.and_then(|p| p.get("_meta")).and_then(Value::as_object);
     let Some(meta) = meta else {
-        return Err(RpcError::new(
+        return Err(rpc_error(
             INVALID_PARAMS,
             format!("params._meta is required and must carry `{META_PROTOCOL_VERSION}` and `{META_CLIENT_CAPABILITIES}`"),
         ));
     };
     let Some(version) = meta.get(META_PROTOCOL_VERSION).and_then(Value::as_str) else {
-        return Err(RpcError::new(
+        return Err(rpc_error(
             INVALID_PARAMS,
             format!("params._meta[\"{META_PROTOCOL_VERSION}\"] must be a string"),
         ));
     };
     if !meta.get(META_CLIENT_CAPABILITIES).is_some_and(Value::is_object) {
-        return Err(RpcError::new(
+        return Err(rpc_error(
             INVALID_PARAMS,
             format!("params._meta[\"{META_CLIENT_CAPABILITIES}\"] must be an object"),
         ));
@@ -263,9 +272,10 @@ pub fn check_stateless(
         Some(_) => {}
     }
     if !MODERN_VERSIONS.contains(&version) {
-        return Err(RpcError::new(UNSUPPORTED_VERSION, "unsupported protocol version").with_data(
-            json!({ "supported": MODERN_VERSIONS, "requested": version }),
-        ));
+        return Err(RpcError {
+            data: Some(json!({ "supported": MODERN_VERSIONS, "requested": version })),
+            ..rpc_error(UNSUPPORTED_VERSION, "unsupported protocol version")
+        });
     }
     match header(headers, H_METHOD) {
         None => return Err(header_mismatch("Mcp-Method header is missing".into())),
@@ -280,7 +290,7 @@ pub fn check_stateless(
     }
     if let Some(src) = name_source(method, params) {
         let Some(body_name) = src.as_str() else {
-            return Err(RpcError::new(
+            return Err(rpc_error(
                 INVALID_PARAMS,
                 "params.name / params.uri must be a string",
             ));

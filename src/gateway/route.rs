@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::names;
-use super::protocol::{self, INVALID_PARAMS, METHOD_NOT_FOUND};
+use super::protocol::{rpc_error, self, INVALID_PARAMS, METHOD_NOT_FOUND};
 use super::upstream::{
-    CallOptions, ClientPeer, RpcError, ServiceKey, Upstream, UpstreamError, UpstreamInfo,
+    CallOptions, ClientPeer, RpcError, ServiceKey, Upstream, UpstreamError, ServerInfo,
 };
 use super::Inner;
 use crate::model::Protocol;
@@ -248,10 +248,11 @@ impl Inner {
     }
 
     /// What a service endpoint says about itself (or, for a mesh, the union).
-    pub(super) async fn describe(&self, ep: &Endpoint) -> Result<UpstreamInfo, UpstreamError> {
+    pub(super) async fn describe(&self, ep: &Endpoint) -> Result<ServerInfo, UpstreamError> {
         match ep {
             Endpoint::Service(key) => Ok(self.upstream_of(key).await?.info()),
-            Endpoint::Mesh(mesh) => Ok(UpstreamInfo {
+            Endpoint::Mesh(mesh) => Ok(ServerInfo {
+                discover: None,
                 protocol: Protocol::Handshake,
                 protocol_version: protocol::LEGACY_VERSIONS[0].into(),
                 server_info: json!({ "name": format!("meshbox mesh {mesh}"), "version": env!("CARGO_PKG_VERSION") }),
@@ -282,7 +283,7 @@ fn prefix_contents(service: &str, result: &mut Value) {
 }
 
 pub(super) fn rpc(code: i64, message: impl Into<String>) -> UpstreamError {
-    UpstreamError::Rpc(RpcError::new(code, message))
+    UpstreamError::Rpc(rpc_error(code, message))
 }
 
 /// The JSON-RPC error a client sees for a failed upstream call.
@@ -290,11 +291,11 @@ pub(super) fn to_rpc_error(e: &UpstreamError) -> RpcError {
     use super::protocol::{GATEWAY_BUSY, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE};
     match e {
         UpstreamError::Rpc(r) => r.clone(),
-        UpstreamError::Timeout(_) => RpcError::new(UPSTREAM_TIMEOUT, e.to_string()),
+        UpstreamError::Timeout(_) => rpc_error(UPSTREAM_TIMEOUT, e.to_string()),
         UpstreamError::NotFound { .. } | UpstreamError::Unavailable { .. } => {
-            RpcError::new(UPSTREAM_UNAVAILABLE, e.to_string())
+            rpc_error(UPSTREAM_UNAVAILABLE, e.to_string())
         }
-        UpstreamError::Busy { .. } => RpcError::new(GATEWAY_BUSY, e.to_string()),
-        UpstreamError::Protocol(_) => RpcError::new(protocol::INTERNAL_ERROR, e.to_string()),
+        UpstreamError::Busy { .. } => rpc_error(GATEWAY_BUSY, e.to_string()),
+        UpstreamError::Protocol(_) => rpc_error(protocol::INTERNAL_ERROR, e.to_string()),
     }
 }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::protocol::{INTERNAL_ERROR, INVALID_PARAMS};
+use super::protocol::{rpc_error, INTERNAL_ERROR, INVALID_PARAMS};
 use super::route::Endpoint;
 use super::upstream::{ClientPeer, RpcError};
 use crate::model::Principal;
@@ -26,8 +26,6 @@ pub struct ClientSession {
     pub num: u64,
     pub principal: Principal,
     pub endpoint: Endpoint,
-    /// The negotiated protocol version.
-    pub version: String,
     /// What the client declared in `initialize`.
     pub capabilities: Value,
     last_active: Mutex<Instant>,
@@ -177,7 +175,6 @@ impl Sessions {
         &self,
         principal: Principal,
         endpoint: Endpoint,
-        version: String,
         capabilities: Value,
     ) -> Result<Arc<ClientSession>, SessionsFull> {
         let mut map = self.map.lock().expect("poisoned");
@@ -192,7 +189,6 @@ impl Sessions {
             num: self.next.fetch_add(1, Ordering::Relaxed),
             principal,
             endpoint,
-            version,
             capabilities,
             last_active: Mutex::new(Instant::now()),
             busy: AtomicUsize::new(0),
@@ -235,12 +231,8 @@ impl Sessions {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.map.lock().expect("poisoned").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Drops sessions idle for longer than the idle timeout; how many.
@@ -306,7 +298,7 @@ impl ClientPeer for LegacyPeer {
         };
         if let Some(c) = capability {
             if !self.session.declares(c) {
-                return Err(RpcError::new(
+                return Err(rpc_error(
                     INVALID_PARAMS,
                     format!("the client did not declare the `{c}` capability"),
                 ));
@@ -318,7 +310,7 @@ impl ClientPeer for LegacyPeer {
         {
             let mut pending = s.pending.lock().expect("poisoned");
             if pending.len() >= s.max_pending {
-                return Err(RpcError::new(INTERNAL_ERROR, "too many requests wait for this client"));
+                return Err(rpc_error(INTERNAL_ERROR, "too many requests wait for this client"));
             }
             pending.insert(id.clone(), tx);
         }
@@ -332,15 +324,15 @@ impl ClientPeer for LegacyPeer {
             None => false,
         } || s.push(msg);
         if !sent {
-            return Err(RpcError::new(
+            return Err(rpc_error(
                 INTERNAL_ERROR,
                 "the client has no open stream to receive this request",
             ));
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(RpcError::new(INTERNAL_ERROR, "the client session ended")),
-            Err(_) => Err(RpcError::new(
+            Ok(Err(_)) => Err(rpc_error(INTERNAL_ERROR, "the client session ended")),
+            Err(_) => Err(rpc_error(
                 INTERNAL_ERROR,
                 format!("the client did not answer {method} within {}s", self.timeout.as_secs()),
             )),

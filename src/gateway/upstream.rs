@@ -2,53 +2,22 @@
 //! running service ([`Upstream`]) and the registry that hands them out
 //! ([`Upstreams`]).
 //!
-//! The shapes mirror the supervisor's session API (`Session::request`,
-//! `CallOptions`, `ClientPeer`, `Supervisor::events`), so the HTTP side can be
-//! tested against an in-process fake and bound to the real sessions by a thin
+//! The traits mirror the supervisor's session API (`Session::request`,
+//! `notifications`, `Service::session`) and reuse its types (`CallOptions`,
+//! `ClientPeer`, `RpcError`, `ServerInfo`), so the HTTP side is tested
+//! against an in-process fake and bound to the real sessions by a thin
 //! adapter ([`super::bind`]). Nothing here talks to a process.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Map, Value};
-use tokio::sync::{broadcast, mpsc};
+use serde_json::Value;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 pub use crate::model::{Protocol, ServiceKey};
-
-/// What the upstream told meshbox about itself (its handshake or discovery).
-#[derive(Debug, Clone)]
-pub struct UpstreamInfo {
-    pub protocol: Protocol,
-    pub protocol_version: String,
-    pub server_info: Value,
-    pub capabilities: Value,
-    pub instructions: Option<String>,
-}
-
-/// A JSON-RPC error object.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RpcError {
-    pub code: i64,
-    pub message: String,
-    pub data: Option<Value>,
-}
-
-impl RpcError {
-    pub fn new(code: i64, message: impl Into<String>) -> Self {
-        RpcError {
-            code,
-            message: message.into(),
-            data: None,
-        }
-    }
-
-    pub fn with_data(mut self, data: Value) -> Self {
-        self.data = Some(data);
-        self
-    }
-}
+pub use crate::supervisor::upstream::{CallOptions, ClientPeer, RpcError, ServerInfo};
 
 /// Why an upstream call did not produce a result.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,43 +39,10 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
-/// Options of one upstream request.
-#[derive(Clone)]
-pub struct CallOptions {
-    pub timeout: Duration,
-    /// This call's `notifications/progress` params, the caller's token restored.
-    pub progress: Option<mpsc::Sender<Value>>,
-    /// Answers server→client requests the session routes to this call.
-    pub peer: Option<Arc<dyn ClientPeer>>,
-    /// `_meta` entries to add (the caller's own `_meta` wins).
-    pub meta: Option<Map<String, Value>>,
-}
-
-impl CallOptions {
-    pub fn new(timeout: Duration) -> Self {
-        CallOptions {
-            timeout,
-            progress: None,
-            peer: None,
-            meta: None,
-        }
-    }
-}
-
-/// The client side of one gateway client, for server→client requests
-/// (sampling, elicitation, roots) that arrive while its call is in flight.
-#[async_trait]
-pub trait ClientPeer: Send + Sync {
-    /// Which client session (the same for every call of one client).
-    fn client_id(&self) -> u64;
-    /// Forwards one server→client request; its `result`, or a JSON-RPC error.
-    async fn request(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
-}
-
 /// One running service's shared MCP session.
 #[async_trait]
 pub trait Upstream: Send + Sync {
-    fn info(&self) -> UpstreamInfo;
+    fn info(&self) -> ServerInfo;
     /// Any request; dropping the future before it resolves cancels it upstream.
     async fn request(
         &self,
