@@ -170,7 +170,10 @@ mod tests {
         let t = parse_mesh_tokens("# comment\n\nacme s3cret\n  beta   tok2 \n").unwrap();
         assert_eq!(
             t,
-            vec![("acme".into(), "s3cret".into()), ("beta".into(), "tok2".into())]
+            vec![
+                ("acme".into(), "s3cret".into()),
+                ("beta".into(), "tok2".into())
+            ]
         );
         assert!(matches!(
             parse_mesh_tokens("acme").unwrap_err(),

@@ -127,16 +127,28 @@ impl SupervisorUpstreams {
                     .into_iter()
                     .map(|s| {
                         let running = s.status == Phase::Running;
-                        (ServiceKey { mesh: s.mesh, name: s.name }, running)
+                        (
+                            ServiceKey {
+                                mesh: s.mesh,
+                                name: s.name,
+                            },
+                            running,
+                        )
                     })
                     .collect();
                 for (k, r) in &now {
                     if up.get(k) != Some(r) {
-                        let _ = tx.send(ServiceEvent { key: k.clone(), up: *r });
+                        let _ = tx.send(ServiceEvent {
+                            key: k.clone(),
+                            up: *r,
+                        });
                     }
                 }
                 for k in up.keys().filter(|k| !now.contains_key(*k)) {
-                    let _ = tx.send(ServiceEvent { key: k.clone(), up: false });
+                    let _ = tx.send(ServiceEvent {
+                        key: k.clone(),
+                        up: false,
+                    });
                 }
                 up = now;
             }
@@ -156,7 +168,10 @@ impl Upstreams for SupervisorUpstreams {
         key: &ServiceKey,
         deadline: Instant,
     ) -> Result<Arc<dyn Upstream>, UpstreamError> {
-        let svc = self.supervisor.get(key).map_err(|e| from_supervisor(key, e))?;
+        let svc = self
+            .supervisor
+            .get(key)
+            .map_err(|e| from_supervisor(key, e))?;
         let session = svc
             .session(deadline)
             .await

@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::protocol::{rpc_error, GATEWAY_BUSY, INVALID_PARAMS, MISSING_CLIENT_CAPABILITY, META_CLIENT_CAPABILITIES};
+use super::protocol::{
+    rpc_error, GATEWAY_BUSY, INVALID_PARAMS, META_CLIENT_CAPABILITIES, MISSING_CLIENT_CAPABILITY,
+};
 use super::route::{rpc, CallCtx, Endpoint};
 use super::sessions::random_id;
 use super::upstream::{ClientPeer, RpcError, UpstreamError};
@@ -296,7 +298,10 @@ impl Inner {
         call.expires = Instant::now() + self.config.held_ttl;
         let mut map = self.held.map.lock().expect("poisoned");
         if map.len() >= self.config.max_held {
-            return Err(rpc(GATEWAY_BUSY, "too many calls are waiting for client input; retry later"));
+            return Err(rpc(
+                GATEWAY_BUSY,
+                "too many calls are waiting for client input; retry later",
+            ));
         }
         map.insert(token, call);
         Ok(answer)
@@ -342,7 +347,10 @@ impl Inner {
                 return Ok(result);
             }
             let Some(peer) = ctx.peer.clone() else {
-                return Err(rpc(INVALID_PARAMS, "the server needs client input this client cannot give"));
+                return Err(rpc(
+                    INVALID_PARAMS,
+                    "the server needs client input this client cannot give",
+                ));
             };
             let requests = result
                 .get("inputRequests")
@@ -352,7 +360,11 @@ impl Inner {
             let answers = join_all(requests.into_iter().map(|(k, r)| {
                 let peer = peer.clone();
                 async move {
-                    let method = r.get("method").and_then(Value::as_str).unwrap_or_default().to_owned();
+                    let method = r
+                        .get("method")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
                     let out = peer.request(&method, r.get("params").cloned()).await;
                     (k, out)
                 }

@@ -81,7 +81,11 @@ impl Fanout {
         let mut set = self.listeners.lock().expect("poisoned");
         set.list.retain(|x| !x.tx.is_closed());
         let any = !set.list.is_empty()
-            || self.sessions.of(&self.endpoint).iter().any(|s| s.has_stream());
+            || self
+                .sessions
+                .of(&self.endpoint)
+                .iter()
+                .any(|s| s.has_stream());
         if !any {
             set.closed = true;
         }
@@ -95,7 +99,8 @@ impl Fanout {
         let uri = msg.pointer("/params/uri").and_then(Value::as_str);
         for s in self.sessions.of(&self.endpoint) {
             if method == "notifications/resources/updated" {
-                let subscribed = uri.is_some_and(|u| s.subscriptions.lock().expect("poisoned").contains(u));
+                let subscribed =
+                    uri.is_some_and(|u| s.subscriptions.lock().expect("poisoned").contains(u));
                 if !subscribed {
                     continue;
                 }
@@ -126,7 +131,11 @@ impl Fanout {
 }
 
 impl Hub {
-    pub fn start(endpoint: Endpoint, upstreams: Arc<dyn Upstreams>, sessions: Arc<Sessions>) -> Arc<Hub> {
+    pub fn start(
+        endpoint: Endpoint,
+        upstreams: Arc<dyn Upstreams>,
+        sessions: Arc<Sessions>,
+    ) -> Arc<Hub> {
         let listeners = Arc::new(Mutex::new(Set::default()));
         let fan = Fanout {
             endpoint: endpoint.clone(),
@@ -161,16 +170,14 @@ impl Hub {
 
 /// Receives one upstream's notifications until its session ends or
 /// `stop` fires; `prefix` rewrites resource URIs for a mesh.
-async fn follow(
-    mut rx: broadcast::Receiver<Arc<Value>>,
-    fan: &Fanout,
-    prefix: Option<&str>,
-) {
+async fn follow(mut rx: broadcast::Receiver<Arc<Value>>, fan: &Fanout, prefix: Option<&str>) {
     loop {
         match rx.recv().await {
             Ok(m) => {
                 let mut m = (*m).clone();
-                if let (Some(svc), Some(uri)) = (prefix, m.pointer("/params/uri").and_then(Value::as_str)) {
+                if let (Some(svc), Some(uri)) =
+                    (prefix, m.pointer("/params/uri").and_then(Value::as_str))
+                {
                     let exposed = names::encode(svc, uri);
                     m["params"]["uri"] = json!(exposed);
                 }
@@ -242,7 +249,10 @@ async fn mesh_hub(mesh: String, upstreams: Arc<dyn Upstreams>, fan: Fanout) {
                 continue;
             }
             let (ups, fan2) = (upstreams.clone(), fan.clone());
-            let key = ServiceKey { mesh: mesh.clone(), name: name.clone() };
+            let key = ServiceKey {
+                mesh: mesh.clone(),
+                name: name.clone(),
+            };
             let task = tokio::spawn(async move {
                 if let Ok(up) = ups.upstream(&key, Instant::now() + IDLE_CHECK).await {
                     let rx = up.notifications();

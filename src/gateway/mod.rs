@@ -10,8 +10,8 @@
 //! starts, stops or talks to a process, and authentication happens before it
 //! (the API's middleware puts the caller's [`Principal`] in the request).
 
-mod bridge;
 pub mod bind;
+mod bridge;
 mod hub;
 pub mod names;
 pub mod protocol;
@@ -138,8 +138,14 @@ impl Gateway {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/{mesh}", post(post_mcp).get(get_mcp).delete(delete_mcp))
-            .route("/{mesh}/{name}", post(post_mcp).get(get_mcp).delete(delete_mcp))
-            .layer(middleware::from_fn_with_state(self.inner.clone(), check_origin))
+            .route(
+                "/{mesh}/{name}",
+                post(post_mcp).get(get_mcp).delete(delete_mcp),
+            )
+            .layer(middleware::from_fn_with_state(
+                self.inner.clone(),
+                check_origin,
+            ))
             .with_state(self.inner.clone())
     }
 
@@ -173,13 +179,12 @@ fn accepted() -> Response {
 /// An SSE response fed by `rx`; `guard` (the producing task) lives as long
 /// as the stream, so closing the stream aborts it.
 fn sse_response<G: Send + 'static>(rx: mpsc::Receiver<Value>, guard: G) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|v| (v, rx))
-    })
-    .map(move |v| {
-        let _keep = &guard;
-        Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string()))
-    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+            .map(move |v| {
+                let _keep = &guard;
+                Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string()))
+            });
     let mut r = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
@@ -190,7 +195,12 @@ fn sse_response<G: Send + 'static>(rx: mpsc::Receiver<Value>, guard: G) -> Respo
 
 /// Answers one request: as JSON, or (`sse`) as a stream on which `make`'s
 /// output channel carries notifications and requests before the final answer.
-async fn respond<F, Fut>(sse: bool, id: Value, status_of: fn(i64) -> StatusCode, make: F) -> Response
+async fn respond<F, Fut>(
+    sse: bool,
+    id: Value,
+    status_of: fn(i64) -> StatusCode,
+    make: F,
+) -> Response
 where
     F: FnOnce(Option<mpsc::Sender<Value>>) -> Fut,
     Fut: Future<Output = Result<Value, RpcError>> + Send + 'static,
@@ -265,7 +275,8 @@ async fn endpoint_of(
     let Some(name) = path.get("name") else {
         return Ok(Endpoint::Mesh(mesh.to_owned()));
     };
-    let key = ServiceKey::parse(mesh, name).map_err(|e| bad(&Value::Null, INVALID_REQUEST, e.to_string()))?;
+    let key = ServiceKey::parse(mesh, name)
+        .map_err(|e| bad(&Value::Null, INVALID_REQUEST, e.to_string()))?;
     if !inner.upstreams.exists(&key) {
         return Err(rpc_response(
             StatusCode::NOT_FOUND,
@@ -286,7 +297,10 @@ fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
     if allowed.iter().any(|a| a == origin) {
         return true;
     }
-    let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
         return false;
     };
     let host = if let Some(v6) = rest.strip_prefix('[') {
@@ -379,7 +393,11 @@ async fn stateless_post(
         // No client notification means anything here; closing a stream is the cancellation.
         Incoming::Notification { .. } => return accepted(),
         Incoming::Response { id, .. } => {
-            return bad(&id, INVALID_REQUEST, "stateless clients send no JSON-RPC responses")
+            return bad(
+                &id,
+                INVALID_REQUEST,
+                "stateless clients send no JSON-RPC responses",
+            )
         }
         Incoming::Request { id, method, params } => (id, method, params),
     };
@@ -390,7 +408,10 @@ async fn stateless_post(
         return rpc_response(
             StatusCode::NOT_FOUND,
             &id,
-            &rpc_error(METHOD_NOT_FOUND, format!("method `{method}` does not exist in protocol 2026-07-28")),
+            &rpc_error(
+                METHOD_NOT_FOUND,
+                format!("method `{method}` does not exist in protocol 2026-07-28"),
+            ),
         );
     }
     match method.as_str() {
@@ -411,7 +432,11 @@ async fn stateless_post(
 }
 
 /// The era of the service a request goes to.
-async fn target_protocol(inner: &Inner, ep: &Endpoint, params: Option<&Map<String, Value>>) -> Option<Protocol> {
+async fn target_protocol(
+    inner: &Inner,
+    ep: &Endpoint,
+    params: Option<&Map<String, Value>>,
+) -> Option<Protocol> {
     let key = match ep {
         Endpoint::Service(k) => k.clone(),
         Endpoint::Mesh(mesh) => {
@@ -419,10 +444,17 @@ async fn target_protocol(inner: &Inner, ep: &Endpoint, params: Option<&Map<Strin
                 .and_then(|p| p.get("name").or_else(|| p.get("uri")))
                 .and_then(Value::as_str)?;
             let (svc, _) = names::decode(exposed)?;
-            ServiceKey { mesh: mesh.clone(), name: svc }
+            ServiceKey {
+                mesh: mesh.clone(),
+                name: svc,
+            }
         }
     };
-    inner.upstream_of(&key).await.ok().map(|u| u.info().protocol)
+    inner
+        .upstream_of(&key)
+        .await
+        .ok()
+        .map(|u| u.info().protocol)
 }
 
 async fn stateless_call(
@@ -437,7 +469,13 @@ async fn stateless_call(
         && target_protocol(inner, ep, params.as_ref()).await == Some(Protocol::Handshake)
     {
         return inner
-            .bridged(principal, ep, method, params.unwrap_or_default(), out.as_ref())
+            .bridged(
+                principal,
+                ep,
+                method,
+                params.unwrap_or_default(),
+                out.as_ref(),
+            )
             .await;
     }
     let (ptx, prx) = match out {
@@ -447,7 +485,10 @@ async fn stateless_call(
         }
         None => (None, None),
     };
-    let ctx = CallCtx { progress: ptx, peer: None };
+    let ctx = CallCtx {
+        progress: ptx,
+        peer: None,
+    };
     pump(out, prx, inner.call(ep, method, params, ctx)).await
 }
 
@@ -482,7 +523,10 @@ async fn listen(
         return rpc_response(
             StatusCode::NOT_ACCEPTABLE,
             &id,
-            &rpc_error(INVALID_REQUEST, "subscriptions/listen answers with text/event-stream"),
+            &rpc_error(
+                INVALID_REQUEST,
+                "subscriptions/listen answers with text/event-stream",
+            ),
         );
     }
     let info = match inner.describe(ep).await {
@@ -501,7 +545,13 @@ async fn listen(
         filter
             .get("resourceSubscriptions")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).take(256).map(str::to_owned).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .take(256)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     } else {
         Vec::new()
@@ -535,7 +585,9 @@ async fn listen(
     for uri in &uris {
         let mut p = Map::new();
         p.insert("uri".into(), json!(uri));
-        let _ = inner.call(ep, "resources/subscribe", Some(p), CallCtx::default()).await;
+        let _ = inner
+            .call(ep, "resources/subscribe", Some(p), CallCtx::default())
+            .await;
     }
     let listener = Listener {
         tx,
@@ -583,7 +635,10 @@ async fn initialize(
     id: &Value,
     params: Option<&Map<String, Value>>,
 ) -> Response {
-    let Some(requested) = params.and_then(|p| p.get("protocolVersion")).and_then(Value::as_str) else {
+    let Some(requested) = params
+        .and_then(|p| p.get("protocolVersion"))
+        .and_then(Value::as_str)
+    else {
         return rpc_response(
             StatusCode::BAD_REQUEST,
             id,
@@ -634,7 +689,10 @@ fn unknown_session(id: &Value) -> Response {
     rpc_response(
         StatusCode::NOT_FOUND,
         id,
-        &rpc_error(INVALID_REQUEST, "unknown or expired MCP session; send initialize again"),
+        &rpc_error(
+            INVALID_REQUEST,
+            "unknown or expired MCP session; send initialize again",
+        ),
     )
 }
 
@@ -665,10 +723,14 @@ async fn legacy_post(
     };
     if let Some(v) = header(headers, H_PROTOCOL_VERSION) {
         if !LEGACY_VERSIONS.contains(&v) {
-            return bad(&id_of(&msg), INVALID_REQUEST, format!(
-                "MCP-Protocol-Version `{}` is not one this session can speak",
-                crate::model::shown(v, 40)
-            ));
+            return bad(
+                &id_of(&msg),
+                INVALID_REQUEST,
+                format!(
+                    "MCP-Protocol-Version `{}` is not one this session can speak",
+                    crate::model::shown(v, 40)
+                ),
+            );
         }
     }
     session.touch();
@@ -689,7 +751,11 @@ async fn legacy_post(
             return if session.answer(&id, outcome) {
                 accepted()
             } else {
-                bad(&id, INVALID_REQUEST, "no request with this id waits for this client's answer")
+                bad(
+                    &id,
+                    INVALID_REQUEST,
+                    "no request with this id waits for this client's answer",
+                )
             };
         }
         Incoming::Request { id, method, params } => (id, method, params),
@@ -698,7 +764,11 @@ async fn legacy_post(
         "initialize" => bad(&id, INVALID_REQUEST, "this session is initialized already"),
         "ping" => Json(result_message(&id, json!({}))).into_response(),
         _ => {
-            if let Some(uri) = params.as_ref().and_then(|p| p.get("uri")).and_then(Value::as_str) {
+            if let Some(uri) = params
+                .as_ref()
+                .and_then(|p| p.get("uri"))
+                .and_then(Value::as_str)
+            {
                 let mut subs = session.subscriptions.lock().expect("poisoned");
                 match method.as_str() {
                     "resources/subscribe" if subs.len() < 1024 => {
@@ -731,16 +801,26 @@ async fn legacy_post(
                     }
                     None => (None, None),
                 };
-                let ctx = CallCtx { progress: ptx, peer: Some(peer) };
+                let ctx = CallCtx {
+                    progress: ptx,
+                    peer: Some(peer),
+                };
                 let (abort, reg) = AbortHandle::new_pair();
                 let _inflight = session.start_call(&call_id, abort);
                 let work = async {
-                    let first = inner.call(&ep, &method, params.clone(), ctx.clone()).await?;
-                    inner.complete_inputs(&ep, &method, params, first, ctx).await
+                    let first = inner
+                        .call(&ep, &method, params.clone(), ctx.clone())
+                        .await?;
+                    inner
+                        .complete_inputs(&ep, &method, params, first, ctx)
+                        .await
                 };
                 match Abortable::new(pump(out, prx, work), reg).await {
                     Ok(r) => r.map_err(|e| to_rpc_error(&e)),
-                    Err(_) => Err(rpc_error(REQUEST_CANCELLED, "request cancelled by the client")),
+                    Err(_) => Err(rpc_error(
+                        REQUEST_CANCELLED,
+                        "request cancelled by the client",
+                    )),
                 }
             })
             .await
@@ -756,7 +836,10 @@ async fn notify_all(inner: &Inner, ep: &Endpoint, method: &str) {
             .upstreams
             .running(m)
             .into_iter()
-            .map(|name| ServiceKey { mesh: m.clone(), name })
+            .map(|name| ServiceKey {
+                mesh: m.clone(),
+                name,
+            })
             .collect(),
     };
     for k in keys {
@@ -772,9 +855,13 @@ fn not_allowed() -> Response {
     let mut r = rpc_response(
         StatusCode::METHOD_NOT_ALLOWED,
         &Value::Null,
-        &rpc_error(INVALID_REQUEST, "GET and DELETE need an Mcp-Session-Id (protocol 2026-07-28 has neither)"),
+        &rpc_error(
+            INVALID_REQUEST,
+            "GET and DELETE need an Mcp-Session-Id (protocol 2026-07-28 has neither)",
+        ),
     );
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
     r
 }
 
@@ -807,7 +894,10 @@ async fn get_mcp(
         return rpc_response(
             StatusCode::CONFLICT,
             &Value::Null,
-            &rpc_error(INVALID_REQUEST, "this session has a GET stream open already"),
+            &rpc_error(
+                INVALID_REQUEST,
+                "this session has a GET stream open already",
+            ),
         );
     }
     inner.hub(&ep);

@@ -61,7 +61,10 @@ mod tests {
             Some(("time".into(), "get_current_time"))
         );
         assert_eq!(encode("fs", "file:///a__b"), "fs__file:///a__b");
-        assert_eq!(decode("fs__file:///a__b"), Some(("fs".into(), "file:///a__b")));
+        assert_eq!(
+            decode("fs__file:///a__b"),
+            Some(("fs".into(), "file:///a__b"))
+        );
     }
 
     #[test]
@@ -80,7 +83,8 @@ mod tests {
         for (svc, inner) in cases {
             let e = encode(svc, inner);
             assert!(
-                e.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)),
+                e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)),
                 "{e}"
             );
             assert_eq!(decode(&e), Some((svc.to_string(), inner)), "{e}");

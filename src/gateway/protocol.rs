@@ -139,7 +139,10 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
         return Err(invalid(echo, "`jsonrpc` must be \"2.0\""));
     }
     if let Some(m) = obj.get("method") {
-        let Some(method) = m.as_str().filter(|m| !m.is_empty() && m.len() <= MAX_METHOD) else {
+        let Some(method) = m
+            .as_str()
+            .filter(|m| !m.is_empty() && m.len() <= MAX_METHOD)
+        else {
             return Err(invalid(
                 echo,
                 format!("`method` must be a string of 1 to {MAX_METHOD} bytes"),
@@ -162,7 +165,10 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
         });
     }
     let Some(id) = id else {
-        return Err(invalid(echo, "a message needs `method`, or `id` with `result` or `error`"));
+        return Err(invalid(
+            echo,
+            "a message needs `method`, or `id` with `result` or `error`",
+        ));
     };
     match (obj.get("result"), obj.get("error")) {
         (Some(r), None) => Ok(Incoming::Response {
@@ -181,10 +187,16 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
                         data: e.get("data").cloned(),
                     }),
                 }),
-                _ => Err(invalid(id, "`error` needs an integer `code` and a string `message`")),
+                _ => Err(invalid(
+                    id,
+                    "`error` needs an integer `code` and a string `message`",
+                )),
             }
         }
-        _ => Err(invalid(id, "a response needs exactly one of `result` and `error`")),
+        _ => Err(invalid(
+            id,
+            "a response needs exactly one of `result` and `error`",
+        )),
     }
 }
 
@@ -204,12 +216,18 @@ pub fn result_message(id: &Value, result: Value) -> Value {
 
 /// A header's value, trimmed; `None` when absent or not visible ASCII.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 /// Decodes an `Mcp-Name`/`Mcp-Param-*` value (`=?base64?…?=` or plain).
 pub fn decode_header_value(v: &str) -> Option<String> {
-    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
         Some(b64) => base64::engine::general_purpose::STANDARD
             .decode(b64)
             .ok()
@@ -241,7 +259,9 @@ pub fn check_stateless(
     method: &str,
     params: Option<&Map<String, Value>>,
 ) -> Result<String, RpcError> {
-    let meta = params.and_then(|p| p.get("_meta")).and_then(Value::as_object);
+    let meta = params
+        .and_then(|p| p.get("_meta"))
+        .and_then(Value::as_object);
     let Some(meta) = meta else {
         return Err(rpc_error(
             INVALID_PARAMS,
@@ -254,14 +274,21 @@ pub fn check_stateless(
             format!("params._meta[\"{META_PROTOCOL_VERSION}\"] must be a string"),
         ));
     };
-    if !meta.get(META_CLIENT_CAPABILITIES).is_some_and(Value::is_object) {
+    if !meta
+        .get(META_CLIENT_CAPABILITIES)
+        .is_some_and(Value::is_object)
+    {
         return Err(rpc_error(
             INVALID_PARAMS,
             format!("params._meta[\"{META_CLIENT_CAPABILITIES}\"] must be an object"),
         ));
     }
     match header(headers, H_PROTOCOL_VERSION) {
-        None => return Err(header_mismatch("MCP-Protocol-Version header is missing".into())),
+        None => {
+            return Err(header_mismatch(
+                "MCP-Protocol-Version header is missing".into(),
+            ))
+        }
         Some(h) if h != version => {
             return Err(header_mismatch(format!(
                 "MCP-Protocol-Version header `{}` does not match _meta version `{}`",
@@ -314,8 +341,8 @@ pub fn check_stateless(
 /// Whether a request is in the stateless era's shape: a modern
 /// `MCP-Protocol-Version` header or a `_meta` protocol version.
 pub fn looks_modern(headers: &HeaderMap, params: Option<&Map<String, Value>>) -> bool {
-    let header_modern = header(headers, H_PROTOCOL_VERSION)
-        .is_some_and(|v| !LEGACY_VERSIONS.contains(&v));
+    let header_modern =
+        header(headers, H_PROTOCOL_VERSION).is_some_and(|v| !LEGACY_VERSIONS.contains(&v));
     let meta_modern = params
         .and_then(|p| p.get("_meta"))
         .and_then(|m| m.get(META_PROTOCOL_VERSION))
@@ -328,7 +355,10 @@ pub fn stateless_status(code: i64) -> axum::http::StatusCode {
     use axum::http::StatusCode;
     match code {
         METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
-        HEADER_MISMATCH | MISSING_CLIENT_CAPABILITY | UNSUPPORTED_VERSION | PARSE_ERROR
+        HEADER_MISMATCH
+        | MISSING_CLIENT_CAPABILITY
+        | UNSUPPORTED_VERSION
+        | PARSE_ERROR
         | INVALID_REQUEST => StatusCode::BAD_REQUEST,
         _ => StatusCode::OK,
     }
@@ -395,20 +425,40 @@ mod tests {
             (b"[]", INVALID_REQUEST),
             (b"7", INVALID_REQUEST),
             (br#"{"id":1,"method":"x"}"#, INVALID_REQUEST),
-            (br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#, INVALID_REQUEST),
-            (br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#, INVALID_REQUEST),
+            (
+                br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#,
+                INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#,
+                INVALID_REQUEST,
+            ),
             (br#"{"jsonrpc":"2.0","id":1,"method":7}"#, INVALID_REQUEST),
-            (br#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#, INVALID_PARAMS),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#,
+                INVALID_PARAMS,
+            ),
             (br#"{"jsonrpc":"2.0","id":1}"#, INVALID_REQUEST),
-            (br#"{"jsonrpc":"2.0","id":1,"result":1,"error":{}}"#, INVALID_REQUEST),
-            (br#"{"jsonrpc":"2.0","id":1,"error":{"code":"x"}}"#, INVALID_REQUEST),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"result":1,"error":{}}"#,
+                INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"error":{"code":"x"}}"#,
+                INVALID_REQUEST,
+            ),
         ];
         for (body, code) in bad {
             let e = parse(body).unwrap_err();
             assert_eq!(e.error.code, *code, "{}", String::from_utf8_lossy(body));
         }
         // The id is echoed when it is readable.
-        assert_eq!(parse(br#"{"jsonrpc":"1.0","id":7,"method":"x"}"#).unwrap_err().id, json!(7));
+        assert_eq!(
+            parse(br#"{"jsonrpc":"1.0","id":7,"method":"x"}"#)
+                .unwrap_err()
+                .id,
+            json!(7)
+        );
         // Deep nesting is a parse error, not a stack overflow.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(parse(deep.as_bytes()).unwrap_err().error.code, PARSE_ERROR);
@@ -430,7 +480,10 @@ mod tests {
             (H_METHOD, "tools/call"),
             (H_NAME, " echo "),
         ]);
-        assert_eq!(check_stateless(&good, "tools/call", p).unwrap(), "2026-07-28");
+        assert_eq!(
+            check_stateless(&good, "tools/call", p).unwrap(),
+            "2026-07-28"
+        );
         let b64 = hdrs(&[
             (H_PROTOCOL_VERSION, "2026-07-28"),
             (H_METHOD, "tools/call"),
@@ -442,8 +495,14 @@ mod tests {
         };
         assert_eq!(code(&good, "tools/call", None), INVALID_PARAMS);
         let no_caps = json!({"_meta": {META_PROTOCOL_VERSION: "2026-07-28"}});
-        assert_eq!(code(&good, "tools/list", no_caps.as_object()), INVALID_PARAMS);
-        assert_eq!(code(&hdrs(&[(H_METHOD, "tools/call")]), "tools/call", p), HEADER_MISMATCH);
+        assert_eq!(
+            code(&good, "tools/list", no_caps.as_object()),
+            INVALID_PARAMS
+        );
+        assert_eq!(
+            code(&hdrs(&[(H_METHOD, "tools/call")]), "tools/call", p),
+            HEADER_MISMATCH
+        );
         let other = hdrs(&[(H_PROTOCOL_VERSION, "2025-11-25"), (H_METHOD, "tools/call")]);
         assert_eq!(code(&other, "tools/call", p), HEADER_MISMATCH);
         let wrong_method = hdrs(&[
@@ -460,7 +519,8 @@ mod tests {
         assert_eq!(code(&wrong_name, "tools/call", p), HEADER_MISMATCH);
         let no_name = hdrs(&[(H_PROTOCOL_VERSION, "2026-07-28"), (H_METHOD, "tools/call")]);
         assert_eq!(code(&no_name, "tools/call", p), HEADER_MISMATCH);
-        let future = json!({"_meta": {META_PROTOCOL_VERSION: "2099-01-01", META_CLIENT_CAPABILITIES: {}}});
+        let future =
+            json!({"_meta": {META_PROTOCOL_VERSION: "2099-01-01", META_CLIENT_CAPABILITIES: {}}});
         let e = check_stateless(
             &hdrs(&[(H_PROTOCOL_VERSION, "2099-01-01"), (H_METHOD, "tools/list")]),
             "tools/list",

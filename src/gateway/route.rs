@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::names;
-use super::protocol::{rpc_error, self, INVALID_PARAMS, METHOD_NOT_FOUND};
+use super::protocol::{self, rpc_error, INVALID_PARAMS, METHOD_NOT_FOUND};
 use super::upstream::{
-    CallOptions, ClientPeer, RpcError, ServiceKey, Upstream, UpstreamError, ServerInfo,
+    CallOptions, ClientPeer, RpcError, ServerInfo, ServiceKey, Upstream, UpstreamError,
 };
 use super::Inner;
 use crate::model::Protocol;
@@ -75,7 +75,10 @@ impl Inner {
         if !self.upstreams.exists(key) {
             return Err(UpstreamError::NotFound { key: key.clone() });
         }
-        let wait = self.upstreams.call_timeout(key).min(self.config.upstream_wait);
+        let wait = self
+            .upstreams
+            .call_timeout(key)
+            .min(self.config.upstream_wait);
         self.upstreams.upstream(key, Instant::now() + wait).await
     }
 
@@ -129,7 +132,11 @@ impl Inner {
             _ => None,
         };
         if let Some(field) = routed_field {
-            let exposed = params.get(field).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let exposed = params
+                .get(field)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             let (key, inner) = self.route(mesh, &exposed)?;
             params.insert(field.into(), json!(inner));
             let mut result = self.call_service(&key, method, Some(params), ctx).await?;
@@ -145,7 +152,11 @@ impl Inner {
                     return Err(rpc(INVALID_PARAMS, "params.ref must be an object"));
                 };
                 let field = if r.contains_key("uri") { "uri" } else { "name" };
-                let exposed = r.get(field).and_then(Value::as_str).unwrap_or_default().to_owned();
+                let exposed = r
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
                 let (key, inner) = self.route(mesh, &exposed)?;
                 r.insert(field.into(), json!(inner));
                 self.call_service(&key, method, Some(params), ctx).await
@@ -155,9 +166,17 @@ impl Inner {
                 let calls = self.upstreams.running(mesh).into_iter().map(|name| {
                     let params = params.clone();
                     async move {
-                        let key = ServiceKey { mesh: mesh.to_owned(), name };
+                        let key = ServiceKey {
+                            mesh: mesh.to_owned(),
+                            name,
+                        };
                         let _ = self
-                            .call_service(&key, "logging/setLevel", Some(params), CallCtx::default())
+                            .call_service(
+                                &key,
+                                "logging/setLevel",
+                                Some(params),
+                                CallCtx::default(),
+                            )
                             .await;
                     }
                 });
@@ -166,7 +185,10 @@ impl Inner {
             }
             other => Err(rpc(
                 METHOD_NOT_FOUND,
-                format!("method `{}` is not available on a mesh endpoint", crate::model::shown(other, 60)),
+                format!(
+                    "method `{}` is not available on a mesh endpoint",
+                    crate::model::shown(other, 60)
+                ),
             )),
         }
     }
@@ -183,7 +205,7 @@ impl Inner {
             )
         };
         let (svc, inner) = names::decode(exposed).ok_or_else(unknown)?;
-        if !self.upstreams.running(mesh).iter().any(|n| *n == svc) {
+        if !self.upstreams.running(mesh).contains(&svc) {
             return Err(unknown());
         }
         Ok((

@@ -57,7 +57,11 @@ pub struct InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.session.inflight.lock().expect("poisoned").remove(&self.key);
+        self.session
+            .inflight
+            .lock()
+            .expect("poisoned")
+            .remove(&self.key);
     }
 }
 
@@ -73,7 +77,8 @@ impl ClientSession {
     }
 
     fn idle_since(&self) -> Option<Instant> {
-        (self.busy.load(Ordering::Acquire) == 0).then(|| *self.last_active.lock().expect("poisoned"))
+        (self.busy.load(Ordering::Acquire) == 0)
+            .then(|| *self.last_active.lock().expect("poisoned"))
     }
 
     /// Whether the client declared `capability` (`elicitation`, `sampling`, `roots`).
@@ -108,7 +113,10 @@ impl ClientSession {
     /// Registers a client request in flight under its id.
     pub fn start_call(self: &Arc<Self>, id: &Value, abort: AbortHandle) -> InflightGuard {
         let key = id.to_string();
-        self.inflight.lock().expect("poisoned").insert(key.clone(), abort);
+        self.inflight
+            .lock()
+            .expect("poisoned")
+            .insert(key.clone(), abort);
         InflightGuard {
             session: self.clone(),
             key,
@@ -117,7 +125,11 @@ impl ClientSession {
 
     /// `notifications/cancelled`: aborts the call, which cancels it upstream.
     pub fn cancel(&self, request_id: &Value) -> bool {
-        let h = self.inflight.lock().expect("poisoned").remove(&request_id.to_string());
+        let h = self
+            .inflight
+            .lock()
+            .expect("poisoned")
+            .remove(&request_id.to_string());
         h.map(|h| h.abort()).is_some()
     }
 
@@ -204,7 +216,12 @@ impl Sessions {
     }
 
     /// The session `id`, if it exists and belongs to this caller and endpoint.
-    pub fn get(&self, id: &str, principal: &Principal, endpoint: &Endpoint) -> Option<Arc<ClientSession>> {
+    pub fn get(
+        &self,
+        id: &str,
+        principal: &Principal,
+        endpoint: &Endpoint,
+    ) -> Option<Arc<ClientSession>> {
         let s = self.map.lock().expect("poisoned").get(id).cloned()?;
         (s.principal == *principal && s.endpoint == *endpoint).then_some(s)
     }
@@ -279,7 +296,11 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.session.pending.lock().expect("poisoned").remove(&self.id);
+        self.session
+            .pending
+            .lock()
+            .expect("poisoned")
+            .remove(&self.id);
     }
 }
 
@@ -310,11 +331,17 @@ impl ClientPeer for LegacyPeer {
         {
             let mut pending = s.pending.lock().expect("poisoned");
             if pending.len() >= s.max_pending {
-                return Err(rpc_error(INTERNAL_ERROR, "too many requests wait for this client"));
+                return Err(rpc_error(
+                    INTERNAL_ERROR,
+                    "too many requests wait for this client",
+                ));
             }
             pending.insert(id.clone(), tx);
         }
-        let _guard = PendingGuard { session: s, id: id.clone() };
+        let _guard = PendingGuard {
+            session: s,
+            id: id.clone(),
+        };
         let mut msg = json!({ "jsonrpc": "2.0", "id": id, "method": method });
         if let Some(p) = params {
             msg["params"] = p;
@@ -334,7 +361,10 @@ impl ClientPeer for LegacyPeer {
             Ok(Err(_)) => Err(rpc_error(INTERNAL_ERROR, "the client session ended")),
             Err(_) => Err(rpc_error(
                 INTERNAL_ERROR,
-                format!("the client did not answer {method} within {}s", self.timeout.as_secs()),
+                format!(
+                    "the client did not answer {method} within {}s",
+                    self.timeout.as_secs()
+                ),
             )),
         }
     }
