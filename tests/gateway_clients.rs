@@ -1,5 +1,6 @@
 //! Real MCP clients against the gateway of `meshbox serve`: the official
-//! TypeScript SDK 2.x client (automatic era negotiation and legacy mode)
+//! TypeScript SDK 2.x and Python SDK 2.x clients (automatic era negotiation
+//! and legacy mode)
 //! on the service and the mesh endpoint, fronting a stateless-era server
 //! written with the TypeScript SDK 2.x (tests/fixtures/stateless_server) and
 //! `npm:@modelcontextprotocol/server-everything` (handshake era). Each run
@@ -28,21 +29,41 @@ fn clients_dir() -> PathBuf {
     dir
 }
 
-/// Runs the TypeScript client; what it saw.
-fn ts_client(url: &str, mode: &str, plan: &Value) -> Value {
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// `@modelcontextprotocol/client` 2.x (tests/clients/ts_client.mjs).
+    TypeScript,
+    /// PyPI `mcp` 2.x (tests/clients/py_client.py).
+    Python,
+}
+
+/// Runs one client against `url`; what it saw.
+fn client(kind: Kind, url: &str, mode: &str, plan: &Value) -> Value {
     let dir = clients_dir();
-    let script = dir.join("ts_client.mjs");
-    std::fs::copy(fixture("../clients/ts_client.mjs"), &script).unwrap();
-    let out = Command::new("node")
-        .arg(&script)
+    let mut cmd = match kind {
+        Kind::TypeScript => {
+            // Copied next to its node_modules so the SDK resolves.
+            let script = dir.join("ts_client.mjs");
+            std::fs::copy(fixture("../clients/ts_client.mjs"), &script).unwrap();
+            let mut c = Command::new("node");
+            c.arg(script);
+            c
+        }
+        Kind::Python => {
+            let mut c = Command::new(dir.join("venv/bin/python"));
+            c.arg(fixture("../clients/py_client.py"));
+            c
+        }
+    };
+    let out = cmd
         .args([url, mode, &plan.to_string()])
         .current_dir(&dir)
         .output()
-        .expect("node runs");
+        .expect("the client runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "ts client ({mode}) on {url} failed:\n{}\n{stdout}",
+        "{kind:?} client ({mode}) on {url} failed:\n{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap()
@@ -70,7 +91,7 @@ fn prefixed(plan: &Value, service: &str) -> Value {
 
 #[tokio::test]
 #[ignore = "needs clients"]
-async fn typescript_client_in_both_modes_on_both_endpoints_and_eras() {
+async fn sdk_clients_in_both_modes_on_both_endpoints_and_eras() {
     clients_dir();
     let d = Daemon::start();
     deploy(
@@ -106,12 +127,17 @@ async fn typescript_client_in_both_modes_on_both_endpoints_and_eras() {
         ("stateless", &stateless_plan),
         ("everything", &everything_plan),
     ] {
-        for mode in ["auto", "legacy"] {
+        for (kind, mode) in [
+            (Kind::TypeScript, "auto"),
+            (Kind::TypeScript, "legacy"),
+            (Kind::Python, "auto"),
+            (Kind::Python, "legacy"),
+        ] {
             let url = format!("{}/mcp/acme/{service}", d.url);
-            let seen = ts_client(&url, mode, plan);
+            let seen = client(kind, &url, mode, plan);
             assert!(seen["cancelled_after_ms"].as_u64().is_some(), "{seen}");
             let url = format!("{}/mcp/acme", d.url);
-            let seen = ts_client(&url, mode, &prefixed(plan, service));
+            let seen = client(kind, &url, mode, &prefixed(plan, service));
             assert!(
                 seen["tools"]
                     .as_array()
