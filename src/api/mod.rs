@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware;
+use axum::response::IntoResponse;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;

@@ -1,11 +1,7 @@
 //! Binds the gateway to the supervisor: each running service's shared
-//! [`Session`] as an [`Upstream`], the registry as [`Upstreams`].
-//!
-//! Until the supervisor publishes registry events, service ups and downs are
-//! found by looking at the registry twice a second; the gateway only needs
-//! them for list_changed, so a late event costs at most that much.
+//! [`Session`] as an [`Upstream`], the registry as [`Upstreams`], the
+//! supervisor's registry events as [`ServiceEvent`]s (running or not).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +18,6 @@ use crate::model::Protocol;
 use crate::supervisor::upstream::{CallError, RpcError, Session};
 use crate::supervisor::{Phase, Supervisor, SupervisorError};
 
-/// How often the registry is looked at for ups and downs.
-const POLL: Duration = Duration::from_millis(500);
 /// The call timeout of a service that vanished meanwhile.
 const FALLBACK_TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -109,54 +103,33 @@ impl Upstream for SessionUpstream {
 pub struct SupervisorUpstreams {
     supervisor: Arc<Supervisor>,
     events: broadcast::Sender<ServiceEvent>,
-    _poller: AbortOnDrop<()>,
+    _relay: AbortOnDrop<()>,
 }
 
 impl SupervisorUpstreams {
-    /// Needs a tokio runtime (it starts the registry watcher).
+    /// Needs a tokio runtime (it relays the supervisor's events).
     pub fn new(supervisor: Arc<Supervisor>) -> Arc<Self> {
         let (events, _) = broadcast::channel(256);
-        let (sup, tx) = (supervisor.clone(), events.clone());
-        let poller = tokio::spawn(async move {
-            let mut up: HashMap<ServiceKey, bool> = HashMap::new();
-            let mut tick = tokio::time::interval(POLL);
+        let (mut rx, tx) = (supervisor.events(), events.clone());
+        let relay = tokio::spawn(async move {
             loop {
-                tick.tick().await;
-                let now: HashMap<ServiceKey, bool> = sup
-                    .list(None)
-                    .into_iter()
-                    .map(|s| {
-                        let running = s.status == Phase::Running;
-                        (
-                            ServiceKey {
-                                mesh: s.mesh,
-                                name: s.name,
-                            },
-                            running,
-                        )
-                    })
-                    .collect();
-                for (k, r) in &now {
-                    if up.get(k) != Some(r) {
-                        let _ = tx.send(ServiceEvent {
-                            key: k.clone(),
-                            up: *r,
-                        });
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let up = ev.phase == Phase::Running;
+                        let _ = tx.send(ServiceEvent { key: ev.key, up });
                     }
+                    // Missed some: the gateway resyncs on a lag of its own.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "service events lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
                 }
-                for k in up.keys().filter(|k| !now.contains_key(*k)) {
-                    let _ = tx.send(ServiceEvent {
-                        key: k.clone(),
-                        up: false,
-                    });
-                }
-                up = now;
             }
         });
         Arc::new(SupervisorUpstreams {
             supervisor,
             events,
-            _poller: AbortOnDrop(poller),
+            _relay: AbortOnDrop(relay),
         })
     }
 }
@@ -173,7 +146,7 @@ impl Upstreams for SupervisorUpstreams {
             .get(key)
             .map_err(|e| from_supervisor(key, e))?;
         let session = svc
-            .session(deadline)
+            .upstream(deadline)
             .await
             .map_err(|e| from_supervisor(key, e))?;
         Ok(Arc::new(SessionUpstream {
