@@ -12,6 +12,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod environ;
+pub mod gateway;
 pub mod images;
 pub mod mcp;
 pub mod model;

@@ -92,6 +92,28 @@ impl fmt::Display for ServiceKey {
     }
 }
 
+/// Who is calling the HTTP API or the MCP gateway, as the auth middleware
+/// established it (a request extension).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// No token is configured: the operator chose an open (loopback) daemon.
+    Open,
+    /// The admin token: everything.
+    Admin,
+    /// A mesh-scoped token: only this mesh's routes and endpoints.
+    Mesh(String),
+}
+
+impl Principal {
+    /// Whether this caller may reach `mesh`.
+    pub fn reaches(&self, mesh: &str) -> bool {
+        match self {
+            Principal::Open | Principal::Admin => true,
+            Principal::Mesh(m) => m == mesh,
+        }
+    }
+}
+
 /// The language runtime of a server's entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "lowercase")]

@@ -18,6 +18,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("this token does not reach this route")]
+    Forbidden,
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
 }
@@ -29,6 +31,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Supervisor(e) => match e.kind() {
                 ErrorKind::Invalid => StatusCode::BAD_REQUEST,
                 ErrorKind::NotFound => StatusCode::NOT_FOUND,

@@ -4,6 +4,7 @@
 //! status codes. Every handler validates its input fully before calling the
 //! supervisor, which it holds as its only dependency.
 
+mod auth;
 mod error;
 mod legacy;
 mod v1;
@@ -13,14 +14,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
+use axum::response::IntoResponse;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
+pub use auth::{parse_mesh_tokens, MeshTokensError, Tokens};
 pub use error::ApiError;
 
 use crate::supervisor::Supervisor;
@@ -32,14 +34,21 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 pub struct ApiConfig {
     /// Bearer token every route but `/v1/health` requires, when set.
     pub token: Option<String>,
+    /// `(mesh, token)` pairs from `--mesh-tokens-file`: each reaches only its mesh.
+    pub mesh_tokens: Vec<(String, String)>,
     pub body_limit: usize,
+    /// The MCP gateway's routes (`/mcp/…`), served behind the same auth,
+    /// body limit and server hardening as the REST API.
+    pub mcp: Option<Router>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             token: None,
+            mesh_tokens: Vec::new(),
             body_limit: DEFAULT_BODY_LIMIT,
+            mcp: None,
         }
     }
 }
@@ -47,54 +56,25 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 pub struct AppState {
     pub supervisor: Arc<Supervisor>,
-    token: Option<Arc<str>>,
+    tokens: Tokens,
     body_limit: usize,
 }
 
 pub fn router(supervisor: Arc<Supervisor>, config: ApiConfig) -> Router {
     let state = AppState {
         supervisor,
-        token: config.token.map(Arc::from),
+        tokens: Tokens::new(config.token, config.mesh_tokens),
         body_limit: config.body_limit,
     };
-    Router::new()
-        .merge(v1::routes())
-        .merge(legacy::routes())
+    let mut routes = Router::new().merge(v1::routes()).merge(legacy::routes());
+    if let Some(mcp) = config.mcp {
+        routes = routes.nest_service("/mcp", mcp);
+    }
+    routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::auth))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .with_state(state)
-}
-
-/// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(req).await;
-    };
-    if req.uri().path() == "/v1/health" {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        next.run(req).await
-    } else {
-        ApiError::Unauthorized.into_response()
-    }
 }
 
 /// A JSON body parsed by serde_json directly, so errors name the field, and
@@ -147,18 +127,4 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn token_compare() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
-    }
 }

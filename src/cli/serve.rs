@@ -10,6 +10,8 @@ use tracing::info;
 
 use super::{CliError, Shutdown};
 use crate::api::{self, ApiConfig};
+use crate::gateway::bind::SupervisorUpstreams;
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
@@ -67,6 +69,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// File of mesh-scoped tokens, one `MESH TOKEN` per line: each reaches
+    /// only its mesh's `/v1/meshes/{mesh}/…` routes and `/mcp/{mesh}…` endpoints.
+    #[arg(long)]
+    pub mesh_tokens_file: Option<PathBuf>,
+    /// Browser origin allowed to call `/mcp/…` besides loopback ones (repeatable).
+    #[arg(long = "allowed-origin")]
+    pub allowed_origins: Vec<String>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = api::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
@@ -94,6 +103,22 @@ pub fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CliError> {
     }
 }
 
+/// The `(mesh, token)` pairs of `--mesh-tokens-file`, if given.
+pub fn read_mesh_tokens(file: Option<&PathBuf>) -> Result<Vec<(String, String)>, CliError> {
+    let Some(f) = file else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(f).map_err(|source| CliError::Io {
+        context: format!("failed to read mesh tokens file `{}`", f.display()),
+        source,
+    })?;
+    api::parse_mesh_tokens(&text).map_err(|e| {
+        CliError::Usage(format!(
+            "mesh tokens file `{}`: {}",
+            f.display(),
+            crate::error_chain(&e)
+        ))
+    })
+}
+
 pub fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("meshbox");
@@ -106,7 +131,8 @@ pub fn default_data_dir() -> PathBuf {
 
 pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> {
     let token = read_token(args.token_file.as_ref())?;
-    if token.is_none() && !args.listen.ip().is_loopback() {
+    let mesh_tokens = read_mesh_tokens(args.mesh_tokens_file.as_ref())?;
+    if token.is_none() && mesh_tokens.is_empty() && !args.listen.ip().is_loopback() {
         return Err(CliError::Usage(format!(
             "refusing to listen on {} without a token: set --token-file or MESHBOX_TOKEN, or listen on a loopback address",
             args.listen
@@ -150,11 +176,20 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     let _lock = DataDirLock::acquire(&data_dir)?;
     let store = Arc::new(Store::open(&data_dir)?);
     let supervisor = Arc::new(Supervisor::new(backend, config).with_store(store));
+    let gateway = Gateway::new(
+        SupervisorUpstreams::new(supervisor.clone()),
+        GatewayConfig {
+            allowed_origins: args.allowed_origins.clone(),
+            ..Default::default()
+        },
+    );
     let router = api::router(
         supervisor.clone(),
         ApiConfig {
             token,
+            mesh_tokens,
             body_limit: args.body_limit,
+            mcp: Some(gateway.router()),
         },
     );
     let listener = tokio::net::TcpListener::bind(args.listen)

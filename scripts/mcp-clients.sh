@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the real MCP clients, servers and tools the gateway's
+# `needs clients` tests use, into target/mcp-clients (node_modules and a
+# Python venv). Idempotent; needs node/npm and python3 with venv.
+#   scripts/mcp-clients.sh            install
+#   cargo test --test gateway_clients -- --ignored
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dir="$root/target/mcp-clients"
+mkdir -p "$dir"
+export NODE_EXTRA_CA_CERTS="${NODE_EXTRA_CA_CERTS:-/etc/ssl/certs/ca-certificates.crt}"
+cd "$dir"
+[ -f package.json ] || echo '{"name":"meshbox-mcp-clients","private":true,"type":"module"}' > package.json
+npm install --no-audit --no-fund --loglevel=error \
+  @modelcontextprotocol/client@^2 \
+  @modelcontextprotocol/server@^2 \
+  @modelcontextprotocol/server-everything \
+  @modelcontextprotocol/inspector \
+  @modelcontextprotocol/conformance \
+  supergateway \
+  zod
+if [ ! -x venv/bin/python ]; then
+  python3 -m venv venv
+fi
+venv/bin/pip install --quiet --upgrade 'mcp>=2' mcp-proxy
+echo "MCP clients installed in $dir"

@@ -1,0 +1,388 @@
+//! The input bridge between the eras.
+//!
+//! Stateless client → handshake-era server: the server asks for input
+//! (`elicitation/create`, `sampling/createMessage`, `roots/list`) in the
+//! middle of a call. The call is held open upstream, the client gets an
+//! `input_required` result whose `requestState` names the held call, and its
+//! retry with `inputResponses` answers the waiting server requests. Held calls
+//! are bounded in count and time; dropping one cancels it upstream.
+//!
+//! Handshake-era client → stateless server: an `input_required` result is
+//! turned into server→client requests to the client, and the call retried
+//! with its answers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::protocol::{
+    rpc_error, GATEWAY_BUSY, INVALID_PARAMS, META_CLIENT_CAPABILITIES, MISSING_CLIENT_CAPABILITY,
+};
+use super::route::{rpc, CallCtx, Endpoint};
+use super::sessions::random_id;
+use super::upstream::{ClientPeer, RpcError, UpstreamError};
+use super::Inner;
+use crate::model::Principal;
+
+/// Rounds of `input_required` a handshake-era client is walked through, at most.
+const MAX_ROUNDS: usize = 8;
+
+/// One server→client request of a held call.
+struct InputAsk {
+    method: String,
+    params: Option<Value>,
+    reply: oneshot::Sender<Result<Value, RpcError>>,
+}
+
+struct BridgePeer {
+    client_id: u64,
+    tx: mpsc::Sender<InputAsk>,
+}
+
+#[async_trait]
+impl ClientPeer for BridgePeer {
+    fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    async fn request(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let (reply, rx) = oneshot::channel();
+        let ask = InputAsk {
+            method: method.to_owned(),
+            params,
+            reply,
+        };
+        let gone = || rpc_error(super::protocol::INTERNAL_ERROR, "the client went away");
+        self.tx.send(ask).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Aborts a task when dropped.
+pub struct AbortOnDrop<T>(pub JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An upstream call of a stateless client that waits for the client's input.
+pub struct HeldCall {
+    principal: Principal,
+    endpoint: Endpoint,
+    method: String,
+    name: Option<Value>,
+    caps: Value,
+    asks: mpsc::Receiver<InputAsk>,
+    waiting: Vec<(String, Option<Value>, InputAsk)>,
+    result: oneshot::Receiver<Result<Value, UpstreamError>>,
+    progress: mpsc::Receiver<Value>,
+    next_key: u32,
+    pub expires: Instant,
+    _task: AbortOnDrop<()>,
+}
+
+enum Drive {
+    Done(Result<Value, UpstreamError>),
+    NeedInput,
+    MissingCapability(&'static str),
+}
+
+fn capability_of(method: &str) -> Option<&'static str> {
+    match method {
+        "elicitation/create" => Some("elicitation"),
+        "sampling/createMessage" => Some("sampling"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+impl HeldCall {
+    fn new_ask(&mut self, ask: InputAsk) -> Option<&'static str> {
+        if let Some(c) = capability_of(&ask.method) {
+            if self.caps.get(c).is_none() {
+                return Some(c);
+            }
+        }
+        self.next_key += 1;
+        let key = format!("input-{}", self.next_key);
+        let params = ask.params.clone();
+        self.waiting.push((key, params, ask));
+        None
+    }
+
+    /// Runs until the call ends or asks for input; progress goes to `out`.
+    async fn drive(&mut self, out: Option<&mpsc::Sender<Value>>) -> Drive {
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut self.result => {
+                    while let Ok(p) = self.progress.try_recv() {
+                        forward_progress(out, p).await;
+                    }
+                    return Drive::Done(r.unwrap_or_else(|_| Err(UpstreamError::Protocol("the call ended without an answer".into()))));
+                }
+                Some(ask) = self.asks.recv() => {
+                    if let Some(c) = self.new_ask(ask) {
+                        return Drive::MissingCapability(c);
+                    }
+                    while let Ok(more) = self.asks.try_recv() {
+                        if let Some(c) = self.new_ask(more) {
+                            return Drive::MissingCapability(c);
+                        }
+                    }
+                    return Drive::NeedInput;
+                }
+                Some(p) = self.progress.recv() => forward_progress(out, p).await,
+            }
+        }
+    }
+
+    fn input_required(&self, token: &str) -> Value {
+        let requests: Map<String, Value> = self
+            .waiting
+            .iter()
+            .map(|(k, params, ask)| {
+                let mut r = json!({ "method": ask.method });
+                if let Some(p) = params {
+                    r["params"] = p.clone();
+                }
+                (k.clone(), r)
+            })
+            .collect();
+        json!({ "resultType": "input_required", "inputRequests": requests, "requestState": token })
+    }
+
+    /// Answers the waiting requests `responses` has keys for.
+    fn answer(&mut self, responses: Option<&Map<String, Value>>) {
+        let Some(responses) = responses else { return };
+        let waiting = std::mem::take(&mut self.waiting);
+        for (key, params, ask) in waiting {
+            match responses.get(&key) {
+                Some(v) => {
+                    let _ = ask.reply.send(Ok(v.clone()));
+                }
+                None => self.waiting.push((key, params, ask)),
+            }
+        }
+    }
+}
+
+async fn forward_progress(out: Option<&mpsc::Sender<Value>>, params: Value) {
+    if let Some(out) = out {
+        let _ = out
+            .send(json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": params }))
+            .await;
+    }
+}
+
+/// The table of held calls.
+#[derive(Default)]
+pub struct Held {
+    map: std::sync::Mutex<HashMap<String, HeldCall>>,
+}
+
+impl Held {
+    pub fn count(&self) -> usize {
+        self.map.lock().expect("poisoned").len()
+    }
+
+    /// Drops expired calls (cancelling them upstream); how many.
+    pub fn expire(&self) -> usize {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("poisoned");
+        let before = map.len();
+        map.retain(|_, c| c.expires > now);
+        before - map.len()
+    }
+}
+
+impl Inner {
+    /// A `tools/call`, `prompts/get` or `resources/read` of a stateless client
+    /// to a handshake-era upstream, through the input bridge.
+    pub(super) async fn bridged(
+        self: &Arc<Self>,
+        principal: &Principal,
+        ep: &Endpoint,
+        method: &str,
+        mut params: Map<String, Value>,
+        out: Option<&mpsc::Sender<Value>>,
+    ) -> Result<Value, UpstreamError> {
+        let caps = params
+            .get("_meta")
+            .and_then(|m| m.get(META_CLIENT_CAPABILITIES))
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let state = params.remove("requestState");
+        let responses = params.remove("inputResponses");
+        let name = params.get("name").or_else(|| params.get("uri")).cloned();
+        let mut call = match state {
+            Some(token) => {
+                let token = token.as_str().unwrap_or_default();
+                let mut call = self.take_held(token, principal, ep, method, name.as_ref())?;
+                call.caps = caps;
+                call.answer(responses.as_ref().and_then(Value::as_object));
+                if !call.waiting.is_empty() {
+                    return self.hold(call);
+                }
+                call
+            }
+            None => self.start_held(principal, ep, method, params, name, caps),
+        };
+        match call.drive(out).await {
+            Drive::Done(r) => r,
+            Drive::NeedInput => self.hold(call),
+            Drive::MissingCapability(c) => Err(UpstreamError::Rpc(RpcError {
+                data: Some(json!({ "requiredCapabilities": { c: {} } })),
+                ..rpc_error(
+                    MISSING_CLIENT_CAPABILITY,
+                    format!("this request needs the client capability `{c}`"),
+                )
+            })),
+        }
+    }
+
+    fn start_held(
+        self: &Arc<Self>,
+        principal: &Principal,
+        ep: &Endpoint,
+        method: &str,
+        params: Map<String, Value>,
+        name: Option<Value>,
+        caps: Value,
+    ) -> HeldCall {
+        let (ask_tx, asks) = mpsc::channel(8);
+        let (progress_tx, progress) = mpsc::channel(32);
+        let (result_tx, result) = oneshot::channel();
+        let peer = Arc::new(BridgePeer {
+            client_id: self.sessions.next_client(),
+            tx: ask_tx,
+        });
+        let ctx = CallCtx {
+            progress: Some(progress_tx),
+            peer: Some(peer),
+        };
+        let inner = self.clone();
+        let (ep2, m2) = (ep.clone(), method.to_owned());
+        let task = tokio::spawn(async move {
+            let r = inner.call(&ep2, &m2, Some(params), ctx).await;
+            let _ = result_tx.send(r);
+        });
+        HeldCall {
+            principal: principal.clone(),
+            endpoint: ep.clone(),
+            method: method.to_owned(),
+            name,
+            caps,
+            asks,
+            waiting: Vec::new(),
+            result,
+            progress,
+            next_key: 0,
+            expires: Instant::now() + self.config.held_ttl,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Keeps `call` for the client's retry; the `input_required` result.
+    fn hold(&self, mut call: HeldCall) -> Result<Value, UpstreamError> {
+        let token = random_id();
+        let answer = call.input_required(&token);
+        call.expires = Instant::now() + self.config.held_ttl;
+        let mut map = self.held.map.lock().expect("poisoned");
+        if map.len() >= self.config.max_held {
+            return Err(rpc(
+                GATEWAY_BUSY,
+                "too many calls are waiting for client input; retry later",
+            ));
+        }
+        map.insert(token, call);
+        Ok(answer)
+    }
+
+    fn take_held(
+        &self,
+        token: &str,
+        principal: &Principal,
+        ep: &Endpoint,
+        method: &str,
+        name: Option<&Value>,
+    ) -> Result<HeldCall, UpstreamError> {
+        let mut map = self.held.map.lock().expect("poisoned");
+        let fits = map.get(token).is_some_and(|c| {
+            c.principal == *principal
+                && c.endpoint == *ep
+                && c.method == method
+                && c.name.as_ref() == name
+                && c.expires > Instant::now()
+        });
+        if !fits {
+            return Err(rpc(
+                INVALID_PARAMS,
+                "requestState names no call waiting for input here (expired, already answered, or another request's); send the request again without it",
+            ));
+        }
+        Ok(map.remove(token).expect("checked above"))
+    }
+
+    /// A handshake-era client's call whose stateless upstream answered
+    /// `input_required`: asks the client, retries with its answers.
+    pub(super) async fn complete_inputs(
+        &self,
+        ep: &Endpoint,
+        method: &str,
+        params: Option<Map<String, Value>>,
+        mut result: Value,
+        ctx: CallCtx,
+    ) -> Result<Value, UpstreamError> {
+        for _ in 0..MAX_ROUNDS {
+            if result.get("resultType").and_then(Value::as_str) != Some("input_required") {
+                return Ok(result);
+            }
+            let Some(peer) = ctx.peer.clone() else {
+                return Err(rpc(
+                    INVALID_PARAMS,
+                    "the server needs client input this client cannot give",
+                ));
+            };
+            let requests = result
+                .get("inputRequests")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let answers = join_all(requests.into_iter().map(|(k, r)| {
+                let peer = peer.clone();
+                async move {
+                    let method = r
+                        .get("method")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let out = peer.request(&method, r.get("params").cloned()).await;
+                    (k, out)
+                }
+            }))
+            .await;
+            let mut responses = Map::new();
+            for (k, out) in answers {
+                responses.insert(k, out.map_err(UpstreamError::Rpc)?);
+            }
+            let mut p = params.clone().unwrap_or_default();
+            p.insert("inputResponses".into(), Value::Object(responses));
+            if let Some(s) = result.get("requestState") {
+                p.insert("requestState".into(), s.clone());
+            }
+            result = self.call(ep, method, Some(p), ctx.clone()).await?;
+        }
+        Err(UpstreamError::Protocol(format!(
+            "the server still needed input after {MAX_ROUNDS} rounds"
+        )))
+    }
+}
