@@ -687,7 +687,7 @@ impl Session {
         timeout: Duration,
     ) -> Result<ServerInfo, ConnectError> {
         /// How long a silent server gets before it counts as handshake-era.
-        const PROBE: Duration = Duration::from_secs(3);
+        const PROBE: Duration = Duration::from_secs(5);
         let deadline = Instant::now() + timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
         let info = match pin {
@@ -713,6 +713,27 @@ impl Session {
                 Err(CallError::StdoutClosed | CallError::Closed) => {
                     return Err(ConnectError::ExitedDuringProbe(ExitReason::default()))
                 }
+                Err(CallError::Timeout(_)) => match self.initialize(left()).await {
+                    // Slow to start, not silent: it answered the probe after
+                    // its few seconds and now serves the stateless era.
+                    Err(ConnectError::Step {
+                        source: CallError::Rpc { code, .. },
+                        ..
+                    }) if code == protocol::code::UNSUPPORTED_VERSION => {
+                        let r = self
+                            .discover(left())
+                            .await
+                            .map_err(ConnectError::step("server/discover"))?;
+                        if !protocol::discover_is_stateless(&r) {
+                            return Err(ConnectError::Step {
+                                step: "server/discover",
+                                source: CallError::Protocol(ProtocolError::NotStateless),
+                            });
+                        }
+                        stateless_info(r)
+                    }
+                    other => other?,
+                },
                 _ => self.initialize(left()).await?,
             },
         };

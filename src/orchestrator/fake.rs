@@ -70,6 +70,8 @@ pub struct Fake {
     pub spawn_delay: Mutex<Duration>,
     /// The next spawns fail with this.
     pub spawn_failures: AtomicUsize,
+    /// The next spawn finds its cache volume gone.
+    pub volume_missing: AtomicBool,
     /// Installs run in sandboxes and take this long.
     pub sandboxed_install: Option<Duration>,
     /// Sandboxes whose server has not exited.
@@ -84,6 +86,7 @@ impl Fake {
             records: Records::default(),
             spawn_delay: Mutex::new(Duration::ZERO),
             spawn_failures: AtomicUsize::new(0),
+            volume_missing: AtomicBool::new(false),
             sandboxed_install: None,
             alive: Arc::new(AtomicUsize::new(0)),
         })
@@ -242,6 +245,17 @@ impl Orchestrator for Fake {
             owner: spec.owner.clone(),
             argv: spec.argv.clone(),
         });
+        if self.volume_missing.swap(false, Ordering::SeqCst) {
+            let volume = spec
+                .mounts
+                .iter()
+                .find_map(|m| match &m.source {
+                    super::MountSource::Volume(v) => Some(v.clone()),
+                    super::MountSource::Host(_) => None,
+                })
+                .expect("a sandboxed install mounts its cache volume");
+            return Err(OrchestratorError::MissingVolume { volume });
+        }
         if self
             .spawn_failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -579,6 +579,7 @@ impl Service {
         });
         let mut adopt = opts.adopt;
         let mut prepared: Option<SandboxSpec> = None;
+        let mut reinstalled = false;
         let mut next = Next::PrepareNow;
         loop {
             next = match next {
@@ -596,6 +597,19 @@ impl Service {
                         .await;
                     match end {
                         RunEnd::Stopped => break,
+                        // The install cache it mounts was removed: install
+                        // again (once per preparation), not a crash.
+                        RunEnd::StartFailed(StartError::Orchestrator(
+                            crate::orchestrator::OrchestratorError::MissingVolume { volume },
+                        )) if !reinstalled => {
+                            self.note(&format!(
+                                "install cache `{volume}` is gone; installing again"
+                            ));
+                            ctx.sandboxed.forget(&volume);
+                            reinstalled = true;
+                            prepared = None;
+                            Next::PrepareNow
+                        }
                         RunEnd::StartFailed(e) => {
                             self.record_failure(&e);
                             self.attempt_settled();
@@ -612,6 +626,7 @@ impl Service {
                             decider.on(Event::ProbeExited)
                         }
                         RunEnd::Ended { ran_for, cause } => {
+                            reinstalled = false;
                             decider.on(Event::Ended { ran_for, cause })
                         }
                         RunEnd::RestartRequested => {

@@ -475,3 +475,23 @@ async fn an_undeploy_during_a_redeploy_wins() {
     assert!(t.elapsed() <= Duration::from_secs(1));
     assert!(sup.is_empty());
 }
+
+/// A removed install cache is installed again, not a crash loop.
+#[tokio::test(start_paused = true)]
+async fn a_removed_install_cache_is_installed_again() {
+    let fake = Fake::with_sandboxed_install(Script::Healthy, Duration::from_secs(1));
+    let (sup, _dir) = supervisor_with(fake.clone(), None);
+    let s = ServiceSpec {
+        source: "npm:some-server@1.0.0".into(),
+        ..Default::default()
+    };
+    sup.deploy(key(), s.clone()).await.unwrap();
+    assert_eq!(fake.count(|r| *r == Record::InstallDone), 1);
+    // Warm: a restart runs the same sandbox, no install.
+    sup.restart(&key()).await.unwrap();
+    assert_eq!(fake.count(|r| *r == Record::InstallDone), 1);
+    fake.volume_missing.store(true, Ordering::SeqCst);
+    let st = sup.restart(&key()).await.unwrap();
+    assert_eq!(st.status, Phase::Running);
+    assert_eq!(fake.count(|r| *r == Record::InstallStarted), 2, "installed again");
+}

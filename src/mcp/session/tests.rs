@@ -779,3 +779,32 @@ async fn a_pinned_stateless_server_must_say_so() {
         "{err}"
     );
 }
+
+/// A stateless server too slow to answer the probe in time answers it late
+/// and refuses the `initialize` that followed with -32022: meshbox asks again.
+#[tokio::test(start_paused = true)]
+async fn a_slow_stateless_server_is_still_detected() {
+    let mut h = start(1 << 20);
+    let s = h.session.clone();
+    let connect = tokio::spawn(async move { s.connect(None, Duration::from_secs(30)).await });
+    let d = h.fake.recv().await;
+    assert_eq!(d["method"], "server/discover");
+    let init = h.fake.recv().await;
+    assert_eq!(init["method"], "initialize");
+    // Now awake: the late answer to the probe, then a refusal of initialize.
+    h.fake
+        .reply(&d["id"], json!({"supportedVersions": ["2026-07-28"]}))
+        .await;
+    h.fake
+        .error(&init["id"], -32022, "connection is serving the 2026-07-28 protocol")
+        .await;
+    let again = h.fake.recv().await;
+    assert_eq!(again["method"], "server/discover");
+    h.fake
+        .reply(&again["id"], json!({"supportedVersions": ["2026-07-28"], "capabilities": {}}))
+        .await;
+    let list = h.fake.recv().await;
+    assert!(list["params"]["_meta"].is_object());
+    h.fake.reply(&list["id"], json!({"tools": []})).await;
+    assert_eq!(connect.await.unwrap().unwrap().protocol, Protocol::Stateless);
+}
