@@ -141,14 +141,23 @@ impl fmt::Display for Runtime {
     }
 }
 
-impl FromStr for Runtime {
-    type Err = String;
+/// A runtime name that is not node, python or bun.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}`: expected node, python or bun")]
+pub struct UnknownRuntime {
+    pub value: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for Runtime {
+    type Err = UnknownRuntime;
+
+    fn from_str(s: &str) -> Result<Self, UnknownRuntime> {
         Runtime::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("`{}`: expected node, python or bun", shown(s, 32)))
+            .ok_or_else(|| UnknownRuntime {
+                value: shown(s, 32),
+            })
     }
 }
 

@@ -18,12 +18,19 @@ pub enum Health {
     Unknown,
 }
 
+/// A readiness probe that failed, in its own words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProbeFailure {
+    pub message: String,
+}
+
 /// One round of probes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
     pub live: bool,
-    /// The readiness probe, when one is configured: `Err` holds its message.
-    pub ready: Option<Result<(), String>>,
+    /// The readiness probe, when one is configured.
+    pub ready: Option<Result<(), ProbeFailure>>,
 }
 
 /// What a round means for the service.
@@ -76,7 +83,7 @@ impl HealthTracker {
                     error: None,
                 }
             }
-            Some(Err(message)) => {
+            Some(Err(ProbeFailure { message })) => {
                 self.readiness_failures += 1;
                 let health = if self.readiness_failures >= self.threshold {
                     Health::Unhealthy
@@ -130,7 +137,9 @@ mod tests {
         let mut t = HealthTracker::new(2);
         let failing = || ProbeResult {
             live: true,
-            ready: Some(Err("tool `ready` answered isError: db down".into())),
+            ready: Some(Err(ProbeFailure {
+                message: "tool `ready` answered isError: db down".into(),
+            })),
         };
         assert!(matches!(
             t.record(failing()),

@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, instrument, warn};
 
-use super::health::{Health, HealthTracker, ProbeResult, Verdict};
+use super::health::{Health, HealthTracker, ProbeFailure, ProbeResult, Verdict};
 use super::lifecycle::{Decider, EndCause, Event, Next, Then};
 use super::logs::{drain_lines, LogRing};
 use super::prepare::{self, Acquirers, Validated};
@@ -988,7 +988,7 @@ async fn readiness(
     tool: &str,
     spec: &HealthSpec,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let args = spec
         .arguments
         .clone()
@@ -999,18 +999,22 @@ async fn readiness(
                 .pointer("/content/0/text")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            Err(format!(
-                "readiness tool `{}` answered isError: {}",
-                crate::model::shown(tool, 64),
-                text.chars().take(500).collect::<String>()
-            ))
+            Err(ProbeFailure {
+                message: format!(
+                    "readiness tool `{}` answered isError: {}",
+                    crate::model::shown(tool, 64),
+                    text.chars().take(500).collect::<String>()
+                ),
+            })
         }
         Ok(_) => Ok(()),
-        Err(e) => Err(format!(
-            "readiness tool `{}` failed: {}",
-            crate::model::shown(tool, 64),
-            crate::error_chain(&e)
-        )),
+        Err(e) => Err(ProbeFailure {
+            message: format!(
+                "readiness tool `{}` failed: {}",
+                crate::model::shown(tool, 64),
+                crate::error_chain(&e)
+            ),
+        }),
     }
 }
 

@@ -493,5 +493,9 @@ async fn a_removed_install_cache_is_installed_again() {
     fake.volume_missing.store(true, Ordering::SeqCst);
     let st = sup.restart(&key()).await.unwrap();
     assert_eq!(st.status, Phase::Running);
-    assert_eq!(fake.count(|r| *r == Record::InstallStarted), 2, "installed again");
+    assert_eq!(
+        fake.count(|r| *r == Record::InstallStarted),
+        2,
+        "installed again"
+    );
 }

@@ -796,15 +796,25 @@ async fn a_slow_stateless_server_is_still_detected() {
         .reply(&d["id"], json!({"supportedVersions": ["2026-07-28"]}))
         .await;
     h.fake
-        .error(&init["id"], -32022, "connection is serving the 2026-07-28 protocol")
+        .error(
+            &init["id"],
+            -32022,
+            "connection is serving the 2026-07-28 protocol",
+        )
         .await;
     let again = h.fake.recv().await;
     assert_eq!(again["method"], "server/discover");
     h.fake
-        .reply(&again["id"], json!({"supportedVersions": ["2026-07-28"], "capabilities": {}}))
+        .reply(
+            &again["id"],
+            json!({"supportedVersions": ["2026-07-28"], "capabilities": {}}),
+        )
         .await;
     let list = h.fake.recv().await;
     assert!(list["params"]["_meta"].is_object());
     h.fake.reply(&list["id"], json!({"tools": []})).await;
-    assert_eq!(connect.await.unwrap().unwrap().protocol, Protocol::Stateless);
+    assert_eq!(
+        connect.await.unwrap().unwrap().protocol,
+        Protocol::Stateless
+    );
 }
