@@ -66,7 +66,10 @@ async fn a_delete_that_cannot_be_stored_changes_nothing() {
     fs.fill();
     let (code, e) = d.delete("/v1/meshes/m/services/kept").await;
     assert_eq!(code, 500, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("desired state"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("desired state"),
+        "{e}"
+    );
     // Still listed, still running, still answering.
     let st = d.status("m", "kept").await;
     assert_eq!(st["status"], "running", "{st}");

@@ -120,7 +120,7 @@ impl Decoder for LineCodec {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|b| *b == needle)
+    memchr::memchr(needle, hay)
 }
 
 #[cfg(test)]

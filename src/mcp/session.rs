@@ -212,6 +212,9 @@ impl ConnectError {
 
 type Reply = Result<Box<RawValue>, CallError>;
 
+/// The stdout read buffer's starting size.
+const READ_BUFFER: usize = 8 * 1024;
+
 struct Slot {
     reply: oneshot::Sender<Reply>,
     /// The caller's own progress token and where its progress goes.
@@ -343,6 +346,19 @@ impl Shared {
     /// Queues a line, waiting for room until `deadline`.
     async fn send(&self, bytes: Bytes, deadline: Instant) -> Result<(), SendError> {
         let n = u32::try_from(bytes.len().min(self.config.queue_bytes)).unwrap_or(u32::MAX);
+        // The common case: room in the budget and the queue, no timer needed.
+        let bytes = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(permit) => match self.out.try_send(Outbound {
+                bytes,
+                _permit: Some(permit),
+            }) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
+                Err(mpsc::error::TrySendError::Full(o)) => o.bytes,
+            },
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => bytes,
+        };
         let permit = match tokio::time::timeout_at(
             deadline,
             self.budget.clone().acquire_many_owned(n),
@@ -653,7 +669,7 @@ impl Session {
             stateless: AtomicBool::new(false),
             closed: watch::channel(None).0,
             close_stdin: Notify::new(),
-            notifications: broadcast::channel(256).0,
+            notifications: broadcast::channel(64).0,
             tools: watch::channel(None).0,
             refresh: Notify::new(),
             peer_slots: Arc::new(Semaphore::new(config.max_peer_requests.max(1))),
@@ -964,7 +980,8 @@ fn stateless_info(r: Value) -> ServerInfo {
 /// breaks, or the session asks to close it.
 async fn write_loop(mut rx: mpsc::Receiver<Outbound>, mut w: BoxWrite, shared: Arc<Shared>) {
     const BATCH: usize = 256 * 1024;
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // Grows to what is written at once; shrunk back after a large batch.
+    let mut buf: Vec<u8> = Vec::new();
     let mut held: Vec<Outbound> = Vec::new();
     loop {
         let first = tokio::select! {
@@ -996,7 +1013,7 @@ async fn write_loop(mut rx: mpsc::Receiver<Outbound>, mut w: BoxWrite, shared: A
         // Releases the byte budget of what was written.
         held.clear();
         if buf.capacity() > 4 * BATCH {
-            buf = Vec::with_capacity(16 * 1024);
+            buf = Vec::new();
         }
         if !ok {
             debug!("server stdin closed");
@@ -1039,7 +1056,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 on_frame(&shared, frame);
                 if large {
                     let buf = frames.read_buffer_mut();
-                    let mut fresh = BytesMut::with_capacity(64 * 1024);
+                    let mut fresh = BytesMut::with_capacity(READ_BUFFER);
                     fresh.extend_from_slice(buf);
                     *buf = fresh;
                 }

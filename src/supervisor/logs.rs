@@ -41,7 +41,7 @@ impl LogRing {
     pub fn with_limits(cap: usize, max_bytes: usize) -> Self {
         LogRing {
             inner: Mutex::new(Inner {
-                lines: VecDeque::with_capacity(cap.min(1024)),
+                lines: VecDeque::new(),
                 bytes: 0,
                 next: 0,
             }),
@@ -106,8 +106,8 @@ where
     R: AsyncRead + Unpin,
     F: FnMut(&str),
 {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut line: Vec<u8> = Vec::with_capacity(1024);
+    let mut buf = vec![0u8; 4 * 1024];
+    let mut line: Vec<u8> = Vec::new();
     // Past the cap: discarding until the next newline.
     let mut cutting = false;
     loop {
@@ -142,7 +142,7 @@ where
             chunk = rest;
         }
         if line.capacity() > 4 * MAX_LOG_LINE {
-            line = Vec::with_capacity(1024);
+            line = Vec::new();
         }
     }
     if !line.is_empty() && !cutting {
