@@ -7,6 +7,8 @@
 mod auth;
 mod error;
 mod legacy;
+#[cfg(test)]
+mod route_tests;
 mod v1;
 
 use std::future::Future;

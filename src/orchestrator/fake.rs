@@ -361,6 +361,7 @@ async fn serve(
             "ping" if script == Script::Deaf => continue,
             "ping" => reply(json!({})),
             "tools/call" => match msg["params"]["name"].as_str() {
+                Some("rpc_error") => error(-32000, "boom"),
                 Some("ready") if script == Script::ReadinessFails => reply(
                     json!({"isError": true, "content": [{"type": "text", "text": "db down"}]}),
                 ),
