@@ -25,6 +25,18 @@ pub const PROXY_AND_CA: &[&str] = &[
     "GIT_SSL_CAINFO",
 ];
 
+/// The CA-bundle variables of [`PROXY_AND_CA`]: host paths, meaningless
+/// inside an image.
+pub const CA_FILES: &[&str] = &[
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+];
+
 /// Registry settings: installers only.
 pub const REGISTRY: &[&str] = &[
     "PIP_INDEX_URL",
@@ -80,5 +92,6 @@ mod tests {
         assert!(all
             .iter()
             .all(|k| !k.contains("TOKEN") && !k.contains("SECRET")));
+        assert!(CA_FILES.iter().all(|k| PROXY_AND_CA.contains(k)));
     }
 }

@@ -18,6 +18,7 @@ pub mod mcp;
 pub mod model;
 pub mod orchestrator;
 pub mod proxy;
+pub mod secrets;
 pub mod store;
 pub mod supervisor;
 

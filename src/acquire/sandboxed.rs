@@ -183,16 +183,8 @@ impl SandboxedInstalls {
         let mut env =
             crate::environ::from_runner(&[crate::environ::PROXY_AND_CA, crate::environ::REGISTRY]);
         // Host paths mean nothing inside the image: its own bundle is baked in.
-        for k in [
-            "NODE_EXTRA_CA_CERTS",
-            "SSL_CERT_FILE",
-            "SSL_CERT_DIR",
-            "REQUESTS_CA_BUNDLE",
-            "CURL_CA_BUNDLE",
-            "PIP_CERT",
-            "GIT_SSL_CAINFO",
-        ] {
-            env.remove(k);
+        for k in crate::environ::CA_FILES {
+            env.remove(*k);
         }
         env.extend(req.install_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(Plan::Install(InstallStep {

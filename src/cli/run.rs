@@ -64,7 +64,14 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let v = Validated { spec, source };
     let prepared = prepare::acquire(&backend, &acquirers, &owner, &v, &progress).await?;
     let home = prepare::server_home(&data_dir, &owner)?;
-    let env = prepare::server_env(&crate::environ::runner_path(), &home, &v.spec.env)?;
+    // Its user is the operator: secret files may be anywhere they can read.
+    let env = prepare::server_env(
+        &crate::environ::runner_path(),
+        &home,
+        &v.spec.env,
+        &crate::secrets::SecretPolicy::Anywhere,
+    )
+    .await?;
     let mut sandbox = backend
         .spawn(prepare::server_sandbox(
             &owner,

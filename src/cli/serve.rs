@@ -1,7 +1,8 @@
 //! `meshbox serve`: the daemon.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::gateway::{Gateway, GatewayConfig};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
+use crate::secrets::SecretPolicy;
 use crate::store::{DataDirLock, Store};
 use crate::supervisor::{FailedRetry, Supervisor, SupervisorConfig};
 
@@ -79,6 +81,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = api::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
+    /// Directory `{"file": …}` env values may come from (repeatable;
+    /// default `<data-dir>/secrets`).
+    #[arg(long = "secrets-dir", value_name = "DIR")]
+    pub secrets_dirs: Vec<PathBuf>,
 }
 
 /// The token from `--token-file` or `MESHBOX_TOKEN`, if any.
@@ -129,6 +135,23 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// `--secrets-dir` directories, or `<data-dir>/secrets` (created, private).
+fn secrets_policy(dirs: &[PathBuf], data_dir: &Path) -> Result<SecretPolicy, CliError> {
+    if !dirs.is_empty() {
+        return Ok(SecretPolicy::Dirs(dirs.to_vec()));
+    }
+    let dir = data_dir.join("secrets");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| CliError::Io {
+            context: format!("failed to create secrets dir `{}`", dir.display()),
+            source,
+        })?;
+    Ok(SecretPolicy::Dirs(vec![dir]))
+}
+
 pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> {
     let token = read_token(args.token_file.as_ref())?;
     let mesh_tokens = read_mesh_tokens(args.mesh_tokens_file.as_ref())?;
@@ -172,6 +195,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         fast_interval: Duration::from_secs(args.failed_retry_secs.max(1)),
         slow_interval: Duration::from_secs(args.failed_retry_slow_secs.max(1)),
     };
+    config.secrets = secrets_policy(&args.secrets_dirs, &data_dir)?;
     // One daemon per data dir: a second one would run every server twice.
     let _lock = DataDirLock::acquire(&data_dir)?;
     let store = Arc::new(Store::open(&data_dir)?);

@@ -62,12 +62,8 @@ pub(crate) struct Ctx {
 /// Why a start attempt failed (kept, as text, in the status's `last_error`).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("env `{key}`: cannot read its secret file")]
-    Secret {
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     #[error("failed to create the server's home `{}`", path.display())]
     Home {
         path: PathBuf,
@@ -216,6 +212,8 @@ pub struct SupervisorConfig {
     pub install: InstallConfig,
     /// Schedule of in-place retries of failed services.
     pub failed_retry: FailedRetry,
+    /// Where `{"file": …}` env values may come from (`--secrets-dir`).
+    pub secrets: crate::secrets::SecretPolicy,
 }
 
 impl SupervisorConfig {
@@ -231,6 +229,7 @@ impl SupervisorConfig {
             deploy_timeout: Duration::from_secs(1800),
             install: InstallConfig::new(data_dir.join("cache")),
             failed_retry: FailedRetry::default(),
+            secrets: crate::secrets::SecretPolicy::Dirs(vec![data_dir.join("secrets")]),
             data_dir,
         }
     }
@@ -361,6 +360,9 @@ impl Supervisor {
     /// missing directory or entry is bad input.
     pub fn validate(&self, spec: ServiceSpec) -> Result<Validated, SupervisorError> {
         let v = self.validate_shape(spec)?;
+        // Secret files: only from the operator's secret directories, only
+        // small regular files (checked, not read; read again at start).
+        crate::secrets::check_env(&v.spec.env, &self.config().secrets).map_err(SpecError::from)?;
         if let Source::Path(dir) = &v.source {
             crate::acquire::check_dir(dir, v.spec.runtime, v.spec.command.as_deref())?;
         }

@@ -12,10 +12,12 @@ use std::time::Duration;
 use crate::acquire::sandboxed::{Finished, InstallStep, Plan, SandboxedInstalls, CACHE_MOUNT};
 use crate::acquire::{AcquireError, AcquireRequest, Installer, Launch, Progress, Source};
 use crate::config::{EnvValue, ServiceSpec};
+use crate::environ;
 use crate::model::{runner_image, Limits, Runtime, ServiceKey};
 use crate::orchestrator::{
     Mount, MountSource, Orchestrator, OrchestratorError, Role, SandboxSpec, Upload,
 };
+use crate::secrets::SecretPolicy;
 
 use super::StartError;
 
@@ -182,9 +184,23 @@ pub fn server_sandbox(
     owner: &ServiceKey,
     spec: &ServiceSpec,
     prepared: &Prepared,
-    env: BTreeMap<String, String>,
+    mut env: BTreeMap<String, String>,
     home: Option<PathBuf>,
 ) -> SandboxSpec {
+    let runtime = prepared.launch.runtime.or(spec.runtime);
+    if matches!(runtime, Some(Runtime::Node | Runtime::Bun)) {
+        env.entry("NODE_ENV".to_owned())
+            .or_insert_with(|| "production".to_owned());
+    }
+    if prepared.image.is_some() {
+        // Host paths mean nothing in an image (it has its own bundle),
+        // unless the spec itself names one.
+        for k in environ::CA_FILES {
+            if !spec.env.contains_key(*k) {
+                env.remove(*k);
+            }
+        }
+    }
     let mut mounts: Vec<Mount> = prepared.source_mount.iter().cloned().collect();
     mounts.extend(spec.mounts.iter().map(|m| Mount {
         source: MountSource::Host(m.path.clone()),
@@ -221,29 +237,152 @@ pub fn server_home(data_dir: &Path, key: &ServiceKey) -> Result<PathBuf, StartEr
     Ok(home)
 }
 
-/// The only environment a server gets: PATH, HOME, LANG, and its spec's env.
-/// File values are read now; a missing secret fails loudly, naming the key.
-pub fn server_env(
+/// The only environment a server gets: PATH, HOME, LANG, the runner's
+/// proxy and CA-bundle variables, then the spec's env (which wins). File
+/// values are read now, off the runtime, under `secrets`; a refused one fails
+/// loudly, naming the key. (`NODE_ENV` is added by [`server_sandbox`], once
+/// the runtime is known.)
+pub async fn server_env(
     path: &str,
     home: &Path,
     spec_env: &BTreeMap<String, EnvValue>,
+    secrets: &SecretPolicy,
 ) -> Result<BTreeMap<String, String>, StartError> {
     let mut env = BTreeMap::from([
         ("PATH".to_owned(), path.to_owned()),
         ("HOME".to_owned(), home.to_string_lossy().into_owned()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
     ]);
-    for (k, v) in spec_env {
-        let value = match v {
-            EnvValue::Literal(s) => s.clone(),
-            EnvValue::File { file } => std::fs::read_to_string(file)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|source| StartError::Secret {
-                    key: k.clone(),
-                    source,
-                })?,
-        };
-        env.insert(k.clone(), value);
-    }
+    env.extend(environ::from_runner(&[environ::PROXY_AND_CA]));
+    env.extend(crate::secrets::resolve_env(spec_env, secrets).await?);
     Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orchestrator::MountSource;
+
+    fn prepared(runtime: Option<Runtime>, image: Option<&str>) -> Prepared {
+        Prepared {
+            launch: Launch {
+                argv: vec!["node".into(), "x.js".into()],
+                workdir: PathBuf::from("/src"),
+                runtime,
+            },
+            image: image.map(str::to_owned),
+            source_mount: Some(Mount {
+                source: MountSource::Host(PathBuf::from("/src")),
+                target: PathBuf::from("/src"),
+                read_only: true,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn server_env_is_curated_and_the_spec_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let secrets = d.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        std::fs::write(secrets.join("key"), "from-file\n").unwrap();
+        let spec_env = BTreeMap::from([
+            ("LANG".to_owned(), EnvValue::Literal("de_DE.UTF-8".into())),
+            (
+                "API_KEY".to_owned(),
+                EnvValue::File {
+                    file: secrets.join("key"),
+                },
+            ),
+        ]);
+        let policy = SecretPolicy::Dirs(vec![secrets.clone()]);
+        let env = server_env("/bin", d.path(), &spec_env, &policy)
+            .await
+            .unwrap();
+        assert_eq!(env["PATH"], "/bin");
+        assert_eq!(env["HOME"], d.path().to_string_lossy());
+        assert_eq!(env["LANG"], "de_DE.UTF-8");
+        assert_eq!(env["API_KEY"], "from-file");
+        // Nothing of the runner's own beyond the curated lists.
+        for k in env.keys() {
+            assert!(
+                ["PATH", "HOME", "LANG", "API_KEY"].contains(&k.as_str())
+                    || environ::PROXY_AND_CA.contains(&k.as_str()),
+                "{k}"
+            );
+        }
+        // A refused secret names its key.
+        let bad = BTreeMap::from([(
+            "TOKEN".to_owned(),
+            EnvValue::File {
+                file: PathBuf::from("/etc/shadow"),
+            },
+        )]);
+        let e = server_env("/bin", d.path(), &bad, &policy)
+            .await
+            .unwrap_err();
+        assert!(crate::error_chain(&e).contains("env `TOKEN`"), "{e}");
+    }
+
+    #[test]
+    fn node_servers_get_node_env_production_unless_the_spec_says() {
+        let key = ServiceKey::default();
+        let spec = ServiceSpec::default();
+        let env = BTreeMap::from([("PATH".to_owned(), "/bin".to_owned())]);
+        let s = server_sandbox(
+            &key,
+            &spec,
+            &prepared(Some(Runtime::Node), None),
+            env.clone(),
+            None,
+        );
+        assert_eq!(s.env["NODE_ENV"], "production");
+        let s = server_sandbox(
+            &key,
+            &spec,
+            &prepared(Some(Runtime::Python), None),
+            env.clone(),
+            None,
+        );
+        assert!(!s.env.contains_key("NODE_ENV"));
+        let mut spec = ServiceSpec::default();
+        spec.env
+            .insert("NODE_ENV".into(), EnvValue::Literal("development".into()));
+        let mut given = env.clone();
+        given.insert("NODE_ENV".into(), "development".into());
+        let s = server_sandbox(
+            &key,
+            &spec,
+            &prepared(Some(Runtime::Node), None),
+            given,
+            None,
+        );
+        assert_eq!(s.env["NODE_ENV"], "development");
+    }
+
+    #[test]
+    fn host_ca_paths_do_not_reach_containers() {
+        let key = ServiceKey::default();
+        let spec = ServiceSpec::default();
+        let env = BTreeMap::from([
+            ("SSL_CERT_FILE".to_owned(), "/host/ca.pem".to_owned()),
+            ("HTTPS_PROXY".to_owned(), "http://proxy:3128".to_owned()),
+        ]);
+        let s = server_sandbox(
+            &key,
+            &spec,
+            &prepared(Some(Runtime::Python), Some("img")),
+            env.clone(),
+            None,
+        );
+        assert!(!s.env.contains_key("SSL_CERT_FILE"));
+        assert_eq!(s.env["HTTPS_PROXY"], "http://proxy:3128");
+        let s = server_sandbox(
+            &key,
+            &spec,
+            &prepared(Some(Runtime::Python), None),
+            env,
+            None,
+        );
+        assert_eq!(s.env["SSL_CERT_FILE"], "/host/ca.pem");
+    }
 }

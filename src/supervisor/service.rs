@@ -512,7 +512,8 @@ impl Service {
     async fn prepare(&self, ctx: &Ctx) -> Result<SandboxSpec, StartError> {
         let config = &ctx.config;
         let home = prepare::server_home(&config.data_dir, &self.key)?;
-        let env = prepare::server_env(&config.server_path, &home, &self.spec.env)?;
+        let env = prepare::server_env(&config.server_path, &home, &self.spec.env, &config.secrets)
+            .await?;
         let progress: Progress = {
             let ring = self.logs.clone();
             Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
