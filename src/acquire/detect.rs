@@ -31,7 +31,8 @@ fn inside(rel: &str) -> bool {
 }
 
 /// The entry from package.json: the `bin` named like the package (its
-/// basename for scoped names), else the only `bin`, else `main`.
+/// basename for scoped names), else the only `bin`, else the one containing
+/// the basename, else an error listing the bins; `main` when there is no `bin`.
 pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> {
     let name = pkg.get("name").and_then(Value::as_str).unwrap_or("");
     let base = name.rsplit('/').next().unwrap_or(name);
@@ -46,9 +47,23 @@ pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> 
                     return Ok(Some(s.clone()));
                 }
             }
+            // The one containing the basename (the shortest, when several do).
+            let mut containing: Vec<(&String, &Value)> = bins
+                .iter()
+                .filter(|(k, _)| !base.is_empty() && k.contains(base))
+                .collect();
+            containing.sort_by_key(|(k, _)| k.len());
+            match containing.as_slice() {
+                [(_, Value::String(s)), ..]
+                    if containing.len() == 1 || containing[1].0.len() > containing[0].0.len() =>
+                {
+                    return Ok(Some(s.clone()));
+                }
+                _ => {}
+            }
             let names: Vec<&str> = bins.keys().map(String::as_str).collect();
             return Err(format!(
-                "package.json has several bins and none is named `{base}`: {}; give `command`",
+                "package.json has several bins and none is named like `{base}`: {}; give `command`",
                 names.join(", ")
             ));
         }
@@ -196,6 +211,16 @@ mod tests {
         let p = json!({"name": "x", "bin": {"a": "a.js", "b": "b.js"}});
         let e = package_json_entry(&p).unwrap_err();
         assert!(e.contains("a, b"), "{e}");
+        // None named like the package: the one containing its basename.
+        let p = json!({"name": "@wonderwhy-er/desktop-commander",
+            "bin": {"setup": "s.js", "desktop-commander-server": "d.js"}});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("d.js"));
+        let p = json!({"name": "@s/mcp", "bin": {"mcp-server": "a.js", "mcp-server-cli": "b.js", "z": "z.js"}});
+        assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("a.js"));
+        // Two equally close: no guess.
+        let p = json!({"name": "@s/mcp", "bin": {"mcp-a": "a.js", "mcp-b": "b.js"}});
+        let e = package_json_entry(&p).unwrap_err();
+        assert!(e.contains("mcp-a, mcp-b"), "{e}");
         let p = json!({"name": "x", "bin": "cli.js", "main": "m.js"});
         assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("cli.js"));
         let p = json!({"name": "x", "main": "m.js"});
