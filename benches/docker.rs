@@ -37,6 +37,7 @@ async fn serve(
     tokio::spawn(api::serve(
         listener,
         api::router(sup.clone(), ApiConfig::default()),
+        api::ServeConfig::default(),
         async {
             let _ = rx.await;
         },

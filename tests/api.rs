@@ -357,7 +357,7 @@ async fn servers_get_a_curated_environment() {
             ("MESHBOX_SECRET_TEST", "x"),
         ],
     );
-    let secret = d.data.path().join("secret.txt");
+    let secret = d.data.path().join("secrets/secret.txt");
     std::fs::write(&secret, "from-file\n").unwrap();
     let (code, st) = d
         .deploy_py(
@@ -393,12 +393,13 @@ async fn servers_get_a_curated_environment() {
             "m",
             "nosecret",
             &[],
-            json!({"env": {"TOKEN": {"file": "/nonexistent/secret"}}}),
+            json!({"env": {"TOKEN": {"file": d.data.path().join("secrets/missing")}}}),
         )
         .await;
-    assert_eq!(code, 502, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("TOKEN"), "{e}");
-    assert_eq!(d.status("m", "nosecret").await["status"], "failed");
+    assert_eq!(code, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("env.TOKEN"), "{e}");
+    let (code, _) = d.get("/v1/meshes/m/services/nosecret").await;
+    assert_eq!(code, 404, "a refused deploy left a service");
 }
 
 #[tokio::test]

@@ -305,9 +305,14 @@ impl Daemon {
         let addr = listener.local_addr().unwrap();
         let router = api::router(supervisor.clone(), ApiConfig::default());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(api::serve(listener, router, async {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(api::serve(
+            listener,
+            router,
+            api::ServeConfig::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
         Daemon {
             base: format!("http://{addr}"),
             supervisor,

@@ -7,12 +7,12 @@
 mod auth;
 mod error;
 mod legacy;
+pub mod listen;
 #[cfg(test)]
 mod route_tests;
 mod v1;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 pub use auth::{parse_mesh_tokens, MeshTokensError, Tokens};
 pub use error::ApiError;
+pub use listen::ServeConfig;
 
 use crate::supervisor::Supervisor;
 
@@ -117,16 +118,14 @@ pub(crate) fn result_response(raw: &serde_json::value::RawValue) -> axum::respon
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Serves `router` on `listener` until `shutdown` resolves, with the
+/// connection bounds of `config` (header, body and idle timeouts, a cap on
+/// connections): the one entry for every route meshbox serves.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    listen::serve(listener, router, config, shutdown).await
 }

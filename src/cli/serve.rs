@@ -10,7 +10,7 @@ use clap::Args;
 use tracing::info;
 
 use super::{CliError, Shutdown};
-use crate::api::{self, ApiConfig};
+use crate::api::{self, ApiConfig, ServeConfig};
 use crate::gateway::bind::SupervisorUpstreams;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
@@ -81,6 +81,13 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = api::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
+    /// Seconds a client has to send a request head; also the longest an
+    /// idle kept-alive connection stays open.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a whole request body.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
     /// Directory `{"file": …}` env values may come from (repeatable;
     /// default `<data-dir>/secrets`).
     #[arg(long = "secrets-dir", value_name = "DIR")]
@@ -161,6 +168,8 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
             args.listen
         )));
     }
+    // Room for connections and servers' pipes; connections are capped below it.
+    let fd_limit = api::listen::raise_fd_limit();
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|source| CliError::Io {
         context: format!("failed to create data dir `{}`", data_dir.display()),
@@ -237,7 +246,12 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     // In-flight calls get a grace period after the signal, not forever.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = Duration::from_secs(args.shutdown_grace);
-    let server = tokio::spawn(api::serve(listener, router, async move {
+    let serve_config = ServeConfig {
+        header_timeout: Duration::from_secs(args.header_timeout.max(1)),
+        body_timeout: Duration::from_secs(args.body_timeout.max(1)),
+        max_connections: api::listen::connection_cap(fd_limit),
+    };
+    let server = tokio::spawn(api::serve(listener, router, serve_config, async move {
         let _ = stop_rx.await;
     }));
     shutdown.await;

@@ -88,8 +88,31 @@ impl Daemon {
         Self::spawn(data, args, &[])
     }
 
+    /// A process-backend daemon started through `wrapper` (e.g. `prlimit --nofile=1024 --`).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir {
+            path: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        };
+        let mut all = vec!["--backend", "process"];
+        all.extend_from_slice(args);
+        Self::spawn_via(wrapper, data, &all, &[])
+    }
+
     fn spawn(data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(meshbox_bin());
+        Self::spawn_via(&[], data, args, env)
+    }
+
+    fn spawn_via(wrapper: &[&str], data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(meshbox_bin());
+                c
+            }
+            None => Command::new(meshbox_bin()),
+        };
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())
             .args(args)
