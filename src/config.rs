@@ -174,7 +174,8 @@ fn check_str(field: &str, s: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn is_env_key(k: &str) -> bool {
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
+pub fn is_env_key(k: &str) -> bool {
     let b = k.as_bytes();
     !b.is_empty()
         && b.len() <= 128

@@ -10,7 +10,9 @@
 //! before a byte is read. Errors name the key, never the value.
 //!
 //! Deploy-time validation ([`check_env`]) opens and inspects but reads
-//! nothing; the value is read when the service starts ([`resolve_env`]).
+//! nothing (a file not there yet passes: the service fails at start and
+//! heals when it appears); the value is read when the service starts
+//! ([`resolve_env`]).
 //! Secret values never reach the store, logs or the API: nothing here logs,
 //! and the values live only in the environment handed to the sandbox.
 //! Ground floor: imports only `config`.
@@ -126,9 +128,13 @@ impl SecretPolicy {
     }
 
     /// Checks a secret file as a deploy does: allowed, a regular file, small
-    /// enough. Reads nothing.
+    /// enough. Reads nothing. A file missing inside the directories passes:
+    /// the service fails at start and heals in place once it appears.
     pub fn check(&self, file: &Path) -> Result<(), Refusal> {
-        self.open(file).map(drop)
+        match self.open(file) {
+            Ok(_) | Err(Refusal::Missing) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a secret file: at most [`MAX_SECRET_BYTES`], trailing newlines
@@ -263,7 +269,6 @@ mod tests {
             (dir.join("out"), Refusal::OutsideDirs),
             (PathBuf::from("/etc/shadow"), Refusal::OutsideDirs),
             (d.path().join("beside"), Refusal::OutsideDirs),
-            (dir.join("nope"), Refusal::Missing),
             // Existence outside the directories is not revealed.
             (PathBuf::from("/nonexistent/x"), Refusal::OutsideDirs),
         ];
@@ -286,6 +291,12 @@ mod tests {
         }
         // The directory itself is not a secret file.
         assert!(policy.check(&dir).is_err());
+        // Missing inside the directories: accepted now, refused when read.
+        check_env(&file(&dir.join("nope")), &policy).unwrap();
+        assert!(matches!(
+            policy.read(&dir.join("nope")),
+            Err(Refusal::Missing)
+        ));
     }
 
     #[test]

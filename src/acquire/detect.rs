@@ -108,8 +108,19 @@ pub(crate) fn pyproject_scripts(text: &str) -> Vec<String> {
     out
 }
 
-/// The command that starts the server in `dir` with `runtime`.
+/// The command that starts the server in `dir` with `runtime` (a python
+/// server with the directory's own `.venv`, when it has one).
 pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, AcquireError> {
+    detect_entry_in(dir, runtime, None)
+}
+
+/// As [`detect_entry`], a python server with the environment `venv` (its
+/// dependencies in meshbox's cache) instead of the directory's `.venv`.
+pub fn detect_entry_in(
+    dir: &Path,
+    runtime: Runtime,
+    venv: Option<&Path>,
+) -> Result<Vec<String>, AcquireError> {
     let no_entry = |hint: String| AcquireError::NoEntry {
         dir: dir.to_path_buf(),
         hint,
@@ -153,7 +164,7 @@ pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, Acquire
             ))
         }
         Runtime::Python => {
-            let venv_bin = dir.join(".venv/bin");
+            let venv_bin = venv.map_or_else(|| dir.join(".venv/bin"), |v| v.join("bin"));
             if let Ok(text) = std::fs::read_to_string(dir.join("pyproject.toml")) {
                 for script in pyproject_scripts(&text) {
                     let p = venv_bin.join(&script);

@@ -1,29 +1,30 @@
 //! Acquiring sources into the cache: npm packages, PyPI requirements, git
 //! repositories, and dependency installs for local directories.
 //!
-//! Every external program runs from an argv array (never a shell), with a
-//! curated environment, in its own process group, under the install timeout;
-//! its stderr tail becomes the error. Installs are keyed by resolved identity
-//! (`name@version`, the requirement, the commit sha) and marked complete only
-//! when done, so a second deploy of the same thing downloads nothing.
-#![allow(unsafe_code)]
+//! Every external program runs as a [`step`](super::step): an argv array
+//! (never a shell), a curated environment (the runner's proxy, CA and
+//! registry settings, the system CA store trusted in addition to each
+//! tool's own, the operator's `--install-env`, then the spec's
+//! `install_env`), its own process group, the request's install timeout.
+//! Installs are keyed by resolved identity (`name@version`, the requirement,
+//! the commit sha, a directory and the fingerprint of its manifests), locked
+//! per entry across processes, and marked complete only when done, so a
+//! second deploy of the same thing downloads nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
 use super::detect::{detect_runtime, package_json_entry};
-use super::{launch_from_dir, pypi_name, AcquireError, AcquireRequest, Launch, Source};
+use super::step::{self, EntryLock, Step};
+use super::{pypi_name, AcquireError, AcquireRequest, Launch, Source};
 use crate::model::Runtime;
 
 /// Marker written last into a cache entry: its presence means "complete".
-const COMPLETE: &str = ".meshbox-complete";
+pub(super) const COMPLETE: &str = ".meshbox-complete";
 /// Receives one line per install step, for a terminal or a service's log.
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -33,14 +34,18 @@ pub fn quiet() -> Progress {
 
 #[derive(Debug, Clone)]
 pub struct InstallConfig {
-    /// Root of the cache: `npm/`, `pypi/`, `git/` live below it.
+    /// Root of the cache: `npm/`, `pypi/`, `git/`, `path/` live below it.
     pub cache_dir: PathBuf,
-    /// Budget of one install step (a clone, an `npm install`, ...).
+    /// Budget of one install step (a clone, an `npm install`, ...) when the
+    /// request gives none.
     pub timeout: Duration,
     /// How long an unpinned npm spec (`latest`, `^1`) stays resolved.
     pub resolve_ttl: Duration,
     /// PATH for installers.
     pub path: String,
+    /// The operator's extra install environment (`--install-env`, literals);
+    /// a spec's `install_env` wins over it.
+    pub env: BTreeMap<String, String>,
 }
 
 impl InstallConfig {
@@ -50,15 +55,21 @@ impl InstallConfig {
             timeout: Duration::from_secs(600),
             resolve_ttl: Duration::from_secs(3600),
             path: crate::environ::runner_path(),
+            env: BTreeMap::new(),
         }
     }
 }
 
 pub struct Installer {
-    config: InstallConfig,
+    pub(super) config: InstallConfig,
     env: BTreeMap<String, String>,
-    /// One install at a time per cache key.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One acquisition's settings: its step budget, environment and progress.
+pub(super) struct Cx<'a> {
+    pub timeout: Duration,
+    pub env: BTreeMap<String, String>,
+    pub progress: &'a Progress,
 }
 
 pub use crate::model::stable_hash as fnv;
@@ -92,123 +103,90 @@ fn is_sha(r: &str) -> bool {
     r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AcquireError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AcquireError + '_ {
     move |source| AcquireError::Read {
         path: path.to_path_buf(),
         source,
     }
 }
 
+/// The environment every install step starts from: the runner's proxy, CA
+/// and registry settings, and the system CA store trusted by each tool in
+/// addition to its own (npm through `NODE_EXTRA_CA_CERTS`, which adds; pip
+/// through `PIP_CERT`, uv through its native-TLS switch), unless the runner
+/// already names a bundle.
+fn base_env(config: &InstallConfig, ca_bundle: Option<&str>) -> BTreeMap<String, String> {
+    let home = config.cache_dir.join("home");
+    let mut env = BTreeMap::from([
+        ("PATH".to_owned(), config.path.clone()),
+        ("HOME".to_owned(), home.to_string_lossy().into_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("GIT_TERMINAL_PROMPT".to_owned(), "0".to_owned()),
+        // Only these transports; `ext::` and friends are refused by git itself too.
+        ("GIT_ALLOW_PROTOCOL".to_owned(), "https:ssh:file".to_owned()),
+        ("GIT_CONFIG_NOSYSTEM".to_owned(), "1".to_owned()),
+        ("npm_config_update_notifier".to_owned(), "false".to_owned()),
+        ("PIP_DISABLE_PIP_VERSION_CHECK".to_owned(), "1".to_owned()),
+    ]);
+    env.extend(crate::environ::from_runner(&[
+        crate::environ::PROXY_AND_CA,
+        crate::environ::REGISTRY,
+    ]));
+    if let Some(bundle) = ca_bundle {
+        // The system bundle holds the public roots as well, so PIP_CERT
+        // (which replaces pip's own) loses nothing.
+        for k in ["NODE_EXTRA_CA_CERTS", "PIP_CERT"] {
+            env.entry(k.to_owned()).or_insert_with(|| bundle.to_owned());
+        }
+        env.entry("UV_NATIVE_TLS".to_owned())
+            .or_insert_with(|| "1".to_owned());
+    }
+    env
+}
+
 impl Installer {
     pub fn new(config: InstallConfig) -> Self {
-        let home = config.cache_dir.join("home");
-        let mut env = BTreeMap::from([
-            ("PATH".to_owned(), config.path.clone()),
-            ("HOME".to_owned(), home.to_string_lossy().into_owned()),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
-            ("GIT_TERMINAL_PROMPT".to_owned(), "0".to_owned()),
-            // Only these transports; `ext::` and friends are refused by git itself too.
-            ("GIT_ALLOW_PROTOCOL".to_owned(), "https:ssh:file".to_owned()),
-            ("GIT_CONFIG_NOSYSTEM".to_owned(), "1".to_owned()),
-            ("npm_config_update_notifier".to_owned(), "false".to_owned()),
-            ("PIP_DISABLE_PIP_VERSION_CHECK".to_owned(), "1".to_owned()),
-        ]);
-        env.extend(crate::environ::from_runner(&[
-            crate::environ::PROXY_AND_CA,
-            crate::environ::REGISTRY,
-        ]));
-        Installer {
-            config,
-            env,
-            locks: Mutex::new(HashMap::new()),
-        }
+        let env = base_env(&config, crate::environ::system_ca_bundle());
+        Installer { config, env }
     }
 
     pub fn cache_dir(&self) -> &Path {
         &self.config.cache_dir
     }
 
-    fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .expect("install locks poisoned")
-            .entry(key.to_owned())
-            .or_default()
-            .clone()
+    /// The environment of `req`'s steps: the base, the operator's extra
+    /// install environment, then the spec's (which wins).
+    fn step_env(&self, req: &AcquireRequest<'_>) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.extend(self.config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(req.install_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+
+    /// Locks one cache entry against concurrent installs (other meshbox
+    /// processes included), waiting at most one step's budget.
+    pub(super) async fn lock(&self, cx: &Cx<'_>, key: &str) -> Result<EntryLock, AcquireError> {
+        step::lock_entry(&self.config.cache_dir.join("locks"), key, cx.timeout).await
     }
 
     /// Runs one install step; its stdout on success, its stderr tail on failure.
-    async fn run(
+    pub(super) async fn run(
         &self,
+        cx: &Cx<'_>,
         what: &str,
         argv: &[&str],
         cwd: Option<&Path>,
     ) -> Result<Vec<u8>, AcquireError> {
         let home = self.config.cache_dir.join("home");
         std::fs::create_dir_all(&home).map_err(io_err(&home))?;
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .envs(&self.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        if let Some(dir) = cwd {
-            cmd.current_dir(dir);
-        }
-        let mut child = cmd.spawn().map_err(|e| AcquireError::MissingTool {
-            tool: argv[0].to_owned(),
-            hint: format!("{what} needs it ({e})"),
-        })?;
-        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let work = async {
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let (status, _, _) = tokio::join!(
-                child.wait(),
-                stdout.read_to_end(&mut out),
-                stderr.read_to_end(&mut err)
-            );
-            (status, out, err)
-        };
-        let (status, out, err) = match tokio::time::timeout(self.config.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => {
-                if pgid > 0 {
-                    // SAFETY: killpg has no memory-safety preconditions.
-                    unsafe { libc::killpg(pgid, libc::SIGKILL) };
-                }
-                return Err(AcquireError::InstallTimeout {
-                    what: what.to_owned(),
-                    secs: self.config.timeout.as_secs(),
-                });
-            }
-        };
-        match status {
-            Ok(s) if s.success() => Ok(out),
-            Ok(s) => {
-                let mut t = tail(&err);
-                if t.is_empty() {
-                    t = tail(&out);
-                }
-                Err(AcquireError::Install {
-                    what: what.to_owned(),
-                    status: s
-                        .code()
-                        .map_or_else(|| "killed".into(), |c| format!("exit code {c}")),
-                    tail: t,
-                })
-            }
-            Err(e) => Err(AcquireError::Install {
-                what: what.to_owned(),
-                status: "wait failed".into(),
-                tail: e.to_string(),
-            }),
-        }
+        step::run(Step {
+            what,
+            argv,
+            cwd,
+            env: &cx.env,
+            timeout: cx.timeout,
+        })
+        .await
     }
 
     /// Acquires a source and resolves how to start it. With `image_runtime`
@@ -228,37 +206,38 @@ impl Installer {
             args,
             ..
         } = *req;
+        let cx = Cx {
+            timeout: req.install_timeout.unwrap_or(self.config.timeout),
+            env: self.step_env(req),
+            progress,
+        };
         match source {
-            Source::Path(dir) => {
-                self.install_dir_deps(dir, runtime, command, progress)
-                    .await?;
-                launch_from_dir(dir, runtime, command, args)
-            }
+            Source::Path(dir) => self.local(&cx, dir, runtime, command, args).await,
             Source::Npm { name, version } => {
-                self.npm(name, version.as_deref(), runtime, command, args, progress)
+                self.npm(&cx, name, version.as_deref(), runtime, command, args)
                     .await
             }
-            Source::Pypi { requirement } => self.pypi(requirement, command, args, progress).await,
+            Source::Pypi { requirement } => self.pypi(&cx, requirement, command, args).await,
             Source::Git { url, reference } => {
-                let dir = self.git(url, reference.as_deref(), progress).await?;
+                let dir = self.git(&cx, url, reference.as_deref()).await?;
                 if let (Some(image), None) = (image_runtime, runtime) {
                     if let Some(needs) = detect_runtime(&dir).filter(|rt| *rt != image) {
                         return Err(AcquireError::NeedsRuntime { needs, image });
                     }
                 }
-                let lock = self.lock(&dir.to_string_lossy());
-                let _guard = lock.lock().await;
-                self.install_dir_deps(&dir, runtime, command, progress)
-                    .await?;
-                launch_from_dir(&dir, runtime, command, args)
+                self.local(&cx, &dir, runtime, command, args).await
             }
             Source::Image(_) => Err(AcquireError::Unsupported { kind: "image" }),
         }
     }
-
     // ---- npm ----------------------------------------------------------------
 
-    async fn npm_resolve(&self, name: &str, spec: &str) -> Result<String, AcquireError> {
+    async fn npm_resolve(
+        &self,
+        cx: &Cx<'_>,
+        name: &str,
+        spec: &str,
+    ) -> Result<String, AcquireError> {
         if exact_semver(spec) {
             return Ok(spec.to_owned());
         }
@@ -281,6 +260,7 @@ impl Installer {
         let target = format!("{name}@{spec}");
         let out = self
             .run(
+                cx,
                 &format!("npm view {target}"),
                 &["npm", "view", "--json", &target, "version"],
                 None,
@@ -299,29 +279,32 @@ impl Installer {
             tail: format!("no published version of {name} matches `{spec}`"),
         })?;
         std::fs::create_dir_all(&alias_dir).map_err(io_err(&alias_dir))?;
-        std::fs::write(&alias, &version).map_err(io_err(&alias))?;
+        // Written aside and renamed: a concurrent reader never sees half of it.
+        let part = alias.with_extension(format!("part-{}", std::process::id()));
+        std::fs::write(&part, &version).map_err(io_err(&part))?;
+        std::fs::rename(&part, &alias).map_err(io_err(&alias))?;
         Ok(version)
     }
 
     async fn npm(
         &self,
+        cx: &Cx<'_>,
         name: &str,
         version: Option<&str>,
         runtime: Option<Runtime>,
         command: Option<&[String]>,
         args: &[String],
-        progress: &Progress,
     ) -> Result<Launch, AcquireError> {
+        let progress = cx.progress;
         let spec = version.unwrap_or("latest");
-        let resolved = self.npm_resolve(name, spec).await?;
+        let resolved = self.npm_resolve(cx, name, spec).await?;
         let ident = format!("{name}@{resolved}");
         let dir = self
             .config
             .cache_dir
             .join("npm")
             .join(format!("{}@{resolved}", name.replace('/', "+")));
-        let lock = self.lock(&ident);
-        let _guard = lock.lock().await;
+        let _lock = self.lock(cx, &format!("npm:{ident}")).await?;
         if !dir.join(COMPLETE).exists() {
             progress(&format!("installing npm {ident}"));
             let tmp = self
@@ -334,6 +317,7 @@ impl Installer {
             let tmp_s = tmp.to_string_lossy().into_owned();
             let res = self
                 .run(
+                    cx,
                     &format!("npm install {ident}"),
                     &[
                         "npm",
@@ -368,6 +352,7 @@ impl Installer {
                 argv,
                 workdir: pkg_dir,
                 runtime: runtime.or(Some(Runtime::Node)),
+                ..Launch::default()
             });
         }
         let pj = pkg_dir.join("package.json");
@@ -400,14 +385,16 @@ impl Installer {
             argv,
             workdir: pkg_dir,
             runtime: Some(Runtime::Node),
+            ..Launch::default()
         })
     }
 
     // ---- PyPI ---------------------------------------------------------------
 
     /// Creates a venv at `venv` and installs `what` (pip arguments) into it.
-    async fn venv_install(
+    pub(super) async fn venv_install(
         &self,
+        cx: &Cx<'_>,
         venv: &Path,
         what: &[&str],
         cwd: Option<&Path>,
@@ -415,14 +402,19 @@ impl Installer {
         let venv_s = venv.to_string_lossy().into_owned();
         let python = venv.join("bin/python").to_string_lossy().into_owned();
         if which("uv", &self.config.path).is_some() {
-            self.run("uv venv", &["uv", "venv", "--quiet", &venv_s], cwd)
+            self.run(cx, "uv venv", &["uv", "venv", "--quiet", &venv_s], cwd)
                 .await?;
             let mut argv = vec!["uv", "pip", "install", "--quiet", "--python", &python];
             argv.extend_from_slice(what);
-            self.run("uv pip install", &argv, cwd).await?;
+            self.run(cx, "uv pip install", &argv, cwd).await?;
         } else {
-            self.run("python3 -m venv", &["python3", "-m", "venv", &venv_s], cwd)
-                .await?;
+            self.run(
+                cx,
+                "python3 -m venv",
+                &["python3", "-m", "venv", &venv_s],
+                cwd,
+            )
+            .await?;
             let mut argv = vec![
                 python.as_str(),
                 "-m",
@@ -433,18 +425,19 @@ impl Installer {
                 "--disable-pip-version-check",
             ];
             argv.extend_from_slice(what);
-            self.run("pip install", &argv, cwd).await?;
+            self.run(cx, "pip install", &argv, cwd).await?;
         }
         Ok(())
     }
 
     async fn pypi(
         &self,
+        cx: &Cx<'_>,
         requirement: &str,
         command: Option<&[String]>,
         args: &[String],
-        progress: &Progress,
     ) -> Result<Launch, AcquireError> {
+        let progress = cx.progress;
         let dist = pypi_name(requirement);
         let key = requirement.to_ascii_lowercase();
         let dir = self.config.cache_dir.join("pypi").join(format!(
@@ -452,14 +445,13 @@ impl Installer {
             dist.to_ascii_lowercase(),
             fnv(&key)
         ));
-        let lock = self.lock(&format!("pypi:{key}"));
-        let _guard = lock.lock().await;
+        let _lock = self.lock(cx, &format!("pypi:{key}")).await?;
         if !dir.join(COMPLETE).exists() {
             progress(&format!("installing PyPI {requirement}"));
             // venvs are not relocatable: build in place, mark complete last.
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(dir.parent().expect("has parent")).map_err(io_err(&dir))?;
-            if let Err(e) = self.venv_install(&dir, &[requirement], None).await {
+            if let Err(e) = self.venv_install(cx, &dir, &[requirement], None).await {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
@@ -475,6 +467,7 @@ impl Installer {
             argv,
             workdir: dir,
             runtime: Some(Runtime::Python),
+            ..Launch::default()
         })
     }
 
@@ -483,16 +476,18 @@ impl Installer {
     /// Clones `url` at `reference` into the cache, keyed by commit sha.
     async fn git(
         &self,
+        cx: &Cx<'_>,
         url: &str,
         reference: Option<&str>,
-        progress: &Progress,
     ) -> Result<PathBuf, AcquireError> {
+        let progress = cx.progress;
         let sha = match reference {
             Some(r) if is_sha(r) => r.to_ascii_lowercase(),
             _ => {
                 let want = reference.unwrap_or("HEAD");
                 let out = self
                     .run(
+                        cx,
                         &format!("git ls-remote {url}"),
                         &["git", "ls-remote", "--", url, want],
                         None,
@@ -524,8 +519,7 @@ impl Installer {
             }
         };
         let dir = self.config.cache_dir.join("git").join(&sha);
-        let lock = self.lock(&format!("git:{sha}"));
-        let _guard = lock.lock().await;
+        let _lock = self.lock(cx, &format!("git:{sha}")).await?;
         if dir.join(".git").exists() {
             return Ok(dir);
         }
@@ -603,7 +597,7 @@ impl Installer {
             )],
         };
         for (what, argv) in steps {
-            if let Err(e) = self.run(&what, &argv, None).await {
+            if let Err(e) = self.run(cx, &what, &argv, None).await {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e);
             }
@@ -611,6 +605,7 @@ impl Installer {
         // The ref may have moved since ls-remote: key by what was checked out.
         let head = self
             .run(
+                cx,
                 "git rev-parse",
                 &["git", "-C", &tmp_s, "rev-parse", "HEAD"],
                 None,
@@ -630,104 +625,9 @@ impl Installer {
         std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         Ok(dir)
     }
-
-    // ---- local directories --------------------------------------------------
-
-    /// Installs a directory's dependencies once (node_modules / .venv), and
-    /// builds it when package.json has a `build` script and no entry exists yet.
-    async fn install_dir_deps(
-        &self,
-        dir: &Path,
-        runtime: Option<Runtime>,
-        command: Option<&[String]>,
-        progress: &Progress,
-    ) -> Result<(), AcquireError> {
-        if !dir.is_dir() {
-            return Err(AcquireError::MissingDir(dir.to_path_buf()));
-        }
-        let has = |f: &str| dir.join(f).exists();
-        match runtime.or_else(|| detect_runtime(dir)) {
-            Some(rt @ (Runtime::Node | Runtime::Bun)) => {
-                let pkg: Value = std::fs::read(dir.join("package.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or(Value::Null);
-                let has_deps = ["dependencies", "devDependencies"].iter().any(|k| {
-                    pkg.get(*k)
-                        .and_then(Value::as_object)
-                        .is_some_and(|m| !m.is_empty())
-                });
-                let build = pkg
-                    .pointer("/scripts/build")
-                    .and_then(Value::as_str)
-                    .is_some();
-                let needs_build = build
-                    && command.is_none()
-                    && launch_from_dir(dir, Some(rt), None, &[]).is_err();
-                if has_deps && !has("node_modules") {
-                    progress(&format!("installing dependencies in {}", dir.display()));
-                    if rt == Runtime::Bun {
-                        self.run("bun install", &["bun", "install"], Some(dir))
-                            .await?;
-                    } else if has("package-lock.json") || has("npm-shrinkwrap.json") {
-                        let mut argv =
-                            vec!["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"];
-                        if !needs_build {
-                            argv.push("--omit=dev");
-                        }
-                        self.run("npm ci", &argv, Some(dir)).await?;
-                    } else {
-                        let mut argv = vec![
-                            "npm",
-                            "install",
-                            "--no-audit",
-                            "--no-fund",
-                            "--no-save",
-                            "--loglevel=error",
-                        ];
-                        if !needs_build {
-                            argv.push("--omit=dev");
-                        }
-                        self.run("npm install", &argv, Some(dir)).await?;
-                    }
-                }
-                if needs_build {
-                    progress(&format!("building {}", dir.display()));
-                    let runner = if rt == Runtime::Bun { "bun" } else { "npm" };
-                    self.run(
-                        &format!("{runner} run build"),
-                        &[runner, "run", "build"],
-                        Some(dir),
-                    )
-                    .await?;
-                }
-            }
-            Some(Runtime::Python) => {
-                let venv = dir.join(".venv");
-                let reqs = has("requirements.txt");
-                let project = has("pyproject.toml") || has("setup.py");
-                if (reqs || project) && !venv.join(COMPLETE).exists() {
-                    progress(&format!("installing dependencies in {}", dir.display()));
-                    let _ = std::fs::remove_dir_all(&venv);
-                    let what: Vec<&str> = if reqs {
-                        vec!["-r", "requirements.txt"]
-                    } else {
-                        vec!["."]
-                    };
-                    if let Err(e) = self.venv_install(&venv, &what, Some(dir)).await {
-                        let _ = std::fs::remove_dir_all(&venv);
-                        return Err(e);
-                    }
-                    std::fs::write(venv.join(COMPLETE), "").map_err(io_err(&venv))?;
-                }
-            }
-            None => {}
-        }
-        Ok(())
-    }
 }
 
-fn which(tool: &str, path: &str) -> Option<PathBuf> {
+pub(super) fn which(tool: &str, path: &str) -> Option<PathBuf> {
     path.split(':')
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
@@ -770,7 +670,7 @@ fn console_scripts(text: &str) -> Vec<String> {
 
 /// The console script named like the distribution, else the only one, else
 /// `python -m <module>`; read from the installed dist-info metadata.
-fn python_entry(venv: &Path, dist: &str) -> Result<Vec<String>, AcquireError> {
+pub(super) fn python_entry(venv: &Path, dist: &str) -> Result<Vec<String>, AcquireError> {
     let want = normalize(dist);
     let python = venv.join("bin/python").to_string_lossy().into_owned();
     let mut scripts = Vec::new();
@@ -830,6 +730,23 @@ mod tests {
         assert_ne!(fnv("a"), fnv("b"));
         assert!(is_sha(&"a".repeat(40)) && !is_sha("main"));
         assert_eq!(tail(b"a\n\nb\n"), "a\nb");
+    }
+
+    #[test]
+    fn installers_trust_the_system_store_unless_the_runner_names_a_bundle() {
+        let config = InstallConfig::new(PathBuf::from("/cache"));
+        let env = base_env(&config, Some("/etc/ssl/certs/ca-certificates.crt"));
+        for k in ["NODE_EXTRA_CA_CERTS", "PIP_CERT"] {
+            let want = std::env::var(k)
+                .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".to_owned());
+            assert_eq!(env[k], want, "{k}");
+        }
+        assert!(env.contains_key("UV_NATIVE_TLS"));
+        let env = base_env(&config, None);
+        if std::env::var_os("PIP_CERT").is_none() {
+            assert!(!env.contains_key("PIP_CERT"));
+        }
+        assert_eq!(env["HOME"], "/cache/home");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 
 mod detect;
 pub mod install;
+mod local;
 pub mod sandboxed;
+mod step;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use std::str::FromStr;
 
 use crate::model::{shown, Runtime};
 
-pub use detect::{detect_entry, detect_runtime};
+pub use detect::{detect_entry, detect_entry_in, detect_runtime};
 pub use install::{fnv, tail, InstallConfig, Installer, Progress};
 
 /// What to acquire, as the supervisor (or `meshbox run`, or `meshbox install`
@@ -387,11 +389,16 @@ fn parse_image(rest: &str) -> Result<Source, AcquireError> {
 }
 
 /// How to start a server: argv and working directory, plus what was detected.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Launch {
     pub argv: Vec<String>,
     pub workdir: PathBuf,
     pub runtime: Option<Runtime>,
+    /// Environment the launch needs (a `path:` source's cached dependencies:
+    /// `NODE_PATH`, ...); the spec's env wins over it.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// A directory besides `workdir` the server reads: those dependencies.
+    pub deps: Option<PathBuf>,
 }
 
 /// Resolves a local directory into a launch: the spec's `command` when given
@@ -401,6 +408,17 @@ pub fn launch_from_dir(
     runtime: Option<Runtime>,
     command: Option<&[String]>,
     args: &[String],
+) -> Result<Launch, AcquireError> {
+    launch_from_dir_in(dir, runtime, command, args, None)
+}
+
+/// As [`launch_from_dir`], a python entry with the environment `venv`.
+fn launch_from_dir_in(
+    dir: &Path,
+    runtime: Option<Runtime>,
+    command: Option<&[String]>,
+    args: &[String],
+    venv: Option<&Path>,
 ) -> Result<Launch, AcquireError> {
     if !dir.is_dir() {
         return Err(AcquireError::MissingDir(dir.to_path_buf()));
@@ -413,7 +431,7 @@ pub fn launch_from_dir(
                 dir: dir.to_path_buf(),
                 hint: "no package.json, pyproject.toml, requirements.txt or bun lockfile; give `command`".into(),
             })?;
-            detect_entry(dir, rt)?
+            detect_entry_in(dir, rt, venv)?
         }
     };
     argv.extend(args.iter().cloned());
@@ -421,6 +439,7 @@ pub fn launch_from_dir(
         argv,
         workdir: dir.to_path_buf(),
         runtime,
+        ..Launch::default()
     })
 }
 

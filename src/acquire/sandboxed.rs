@@ -30,6 +30,9 @@ pub enum InstallAnswer {
         argv: Vec<String>,
         workdir: PathBuf,
         runtime: Option<Runtime>,
+        /// The launch's own environment (a `path:` source's cached deps).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        env: BTreeMap<String, String>,
     },
     /// The source turned out to need another runtime's image (a `git:`
     /// source given without `runtime`): nothing was installed but the clone.
@@ -136,6 +139,7 @@ impl SandboxedInstalls {
                 argv,
                 workdir,
                 runtime: rt,
+                env,
             }) = std::fs::read(&answer_file)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
@@ -145,6 +149,8 @@ impl SandboxedInstalls {
                         argv,
                         workdir,
                         runtime: rt.or(Some(runtime)),
+                        env,
+                        deps: None,
                     },
                     runtime,
                     volume,
@@ -176,6 +182,11 @@ impl SandboxedInstalls {
         if let Some(t) = req.install_timeout {
             argv.push("--install-timeout".into());
             argv.push(t.as_secs().max(1).to_string());
+        }
+        // The installer inside starts its steps from a clean environment.
+        for (k, v) in req.install_env {
+            argv.push("--install-env".into());
+            argv.push(format!("{k}={v}"));
         }
         argv.push(source_arg);
         argv.push("--".into());
@@ -218,6 +229,7 @@ impl SandboxedInstalls {
                 argv,
                 workdir,
                 runtime,
+                env,
             } => {
                 if let Some(dir) = step.answer_file.parent() {
                     let _ = std::fs::create_dir_all(dir);
@@ -226,6 +238,7 @@ impl SandboxedInstalls {
                     argv: argv.clone(),
                     workdir: workdir.clone(),
                     runtime,
+                    env: env.clone(),
                 };
                 let _ = std::fs::write(
                     &step.answer_file,
@@ -236,6 +249,8 @@ impl SandboxedInstalls {
                         argv,
                         workdir,
                         runtime: runtime.or(Some(step.runtime)),
+                        env,
+                        deps: None,
                     },
                     runtime: step.runtime,
                     volume: step.volume.clone(),
@@ -291,6 +306,10 @@ mod tests {
         assert_eq!(step.runtime, Runtime::Node);
         assert!(step.volume.starts_with("meshbox-src-"));
         assert_eq!(step.env["PUPPETEER_SKIP_DOWNLOAD"], "1");
+        assert!(step
+            .argv
+            .windows(2)
+            .any(|w| w == ["--install-env", "PUPPETEER_SKIP_DOWNLOAD=1"]));
         assert_eq!(step.argv[..2], ["meshbox", "install"]);
         assert_eq!(step.argv.last().unwrap(), "stdio");
         assert!(

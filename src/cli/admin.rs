@@ -32,6 +32,9 @@ pub struct InstallArgs {
     pub command_json: Option<String>,
     #[arg(long, default_value_t = 600)]
     pub install_timeout: u64,
+    /// Environment of the install steps, as K=V (repeatable).
+    #[arg(long = "install-env", value_name = "K=V")]
+    pub install_env: Vec<String>,
     pub source: String,
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -61,7 +64,7 @@ pub async fn install(args: InstallArgs) -> Result<(), CliError> {
     config.timeout = Duration::from_secs(args.install_timeout.max(1));
     let installer = Installer::new(config);
     let progress: Progress = Arc::new(|line: &str| eprintln!("{line}"));
-    let env = Default::default();
+    let env = super::serve::parse_install_env(&args.install_env)?;
     let req = AcquireRequest {
         source: &source,
         runtime,
@@ -75,6 +78,7 @@ pub async fn install(args: InstallArgs) -> Result<(), CliError> {
             argv: launch.argv,
             workdir: launch.workdir,
             runtime: launch.runtime.or(runtime),
+            env: launch.env,
         },
         Err(AcquireError::NeedsRuntime { needs, .. }) => InstallAnswer::NeedsRuntime {
             needs_runtime: needs,

@@ -1,5 +1,6 @@
 //! `meshbox serve`: the daemon.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a whole request body.
     #[arg(long, default_value_t = 30)]
     pub body_timeout: u64,
+    /// Environment of every install step, as K=V (repeatable; literals, never
+    /// secrets; a spec's `install_env` wins).
+    #[arg(long = "install-env", value_name = "K=V")]
+    pub install_env: Vec<String>,
     /// Directory `{"file": …}` env values may come from (repeatable;
     /// default `<data-dir>/secrets`).
     #[arg(long = "secrets-dir", value_name = "DIR")]
@@ -140,6 +145,22 @@ pub fn default_data_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".local/share/meshbox"),
         None => PathBuf::from("/var/lib/meshbox"),
     }
+}
+
+/// `--install-env K=V` pairs.
+pub(super) fn parse_install_env(pairs: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    pairs
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if crate::config::is_env_key(k) && !v.contains('\0') => {
+                Ok((k.to_owned(), v.to_owned()))
+            }
+            _ => Err(CliError::Usage(format!(
+                "--install-env `{}` must be KEY=VALUE with KEY a variable name",
+                crate::model::shown(kv, 80)
+            ))),
+        })
+        .collect()
 }
 
 /// `--secrets-dir` directories, or `<data-dir>/secrets` (created, private).
@@ -199,6 +220,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.install.timeout = Duration::from_secs(args.install_timeout.max(1));
+    config.install.env = parse_install_env(&args.install_env)?;
     config.failed_retry = FailedRetry {
         fast: args.failed_retry_count,
         fast_interval: Duration::from_secs(args.failed_retry_secs.max(1)),

@@ -43,6 +43,8 @@ pub struct Prepared {
     pub image: Option<String>,
     /// The installed source, read-only.
     pub source_mount: Option<Mount>,
+    /// Its dependencies in the cache (a `path:` source's), read-only.
+    pub deps_mount: Option<Mount>,
 }
 
 /// Acquires `v`'s source: an image as it is, a sandboxed install through the
@@ -76,9 +78,11 @@ pub async fn acquire(
                 argv,
                 workdir: PathBuf::new(),
                 runtime: spec.runtime,
+                ..Launch::default()
             },
             image: Some(image.clone()),
             source_mount: None,
+            deps_mount: None,
         });
     }
     if caps.sandboxed_install {
@@ -90,10 +94,16 @@ pub async fn acquire(
         target: launch.workdir.clone(),
         read_only: true,
     });
+    let deps_mount = launch.deps.clone().map(|d| Mount {
+        source: MountSource::Host(d.clone()),
+        target: d,
+        read_only: true,
+    });
     Ok(Prepared {
         launch,
         image: None,
         source_mount,
+        deps_mount,
     })
 }
 
@@ -153,6 +163,7 @@ fn sandboxed_prepared(a: crate::acquire::sandboxed::Acquired) -> Prepared {
             target: PathBuf::from(CACHE_MOUNT),
             read_only: true,
         }),
+        deps_mount: None,
         launch: a.launch,
     }
 }
@@ -201,7 +212,18 @@ pub fn server_sandbox(
             }
         }
     }
-    let mut mounts: Vec<Mount> = prepared.source_mount.iter().cloned().collect();
+    let mut mounts: Vec<Mount> = prepared
+        .source_mount
+        .iter()
+        .chain(&prepared.deps_mount)
+        .cloned()
+        .collect();
+    // What the launch needs (cached deps), under the spec's own env.
+    for (k, v) in &prepared.launch.env {
+        if !spec.env.contains_key(k) {
+            env.insert(k.clone(), v.clone());
+        }
+    }
     mounts.extend(spec.mounts.iter().map(|m| Mount {
         source: MountSource::Host(m.path.clone()),
         target: m.path.clone(),
@@ -269,8 +291,10 @@ mod tests {
                 argv: vec!["node".into(), "x.js".into()],
                 workdir: PathBuf::from("/src"),
                 runtime,
+                ..Launch::default()
             },
             image: image.map(str::to_owned),
+            deps_mount: None,
             source_mount: Some(Mount {
                 source: MountSource::Host(PathBuf::from("/src")),
                 target: PathBuf::from("/src"),

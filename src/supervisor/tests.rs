@@ -337,7 +337,9 @@ async fn bad_specs_change_nothing() {
 #[tokio::test(start_paused = true)]
 async fn failed_service_heals_in_place_when_its_secret_appears() {
     let (sup, fake, dir) = supervisor(Script::Healthy);
-    let secret = dir.path().join("token");
+    // Inside the default secrets directory, `<data-dir>/secrets`.
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    let secret = dir.path().join("secrets/token");
     let mut s = spec(&dir);
     s.env.insert(
         "TOKEN".into(),
