@@ -331,3 +331,53 @@ async fn path_dependencies_go_to_the_cache_and_the_users_venv_survives() {
         "mine"
     );
 }
+
+/// A fake `npm` for a directory's dependencies: run in the cache entry, it
+/// makes one ES-module package and one CommonJS package there.
+const INSTALL_FAKE_DEPS: &str = r#"
+[ -f package.json ] || { echo "no package.json in $PWD" >&2; exit 1; }
+echo run >> "$HOME/dep-runs"
+mkdir -p node_modules/dep-esm node_modules/dep-cjs
+echo '{"name":"dep-esm","version":"1.0.0","type":"module","exports":"./index.js"}' > node_modules/dep-esm/package.json
+echo 'export default function add(a, b) { return a + b; }' > node_modules/dep-esm/index.js
+echo '{"name":"dep-cjs","version":"1.0.0","main":"index.js"}' > node_modules/dep-cjs/package.json
+echo 'module.exports = (a, b) => a + b;' > node_modules/dep-cjs/index.js
+"#;
+
+#[tokio::test]
+async fn node_path_sources_find_cached_dependencies_from_es_and_commonjs_modules() {
+    let (_bin, path) = fake_npm(INSTALL_FAKE_DEPS);
+    let d = Daemon::start_with(&[], &[("PATH", &path)]);
+    let server = std::fs::read_to_string(fixture("node_server/server.js")).unwrap();
+    let esm = server.replace("#!/usr/bin/env node\n", "").replace(
+        "const readline = require(\"node:readline\");",
+        "import readline from \"node:readline\";\nimport add from \"dep-esm\";\nif (add(1, 2) !== 3) process.exit(3);",
+    );
+    let cjs = format!("{server}\nif (require('dep-cjs')(1, 2) !== 3) process.exit(3);\n");
+    for (name, kind, code) in [("esm", r#""type":"module","#, esm), ("cjs", "", cjs)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("package.json"),
+            format!(r#"{{"name":"{name}","version":"1.0.0",{kind}"main":"server.js","dependencies":{{"dep-esm":"1.0.0","dep-cjs":"1.0.0"}}}}"#),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("server.js"), code).unwrap();
+        let before = snapshot(dir.path());
+        let (code, st) = d
+            .put(
+                &format!("/v1/meshes/p/services/{name}"),
+                json!({"source": format!("path:{}", dir.path().display())}),
+            )
+            .await;
+        assert_eq!(code, 200, "{name}: {st}");
+        assert_eq!(
+            snapshot(dir.path()),
+            before,
+            "{name}: the directory changed"
+        );
+        let (_, r) = d.call("p", name, "add", json!({"a": 2, "b": 2})).await;
+        assert_eq!(common::text_of(&r), "4", "{name}");
+    }
+    let runs = std::fs::read_to_string(d.data.path().join("cache/home/dep-runs")).unwrap();
+    assert_eq!(runs.lines().count(), 2, "one install per directory");
+}

@@ -1,5 +1,9 @@
 //! Sources from npm, PyPI and git (real registries, a local file:// repo),
 //! dependency installs for path sources, the warm cache, and hostile sources.
+//!
+//! Tests that reach npm or PyPI are `#[ignore = "needs registry"]`: run them
+//! with `cargo test --test sources -- --ignored`; they need node, npm and
+//! python3 on PATH and the registries reachable, and fail when they are not.
 
 mod common;
 
@@ -23,6 +27,17 @@ fn files_under(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Fails the test clearly when the registry lane's tools are missing.
+fn needs_registry() {
+    for tool in ["node", "npm", "python3"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "needs registry: `{tool}` is not on PATH");
+    }
 }
 
 fn tool_names(st: &Value) -> Vec<String> {
@@ -53,7 +68,9 @@ fn git(dir: &Path, args: &[&str]) {
 }
 
 #[tokio::test]
+#[ignore = "needs registry"]
 async fn npm_server_everything_installs_once() {
+    needs_registry();
     let d = Daemon::start();
     let spec = json!({"source": "npm:@modelcontextprotocol/server-everything", "args": ["stdio"]});
     let (code, st) = d
@@ -109,7 +126,9 @@ async fn npm_server_everything_installs_once() {
 }
 
 #[tokio::test]
+#[ignore = "needs registry"]
 async fn pypi_mcp_server_time_installs_once() {
+    needs_registry();
     let mut d = Daemon::start();
     let spec = json!({"source": "pypi:mcp-server-time"});
     let (code, st) = d.put("/v1/meshes/reg/services/time", spec.clone()).await;
@@ -224,12 +243,28 @@ async fn git_file_repo_clones_by_commit_and_reuses_it() {
     assert_eq!(r["status"], "running");
 }
 
+/// Every file under `dir` with its content, for "untouched" checks.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = files_under(dir)
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(dir.join(&f)).unwrap_or_default();
+            (f, bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[tokio::test]
+#[ignore = "needs registry"]
 async fn path_sources_install_dependencies_and_build() {
+    needs_registry();
     let d = Daemon::start();
-    // Node: a dependency to install and a build step that makes the entry.
-    let dir = tempfile::tempdir().unwrap();
     let server = std::fs::read_to_string(fixture("node_server/server.js")).unwrap();
+    // Node: a dependency to install and a build step that makes the entry,
+    // both in meshbox's cache; the directory is left as it was.
+    let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("server.src.js"),
         format!("{server}\nrequire('is-number');\n"),
@@ -245,6 +280,7 @@ async fn path_sources_install_dependencies_and_build() {
         r#"{"name":"built","version":"1.0.0","private":true,"dependencies":{"is-number":"7.0.0"},"scripts":{"build":"node build.js"}}"#,
     )
     .unwrap();
+    let before = snapshot(dir.path());
     let (code, st) = d
         .put(
             "/v1/meshes/p/services/node",
@@ -252,15 +288,54 @@ async fn path_sources_install_dependencies_and_build() {
         )
         .await;
     assert_eq!(code, 200, "{st}");
-    assert!(dir.path().join("node_modules/is-number").is_dir());
-    assert!(dir.path().join("dist/index.js").is_file());
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "the build wrote into the directory"
+    );
     let (_, r) = d.call("p", "node", "add", json!({"a": 2, "b": 2})).await;
     assert_eq!(text_of(&r), "4");
 
-    // Python: requirements.txt goes into a .venv that runs the server.
+    // Node, no build: CommonJS and ES modules find the cached dependency.
+    for (name, pkg, code_js) in [
+        (
+            "cjs",
+            r#"{"name":"cjs","version":"1.0.0","main":"server.js","dependencies":{"is-number":"7.0.0"}}"#,
+            format!("{server}\nif (!require('is-number')(1)) process.exit(3);\n"),
+        ),
+        (
+            "esm",
+            r#"{"name":"esm","version":"1.0.0","type":"module","main":"server.js","dependencies":{"is-number":"7.0.0"}}"#,
+            server
+                .replace("#!/usr/bin/env node\n", "")
+                .replace(
+                    "const readline = require(\"node:readline\");",
+                    "import readline from \"node:readline\";\nimport isNumber from \"is-number\";\nif (!isNumber(1)) process.exit(3);",
+                ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("package.json"), pkg).unwrap();
+        std::fs::write(dir.path().join("server.js"), code_js).unwrap();
+        let before = snapshot(dir.path());
+        let (code, st) = d
+            .put(
+                &format!("/v1/meshes/p/services/{name}"),
+                json!({"source": format!("path:{}", dir.path().display())}),
+            )
+            .await;
+        assert_eq!(code, 200, "{name}: {st}");
+        assert_eq!(snapshot(dir.path()), before, "{name}: directory changed");
+        let (_, r) = d.call("p", name, "add", json!({"a": 1, "b": 2})).await;
+        assert_eq!(text_of(&r), "3", "{name}");
+    }
+
+    // Python: requirements.txt goes into a venv in the cache that runs the
+    // server; the directory gets no .venv.
     let py = tempfile::tempdir().unwrap();
     std::fs::copy(fixture("py_server/server.py"), py.path().join("server.py")).unwrap();
     std::fs::write(py.path().join("requirements.txt"), "six\n").unwrap();
+    let before = snapshot(py.path());
     let (code, st) = d
         .put(
             "/v1/meshes/p/services/py",
@@ -268,13 +343,72 @@ async fn path_sources_install_dependencies_and_build() {
         )
         .await;
     assert_eq!(code, 200, "{st}");
-    assert!(py.path().join(".venv/bin/python").exists());
-    let (_, r) = d.call("p", "py", "env", json!({})).await;
+    assert_eq!(snapshot(py.path()), before);
+    let (code, r) = d.call("p", "py", "env", json!({})).await;
     assert_eq!(code, 200, "{r}");
 }
 
+/// `meshbox run` started the way an MCP client starts it, with nothing but
+/// PATH and HOME: the install still trusts the system CA store (a
+/// TLS-intercepting proxy's CA lives there) and the server answers.
+fn run_with_bare_environment(source: &str, server_args: &[&str]) {
+    use std::io::{BufRead, BufReader, Write};
+    needs_registry();
+    let home = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::meshbox_bin())
+        .arg("run")
+        .arg(source)
+        .arg("--")
+        .args(server_args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}
+"#,
+        )
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(r#""id":1"#) {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let answer = rx.recv_timeout(std::time::Duration::from_secs(300));
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = answer.unwrap_or_else(|_| panic!("{source}: no initialize answer within 300 s"));
+    assert!(answer.contains(r#""result""#), "{source}: {answer}");
+}
+
+#[test]
+#[ignore = "needs registry"]
+fn run_installs_npm_with_only_path_and_home() {
+    run_with_bare_environment("npm:@modelcontextprotocol/server-everything", &["stdio"]);
+}
+
+#[test]
+#[ignore = "needs registry"]
+fn run_installs_pypi_with_only_path_and_home() {
+    run_with_bare_environment("pypi:mcp-server-time", &[]);
+}
+
 #[tokio::test]
+#[ignore = "needs registry"]
 async fn install_failures_fail_the_service_with_the_installer_output() {
+    needs_registry();
     let d = Daemon::start();
     let (code, e) = d
         .put(
@@ -356,7 +490,9 @@ async fn hostile_sources_are_refused_and_leave_nothing_on_disk() {
 }
 
 #[tokio::test]
+#[ignore = "needs registry"]
 async fn legacy_npx_and_uvx_packages() {
+    needs_registry();
     let d = Daemon::start();
     let (code, r) = d
         .post(

@@ -43,7 +43,7 @@ import { pathToFileURL } from 'node:url';
 const deps = (process.env.NODE_PATH || '').split(':')[0];
 if (deps && typeof mod.register === 'function') {
   const parentURL = new URL('../', pathToFileURL(deps + '/')).href;
-  const hook = `
+  const hook = String.raw`
 let base;
 export function initialize(data) { base = data.parentURL; }
 export async function resolve(specifier, context, next) {
