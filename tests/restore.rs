@@ -116,7 +116,8 @@ async fn a_failing_service_does_not_hold_the_others_back() {
 #[tokio::test]
 async fn failed_service_heals_when_its_secret_file_appears() {
     let d = Daemon::start_with(&["--failed-retry-secs", "1"], &[]);
-    let secret = d.data.path().join("late-secret");
+    // Inside the default secrets directory (`<data-dir>/secrets`).
+    let secret = d.data.path().join("secrets/late-secret");
     let (code, e) = d
         .deploy_py(
             "m",

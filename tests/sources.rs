@@ -352,9 +352,13 @@ async fn path_sources_install_dependencies_and_build() {
 /// PATH and HOME: the install still trusts the system CA store (a
 /// TLS-intercepting proxy's CA lives there) and the server answers.
 fn run_with_bare_environment(source: &str, server_args: &[&str]) {
+    let home = tempfile::tempdir().unwrap();
+    run_in_home(home.path(), source, server_args);
+}
+
+fn run_in_home(home: &Path, source: &str, server_args: &[&str]) {
     use std::io::{BufRead, BufReader, Write};
     needs_registry();
-    let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(common::meshbox_bin())
         .arg("run")
         .arg(source)
@@ -362,7 +366,7 @@ fn run_with_bare_environment(source: &str, server_args: &[&str]) {
         .args(server_args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
-        .env("HOME", home.path())
+        .env("HOME", home)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -518,4 +522,22 @@ async fn legacy_npx_and_uvx_packages() {
         )
         .await;
     assert!(text_of(&r).contains("UTC"), "{r}");
+}
+
+#[test]
+#[ignore = "needs registry"]
+fn two_runs_of_one_cold_package_at_once_both_start() {
+    // One HOME, so one data dir and one cache: the installs meet there.
+    let home = tempfile::tempdir().unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                run_in_home(
+                    home.path(),
+                    "npm:@modelcontextprotocol/server-everything",
+                    &["stdio"],
+                )
+            });
+        }
+    });
 }
