@@ -1,7 +1,8 @@
 //! The layering of docs/ARCHITECTURE.md, checked on the source: every
 //! `crate::<module>` a module names must be of a lower layer (no upward or
-//! sideways edge, hence no cycle). Test code (`tests.rs`, `#[cfg(test)] mod
-//! tests`) is free to reach anywhere.
+//! sideways edge, hence no cycle), and no production code returns
+//! `Result<_, String>`. Test code (`tests.rs`, `#[cfg(test)] mod tests`) is
+//! free to reach anywhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -146,5 +147,61 @@ fn the_checker_sees_edges() {
     assert!(
         !e["store"].contains("supervisor"),
         "store must not import supervisor"
+    );
+}
+
+/// The second generic argument of `Result<…>`, given the text after `Result<`.
+fn error_type(args: &str) -> Option<&str> {
+    let mut depth = 0i32;
+    let mut comma = None;
+    for (i, c) in args.char_indices() {
+        match c {
+            '<' | '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            '>' if depth == 0 => return comma.map(|s| &args[s..i]),
+            '>' => depth -= 1,
+            ',' if depth == 0 && comma.is_none() => comma = Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[test]
+fn the_error_type_reader_reads_nested_generics() {
+    assert_eq!(
+        error_type("BTreeMap<String,String>,StartError>{"),
+        Some("StartError")
+    );
+    assert_eq!(error_type("(),String>"), Some("String"));
+    assert_eq!(error_type("Vec<(u8,String)>,String>"), Some("String"));
+    assert_eq!(error_type("T>"), None);
+}
+
+#[test]
+fn no_string_errors_in_production_code() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut found = Vec::new();
+    for f in files {
+        let Some(text) = production_text(&f) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            let compact: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+            if compact
+                .split("Result<")
+                .skip(1)
+                .any(|r| error_type(r) == Some("String"))
+            {
+                found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "Result<_, String> in production code:\n{}",
+        found.join("\n")
     );
 }

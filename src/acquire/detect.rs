@@ -30,10 +30,18 @@ fn inside(rel: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// A package with several bins, none of which meshbox can pick.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("package.json has several bins and none is named like `{base}`: {}; give `command`", bins.join(", "))]
+pub(crate) struct AmbiguousBins {
+    pub base: String,
+    pub bins: Vec<String>,
+}
+
 /// The entry from package.json: the `bin` named like the package (its
 /// basename for scoped names), else the only `bin`, else the one containing
 /// the basename, else an error listing the bins; `main` when there is no `bin`.
-pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> {
+pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, AmbiguousBins> {
     let name = pkg.get("name").and_then(Value::as_str).unwrap_or("");
     let base = name.rsplit('/').next().unwrap_or(name);
     match pkg.get("bin") {
@@ -61,11 +69,10 @@ pub(crate) fn package_json_entry(pkg: &Value) -> Result<Option<String>, String> 
                 }
                 _ => {}
             }
-            let names: Vec<&str> = bins.keys().map(String::as_str).collect();
-            return Err(format!(
-                "package.json has several bins and none is named like `{base}`: {}; give `command`",
-                names.join(", ")
-            ));
+            return Err(AmbiguousBins {
+                base: base.to_owned(),
+                bins: bins.keys().cloned().collect(),
+            });
         }
         _ => {}
     }
@@ -129,7 +136,7 @@ pub fn detect_entry_in(
         Runtime::Node | Runtime::Bun => {
             let mut candidates = Vec::new();
             if let Some(pkg) = read_package_json(dir)? {
-                if let Some(e) = package_json_entry(&pkg).map_err(no_entry)? {
+                if let Some(e) = package_json_entry(&pkg).map_err(|e| no_entry(e.to_string()))? {
                     candidates.push(e);
                 }
             }
@@ -220,7 +227,7 @@ mod tests {
         let p = json!({"name": "x", "bin": {"only": "o.js"}});
         assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("o.js"));
         let p = json!({"name": "x", "bin": {"a": "a.js", "b": "b.js"}});
-        let e = package_json_entry(&p).unwrap_err();
+        let e = package_json_entry(&p).unwrap_err().to_string();
         assert!(e.contains("a, b"), "{e}");
         // None named like the package: the one containing its basename.
         let p = json!({"name": "@wonderwhy-er/desktop-commander",
@@ -230,7 +237,7 @@ mod tests {
         assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("a.js"));
         // Two equally close: no guess.
         let p = json!({"name": "@s/mcp", "bin": {"mcp-a": "a.js", "mcp-b": "b.js"}});
-        let e = package_json_entry(&p).unwrap_err();
+        let e = package_json_entry(&p).unwrap_err().to_string();
         assert!(e.contains("mcp-a, mcp-b"), "{e}");
         let p = json!({"name": "x", "bin": "cli.js", "main": "m.js"});
         assert_eq!(package_json_entry(&p).unwrap().as_deref(), Some("cli.js"));

@@ -363,9 +363,9 @@ impl Installer {
         })?;
         let has_bin = pkg.get("bin").is_some();
         let entry = package_json_entry(&pkg)
-            .map_err(|hint| AcquireError::NoEntry {
+            .map_err(|e| AcquireError::NoEntry {
                 dir: pkg_dir.clone(),
-                hint,
+                hint: e.to_string(),
             })?
             .filter(|_| has_bin)
             .ok_or_else(|| AcquireError::NoEntry {
