@@ -39,6 +39,7 @@ impl ApiError {
                 ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 ErrorKind::Upstream { .. } | ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
                 ErrorKind::Conflict => StatusCode::CONFLICT,
+                ErrorKind::Forbidden => StatusCode::FORBIDDEN,
                 ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }

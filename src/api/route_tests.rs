@@ -324,3 +324,84 @@ async fn oversized_bodies_are_413() {
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
     assert!(a.sup.is_empty());
 }
+
+/// A mesh-scoped token can never read host files: `path:` and `git:file://`
+/// sources only under the operator's source roots.
+#[tokio::test]
+async fn mesh_tokens_may_not_deploy_host_directories() {
+    let fake = Fake::new(Script::Healthy);
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = tempfile::tempdir().unwrap();
+    let mut config = SupervisorConfig::new(dir.path().to_path_buf());
+    config.source_roots = vec![allowed.path().to_path_buf()];
+    let sup = Arc::new(Supervisor::new(fake.clone(), config));
+    let a = App {
+        router: router(
+            sup.clone(),
+            ApiConfig {
+                token: Some("admin".into()),
+                mesh_tokens: vec![("acme".into(), "acme-token".into())],
+                ..Default::default()
+            },
+        ),
+        fake,
+        sup,
+        dir,
+    };
+    let outside =
+        json!({"source": format!("path:{}", a.dir.path().display()), "command": ["fake-server"]});
+    let (code, e) = send(
+        &a,
+        Method::PUT,
+        "/v1/meshes/acme/services/s",
+        Some(outside.clone()),
+        Some("acme-token"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("source roots"), "{e}");
+    let git = json!({"source": format!("git:file://{}", a.dir.path().display())});
+    let (code, _) = send(
+        &a,
+        Method::PUT,
+        "/v1/meshes/acme/services/g",
+        Some(git),
+        Some("acme-token"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    // A link inside the root pointing out of it leads nowhere.
+    std::os::unix::fs::symlink(a.dir.path(), allowed.path().join("escape")).unwrap();
+    let link = json!({"source": format!("path:{}/escape", allowed.path().display()), "command": ["fake-server"]});
+    let (code, _) = send(
+        &a,
+        Method::PUT,
+        "/v1/meshes/acme/services/l",
+        Some(link),
+        Some("acme-token"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    assert!(a.sup.is_empty());
+    // Under the root: fine. And the admin may deploy any directory.
+    let inside =
+        json!({"source": format!("path:{}", allowed.path().display()), "command": ["fake-server"]});
+    let (code, e) = send(
+        &a,
+        Method::PUT,
+        "/v1/meshes/acme/services/s",
+        Some(inside),
+        Some("acme-token"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{e}");
+    let (code, e) = send(
+        &a,
+        Method::PUT,
+        "/v1/meshes/acme/services/t",
+        Some(outside),
+        Some("admin"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{e}");
+}

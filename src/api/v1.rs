@@ -69,10 +69,13 @@ async fn status(State(st): State<AppState>, Key(key): Key) -> Result<impl IntoRe
 
 async fn deploy(
     State(st): State<AppState>,
+    principal: Option<axum::Extension<crate::model::Principal>>,
     Key(key): Key,
     JsonBody(spec): JsonBody<ServiceSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(st.supervisor.deploy(key, spec).await?))
+    // The auth layer always sets it; without one the caller is the operator.
+    let principal = principal.map_or(crate::model::Principal::Open, |p| p.0);
+    Ok(Json(st.supervisor.deploy_as(&principal, key, spec).await?))
 }
 
 async fn undeploy(State(st): State<AppState>, Key(key): Key) -> Result<StatusCode, ApiError> {

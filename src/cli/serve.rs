@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// default `<data-dir>/secrets`).
     #[arg(long = "secrets-dir", value_name = "DIR")]
     pub secrets_dirs: Vec<PathBuf>,
+    /// Directory under which mesh-scoped tokens may deploy `path:` and
+    /// `git:file://` sources (repeatable; the admin token may use any).
+    #[arg(long = "source-root", value_name = "DIR")]
+    pub source_roots: Vec<PathBuf>,
 }
 
 /// The token from `--token-file` or `MESHBOX_TOKEN`, if any.
@@ -227,6 +231,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         slow_interval: Duration::from_secs(args.failed_retry_slow_secs.max(1)),
     };
     config.secrets = secrets_policy(&args.secrets_dirs, &data_dir)?;
+    config.source_roots = args.source_roots.clone();
     // One daemon per data dir: a second one would run every server twice.
     let _lock = DataDirLock::acquire(&data_dir)?;
     let store = Arc::new(Store::open(&data_dir)?);

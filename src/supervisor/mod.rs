@@ -108,6 +108,8 @@ pub enum ErrorKind {
     BadGateway,
     /// Another change to the same service won.
     Conflict,
+    /// The caller may not do this (a mesh-scoped token asking for host files).
+    Forbidden,
     Internal,
 }
 
@@ -139,6 +141,10 @@ pub enum SupervisorError {
         "service {key} was changed by another request meanwhile; nothing of this one was applied"
     )]
     Superseded { key: ServiceKey },
+    /// A mesh-scoped caller named a host directory outside the operator's
+    /// `--source-root` directories.
+    #[error("`{}` is a host directory outside the operator's source roots; a mesh-scoped token may deploy only registry sources, images and directories under --source-root", path.display())]
+    HostSource { path: PathBuf },
     #[error("call to {key} failed")]
     Call {
         key: ServiceKey,
@@ -158,6 +164,7 @@ impl SupervisorError {
             SupervisorError::StartFailed { .. } => ErrorKind::BadGateway,
             SupervisorError::Store(_) => ErrorKind::Internal,
             SupervisorError::Superseded { .. } => ErrorKind::Conflict,
+            SupervisorError::HostSource { .. } => ErrorKind::Forbidden,
             SupervisorError::Call { source, .. } => match source {
                 CallError::Timeout(_) => ErrorKind::Timeout,
                 CallError::Rpc { code, data, .. } => ErrorKind::Upstream {
@@ -214,6 +221,9 @@ pub struct SupervisorConfig {
     pub failed_retry: FailedRetry,
     /// Where `{"file": …}` env values may come from (`--secrets-dir`).
     pub secrets: crate::secrets::SecretPolicy,
+    /// Host directories mesh-scoped callers may use as `path:` (and
+    /// `git:file://`) sources; the admin may use any.
+    pub source_roots: Vec<PathBuf>,
 }
 
 impl SupervisorConfig {
@@ -230,6 +240,7 @@ impl SupervisorConfig {
             install: InstallConfig::new(data_dir.join("cache")),
             failed_retry: FailedRetry::default(),
             secrets: crate::secrets::SecretPolicy::Dirs(vec![data_dir.join("secrets")]),
+            source_roots: Vec::new(),
             data_dir,
         }
     }
@@ -399,6 +410,39 @@ impl Supervisor {
 
     fn launch(&self, key: ServiceKey, v: Validated, opts: LaunchOptions) -> Arc<Service> {
         Service::launch(key, v, self.ctx.clone(), opts)
+    }
+
+    /// Deploys for `principal`: a mesh-scoped caller may name host
+    /// directories (`path:`, `git:file://`) only under the operator's source
+    /// roots — it can never read host files.
+    pub async fn deploy_as(
+        &self,
+        principal: &crate::model::Principal,
+        key: ServiceKey,
+        spec: ServiceSpec,
+    ) -> Result<ServiceStatus, SupervisorError> {
+        if matches!(principal, crate::model::Principal::Mesh(_)) {
+            let source: Source = spec.source.parse()?;
+            let host = match &source {
+                Source::Path(dir) => Some(dir.clone()),
+                Source::Git { url, .. } => url.strip_prefix("file://").map(PathBuf::from),
+                _ => None,
+            };
+            if let Some(dir) = host {
+                // Resolved, so `..` and symlinks cannot lead out of a root.
+                let real = dir.canonicalize().unwrap_or(dir.clone());
+                let inside = self
+                    .ctx
+                    .config
+                    .source_roots
+                    .iter()
+                    .any(|root| root.canonicalize().is_ok_and(|r| real.starts_with(&r)));
+                if !inside {
+                    return Err(SupervisorError::HostSource { path: dir });
+                }
+            }
+        }
+        self.deploy(key, spec).await
     }
 
     /// Deploys (or replaces) a service and waits until it runs or fails.
