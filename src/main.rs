@@ -35,29 +35,47 @@ fn main() {
             Err(e) => report(&e),
         }
     });
-    drop(runtime);
+    // A blocking read of stdin (`meshbox run`) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);
 }
 
+/// Lines of a log tail that the server itself wrote on stderr, without the
+/// timestamp and stream prefix.
+fn server_stderr(logs: &[String]) -> Vec<&str> {
+    logs.iter()
+        .filter_map(|l| l.split_once(" [stderr] ").map(|(_, m)| m))
+        .collect()
+}
+
 fn report(e: &CliError) -> i32 {
-    eprintln!("error: {e}");
+    use std::io::Write;
+    if matches!(e, CliError::BrokenPipe) {
+        return e.exit_code();
+    }
+    // Written with errors ignored: stderr may be closed too.
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "error: {e}");
     let mut cur = std::error::Error::source(e);
     while let Some(c) = cur {
-        eprintln!("  caused by: {c}");
+        let _ = writeln!(err, "  caused by: {c}");
         cur = c.source();
     }
     if let CliError::Api { logs, .. } = e {
-        if !logs.is_empty() {
-            eprintln!("last log lines:");
+        let stderr = server_stderr(logs);
+        if !stderr.is_empty() {
+            let _ = writeln!(err, "server stderr (last lines):");
+            for l in &stderr[stderr.len().saturating_sub(20)..] {
+                let _ = writeln!(err, "  {l}");
+            }
+        } else if !logs.is_empty() {
+            let _ = writeln!(err, "last log lines:");
             for l in logs {
-                eprintln!("  {l}");
+                let _ = writeln!(err, "  {l}");
             }
         }
     }
-    match e {
-        CliError::Usage(_) | CliError::Spec(_) | CliError::Name(_) => 2,
-        _ => 1,
-    }
+    e.exit_code()
 }
 
 /// SIGINT or SIGTERM.

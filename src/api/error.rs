@@ -20,6 +20,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("this token does not reach this route")]
     Forbidden,
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(axum::http::Method),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
 }
@@ -32,6 +34,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Supervisor(e) => match e.kind() {
                 ErrorKind::Invalid => StatusCode::BAD_REQUEST,
                 ErrorKind::NotFound => StatusCode::NOT_FOUND,

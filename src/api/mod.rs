@@ -43,6 +43,9 @@ pub struct ApiConfig {
     /// The MCP gateway's routes (`/mcp/…`), served behind the same auth,
     /// body limit and server hardening as the REST API.
     pub mcp: Option<Router>,
+    /// Said by `/v1/health` to whoever asks: the operator chose to run
+    /// without protection (`--insecure-no-auth` on a non-loopback address).
+    pub warning: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -52,6 +55,7 @@ impl Default for ApiConfig {
             mesh_tokens: Vec::new(),
             body_limit: DEFAULT_BODY_LIMIT,
             mcp: None,
+            warning: None,
         }
     }
 }
@@ -61,6 +65,7 @@ pub struct AppState {
     pub supervisor: Arc<Supervisor>,
     tokens: Tokens,
     body_limit: usize,
+    warning: Option<Arc<str>>,
 }
 
 pub fn router(supervisor: Arc<Supervisor>, config: ApiConfig) -> Router {
@@ -68,8 +73,14 @@ pub fn router(supervisor: Arc<Supervisor>, config: ApiConfig) -> Router {
         supervisor,
         tokens: Tokens::new(config.token, config.mesh_tokens),
         body_limit: config.body_limit,
+        warning: config.warning.map(Arc::from),
     };
-    let mut routes = Router::new().merge(v1::routes()).merge(legacy::routes());
+    let mut routes = Router::new()
+        .merge(v1::routes())
+        .merge(legacy::routes())
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::MethodNotAllowed(method)
+        });
     if let Some(mcp) = config.mcp {
         routes = routes.nest_service("/mcp", mcp);
     }

@@ -18,6 +18,7 @@ use crate::supervisor::ServiceKey;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/meshes", get(meshes))
         .route("/v1/meshes/{mesh}/services", get(list))
         .route(
             "/v1/meshes/{mesh}/services/{name}",
@@ -46,12 +47,27 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
 }
 
 async fn health(State(st): State<AppState>) -> Json<Value> {
-    Json(json!({
+    let mut v = json!({
         "ok": true,
         "version": env!("CARGO_PKG_VERSION"),
         "backend": st.supervisor.backend(),
         "services": st.supervisor.len(),
-    }))
+    });
+    if let Some(w) = &st.warning {
+        v["warning"] = json!(w.as_ref());
+    }
+    Json(v)
+}
+
+/// Every mesh with at least one service, and how many it has.
+async fn meshes(State(st): State<AppState>) -> Json<Value> {
+    let meshes: Vec<Value> = st
+        .supervisor
+        .meshes()
+        .into_iter()
+        .map(|(name, services)| json!({ "name": name, "services": services }))
+        .collect();
+    Json(json!({ "meshes": meshes }))
 }
 
 async fn list(

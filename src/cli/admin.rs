@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use super::CliError;
 use crate::acquire::sandboxed::InstallAnswer;
 use crate::acquire::{AcquireError, AcquireRequest, InstallConfig, Installer, Progress, Source};
-use crate::images::{self, BuildOptions};
+use crate::images::{self, BuildOptions, ImageError};
 use crate::model::{runner_image, Runtime};
 use crate::orchestrator::docker::{self, DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
@@ -120,10 +120,10 @@ pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
         one => vec![parse_runtime(one)?],
     };
     let docker = bollard::Docker::connect_with_local_defaults()
-        .map_err(|e| CliError::Usage(format!("cannot reach the docker engine: {e}")))?
+        .map_err(ImageError::Engine)?
         .negotiate_version()
         .await
-        .map_err(|e| CliError::Usage(format!("cannot reach the docker engine: {e}")))?;
+        .map_err(ImageError::Engine)?;
     let tty = std::io::stderr().is_terminal();
     for rt in runtimes {
         let base = match rt {
@@ -143,27 +143,107 @@ pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
                 eprintln!("  {line}");
             }
         };
-        let image = images::build(&docker, rt, &opts, &mut progress)
-            .await
-            .map_err(|e| CliError::Usage(crate::error_chain(&e)))?;
-        println!("{image}");
+        let image = images::build(&docker, rt, &opts, &mut progress).await?;
+        super::out_line(image)?;
     }
     Ok(())
 }
 
+/// A program installs or servers need, and what is lost without it.
+struct Tool {
+    program: &'static str,
+    version_arg: &'static str,
+    without: &'static str,
+}
+
+const TOOLS: &[Tool] = &[
+    Tool {
+        program: "node",
+        version_arg: "--version",
+        without: "npm: sources and node path: sources cannot run on the process backend",
+    },
+    Tool {
+        program: "npm",
+        version_arg: "--version",
+        without: "npm: sources and node path: dependencies cannot be installed on the process backend",
+    },
+    Tool {
+        program: "python3",
+        version_arg: "--version",
+        without: "pypi: sources and python path: sources cannot run on the process backend",
+    },
+    Tool {
+        program: "uv",
+        version_arg: "--version",
+        without: "pypi: installs fall back to python3 -m venv + pip, about 5x slower",
+    },
+    Tool {
+        program: "git",
+        version_arg: "--version",
+        without: "git: sources cannot be cloned on the process backend",
+    },
+    Tool {
+        program: "bun",
+        version_arg: "--version",
+        without: "bun sources (bun.lockb, bunfig.toml) cannot run on the process backend",
+    },
+];
+
+/// `program --version`'s first line, or `None` when it is not on PATH or
+/// does not answer within a few seconds.
+async fn tool_version(program: &str, arg: &str) -> Option<String> {
+    let out = tokio::process::Command::new(program)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(5), out)
+        .await
+        .ok()?
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
+/// One line per tool: found with its version, or missing and what that costs.
+pub async fn tool_report() -> Vec<String> {
+    let versions =
+        futures_util::future::join_all(TOOLS.iter().map(|t| tool_version(t.program, t.version_arg)))
+            .await;
+    TOOLS
+        .iter()
+        .zip(versions)
+        .map(|(t, v)| match v {
+            Some(v) => format!("  {:<8} {v}", t.program),
+            None => format!("  {:<8} not found: {}", t.program, t.without),
+        })
+        .collect()
+}
+
 /// Reports what this machine offers meshbox.
 pub async fn doctor(data_dir: PathBuf) -> Result<(), CliError> {
-    println!("meshbox {}", env!("CARGO_PKG_VERSION"));
+    super::out_line(format_args!("meshbox {}", env!("CARGO_PKG_VERSION")))?;
+    super::out_line("tools:")?;
+    for line in tool_report().await {
+        super::out_line(line)?;
+    }
     let process = ProcessBackend::new(ProcessConfig::default());
-    println!("process backend: {}", process.describe());
+    super::out_line(format_args!("process backend: {}", process.describe()))?;
     match DockerBackend::connect(DockerConfig::new(data_dir)).await {
         Ok(d) => {
-            println!("docker engine: reachable");
+            super::out_line("docker engine: reachable")?;
             for (k, v) in docker::describe(&d).await {
-                println!("  {k}: {v}");
+                super::out_line(format_args!("  {k}: {v}"))?;
             }
         }
-        Err(e) => println!("docker engine: not reachable ({})", crate::error_chain(&e)),
+        Err(e) => super::out_line(format_args!(
+            "docker engine: not reachable ({})",
+            crate::error_chain(&e)
+        ))?,
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{CliError, Command, DeployArgs, Shutdown};
+use super::{out_line, CliError, Command, DeployArgs, Shutdown};
 use crate::supervisor::ServiceKey;
 
 struct Client {
@@ -23,7 +23,7 @@ impl Client {
             .to_owned();
         let http = reqwest::Client::builder()
             .build()
-            .map_err(|e| CliError::Usage(format!("cannot build an HTTP client: {e}")))?;
+            .map_err(CliError::HttpClient)?;
         Ok(Client {
             http,
             base,
@@ -96,8 +96,8 @@ fn service_path(key: &ServiceKey) -> String {
     format!("/v1/meshes/{}/services/{}", key.mesh, key.name)
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn print_json(v: &Value) -> Result<(), CliError> {
+    out_line(serde_json::to_string_pretty(v).map_err(CliError::Encode)?)
 }
 
 fn tool_names(v: &Value) -> String {
@@ -115,23 +115,39 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
     let c = Client::from_env()?;
     match cmd {
         Command::Deploy(args) => deploy(&c, args).await,
-        Command::Ls { mesh } => {
+        Command::Ls { mesh: None, json } => {
+            let (_, v) = c.send(Method::GET, "/v1/meshes", None).await?;
+            if json {
+                return print_json(&v);
+            }
+            out_line(format_args!("{:<24} {:>8}", "MESH", "SERVICES"))?;
+            for m in v.get("meshes").and_then(Value::as_array).into_iter().flatten() {
+                out_line(format_args!(
+                    "{:<24} {:>8}",
+                    m.get("name").and_then(Value::as_str).unwrap_or("-"),
+                    m.get("services").and_then(Value::as_u64).unwrap_or(0)
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Ls {
+            mesh: Some(mesh),
+            json,
+        } => {
             crate::config::validate_name("mesh", &mesh)?;
             let (_, v) = c
                 .send(Method::GET, &format!("/v1/meshes/{mesh}/services"), None)
                 .await?;
-            let services = v
-                .get("services")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            println!(
+            if json {
+                return print_json(&v);
+            }
+            out_line(format_args!(
                 "{:<24} {:<11} {:<10} {:>8} {:>5}  SOURCE",
                 "NAME", "STATUS", "HEALTH", "RESTARTS", "TOOLS"
-            );
-            for s in services {
+            ))?;
+            for s in v.get("services").and_then(Value::as_array).into_iter().flatten() {
                 let f = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
-                println!(
+                out_line(format_args!(
                     "{:<24} {:<11} {:<10} {:>8} {:>5}  {}",
                     format!("{}/{}", f("mesh"), f("name")),
                     f("status"),
@@ -139,31 +155,29 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                     s.get("restarts").and_then(Value::as_u64).unwrap_or(0),
                     s.get("tools").and_then(Value::as_array).map_or(0, Vec::len),
                     f("source")
-                );
+                ))?;
             }
             Ok(())
         }
-        Command::Status { service } => {
+        // The status is JSON either way; `--json` is accepted for symmetry.
+        Command::Status { service, json: _ } => {
             let key = parse_key(&service)?;
             let (_, v) = c.send(Method::GET, &service_path(&key), None).await?;
-            print_json(&v);
-            Ok(())
+            print_json(&v)
         }
-        Command::Tools { service } => {
+        Command::Tools { service, json } => {
             let key = parse_key(&service)?;
             let (_, v) = c
                 .send(Method::GET, &format!("{}/tools", service_path(&key)), None)
                 .await?;
-            for t in v
-                .get("tools")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-            {
+            if json {
+                return print_json(&v);
+            }
+            for t in v.get("tools").and_then(Value::as_array).into_iter().flatten() {
                 let name = t.get("name").and_then(Value::as_str).unwrap_or("?");
                 let desc = t.get("description").and_then(Value::as_str).unwrap_or("");
                 let first = desc.lines().next().unwrap_or("");
-                println!("{name:<32} {first}");
+                out_line(format_args!("{name:<32} {first}"))?;
             }
             Ok(())
         }
@@ -188,7 +202,7 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                 )
                 .await?;
             let result = v.get("result").cloned().unwrap_or(Value::Null);
-            print_json(&result);
+            print_json(&result)?;
             if result.get("isError").and_then(Value::as_bool) == Some(true) {
                 return Err(CliError::ToolError);
             }
@@ -204,7 +218,7 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
             let (_, v) = c
                 .send(Method::GET, &format!("{path}?lines={lines}"), None)
                 .await?;
-            let mut next = print_lines(&v);
+            let mut next = print_lines(&v)?;
             if !follow {
                 return Ok(());
             }
@@ -221,7 +235,7 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                         None,
                     )
                     .await?;
-                next = print_lines(&v).max(next);
+                next = print_lines(&v)?.max(next);
             }
         }
         Command::Restart { service } => {
@@ -233,8 +247,7 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                     None,
                 )
                 .await?;
-            summarize(&v);
-            Ok(())
+            summarize(&v)
         }
         Command::Rm { service } => {
             let key = parse_key(&service)?;
@@ -250,30 +263,63 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
     }
 }
 
-fn print_lines(v: &Value) -> u64 {
-    for l in v
-        .get("lines")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-    {
+fn print_lines(v: &Value) -> Result<u64, CliError> {
+    for l in v.get("lines").and_then(Value::as_array).into_iter().flatten() {
         if let Some(s) = l.as_str() {
-            println!("{s}");
+            out_line(s)?;
         }
     }
-    v.get("next").and_then(Value::as_u64).unwrap_or(0)
+    Ok(v.get("next").and_then(Value::as_u64).unwrap_or(0))
 }
 
-fn summarize(v: &Value) {
+fn summarize(v: &Value) -> Result<(), CliError> {
     let f = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
-    println!(
+    out_line(format_args!(
         "{}/{} {} ({} tools: {})",
         f("mesh"),
         f("name"),
         f("status"),
         v.get("tools").and_then(Value::as_array).map_or(0, Vec::len),
         tool_names(v.get("tools").unwrap_or(&Value::Null))
-    );
+    ))
+}
+
+/// A failed deploy's error with the server's own last stderr lines: the
+/// answer's logs, topped up from the service's log ring (a server's last
+/// words can land there a moment after the failure is decided).
+async fn with_server_stderr(c: &Client, path: &str, e: CliError) -> CliError {
+    let CliError::Api {
+        status,
+        message,
+        mut logs,
+    } = e
+    else {
+        return e;
+    };
+    if !logs.iter().any(|l| l.contains(" [stderr] ")) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok((_, v)) = c
+            .send(Method::GET, &format!("{path}/logs?lines=200"), None)
+            .await
+        {
+            let ring: Vec<String> = v
+                .get("lines")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect();
+            if ring.iter().any(|l| l.contains(" [stderr] ")) {
+                logs = ring;
+            }
+        }
+    }
+    CliError::Api {
+        status,
+        message,
+        logs,
+    }
 }
 
 async fn deploy(c: &Client, args: DeployArgs) -> Result<(), CliError> {
@@ -281,13 +327,15 @@ async fn deploy(c: &Client, args: DeployArgs) -> Result<(), CliError> {
     let mut spec = args.spec.into_spec(&args.source, args.args)?;
     spec.call_timeout_ms = args.call_timeout_ms;
     spec.validate()?;
-    let body = serde_json::to_value(&spec).map_err(|e| CliError::Usage(e.to_string()))?;
+    let body = serde_json::to_value(&spec).map_err(CliError::Encode)?;
     let path = service_path(&key);
     let put = c.send(Method::PUT, &path, Some(body));
     if !std::io::stderr().is_terminal() {
-        let (_, v) = put.await?;
-        summarize(&v);
-        return Ok(());
+        let (_, v) = match put.await {
+            Ok(r) => r,
+            Err(e) => return Err(with_server_stderr(c, &path, e).await),
+        };
+        return summarize(&v);
     }
     // On a terminal, show the service's install/start notes while it comes up.
     eprintln!("deploying {key} from {} …", spec.source);
@@ -309,8 +357,10 @@ async fn deploy(c: &Client, args: DeployArgs) -> Result<(), CliError> {
             }
         }
     };
-    let (_, v) = result?;
+    let (_, v) = match result {
+        Ok(r) => r,
+        Err(e) => return Err(with_server_stderr(c, &path, e).await),
+    };
     eprintln!("done in {:.1}s", started.elapsed().as_secs_f64());
-    summarize(&v);
-    Ok(())
+    summarize(&v)
 }

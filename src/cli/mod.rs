@@ -25,6 +25,7 @@ pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// Bad command-line input: nothing was done (exit code 2).
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -37,6 +38,8 @@ pub enum CliError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("cannot build an HTTP client")]
+    HttpClient(#[source] reqwest::Error),
     #[error("{message}")]
     Api {
         status: u16,
@@ -45,12 +48,18 @@ pub enum CliError {
     },
     #[error("unexpected answer from meshbox")]
     Decode(#[source] reqwest::Error),
+    #[error("cannot encode the request")]
+    Encode(#[source] serde_json::Error),
     #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
+    /// Whoever read our output went away (`meshbox tools X | head -1`):
+    /// nothing more to say, and nothing wrong with that.
+    #[error("output closed")]
+    BrokenPipe,
     #[error(transparent)]
     Source(#[from] crate::acquire::AcquireError),
     #[error(transparent)]
@@ -59,10 +68,43 @@ pub enum CliError {
     Start(#[from] crate::supervisor::StartError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
     #[error("the tool reported an error")]
     ToolError,
     #[error("server exited ({0})")]
     ServerExit(crate::model::ExitReason),
+}
+
+impl CliError {
+    /// The exit code: 2 for usage errors (nothing was done), 1 for failures,
+    /// 0 for a reader that went away.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) | CliError::Spec(_) | CliError::Name(_) => 2,
+            CliError::BrokenPipe => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// Writes one line to stdout; a closed pipe is [`CliError::BrokenPipe`],
+/// never a panic.
+pub fn out_line(line: impl std::fmt::Display) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                CliError::BrokenPipe
+            } else {
+                CliError::Io {
+                    context: "failed to write to stdout".into(),
+                    source: e,
+                }
+            }
+        })
 }
 
 #[derive(Debug, Parser)]
@@ -85,15 +127,27 @@ pub enum Command {
     Run(run::RunArgs),
     /// Deploy (or replace) a service: MESH/NAME SOURCE [-- ARGS].
     Deploy(DeployArgs),
-    /// List a mesh's services.
+    /// List every mesh, or one mesh's services.
     Ls {
-        #[arg(default_value = "default")]
-        mesh: String,
+        mesh: Option<String>,
+        /// Print the daemon's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a service's status as JSON.
-    Status { service: String },
+    Status {
+        service: String,
+        /// Print the daemon's JSON answer (the default output is JSON too).
+        #[arg(long)]
+        json: bool,
+    },
     /// List a service's tools.
-    Tools { service: String },
+    Tools {
+        service: String,
+        /// Print the tools as JSON (`{"tools":[…]}`), schemas included.
+        #[arg(long)]
+        json: bool,
+    },
     /// Call a tool: MESH/NAME TOOL [JSON arguments].
     Call {
         service: String,
@@ -119,7 +173,8 @@ pub enum Command {
     /// Build runner images.
     #[command(subcommand)]
     Images(admin::ImagesCommand),
-    /// Report the docker engine, runner images, cgroup and netns support.
+    /// Report the tools installs need (node, npm, python3, uv, git, bun),
+    /// the docker engine, runner images, cgroup and netns support.
     Doctor {
         #[arg(long, env = "MESHBOX_DATA_DIR")]
         data_dir: Option<PathBuf>,
@@ -154,9 +209,15 @@ pub struct SpecArgs {
     /// none | full | allow=host:port,...
     #[arg(long)]
     pub network: Option<String>,
-    /// Environment for the server, K=V (repeatable).
-    #[arg(long = "env", short = 'e')]
+    /// Environment for the server (repeatable): KEY=VALUE sets it, KEY alone
+    /// passes KEY's value from this environment, KEY={"file":"/abs/path"}
+    /// reads a secret file when the server starts.
+    #[arg(long = "env", short = 'e', value_name = "KEY[=VALUE]")]
     pub env: Vec<String>,
+    /// Read environment lines (KEY=VALUE or KEY, # comments) from a file
+    /// (repeatable; -e wins).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Runtime when detection should be overridden: node, python or bun.
     #[arg(long)]
     pub runtime: Option<String>,
@@ -203,15 +264,83 @@ pub fn absolutize_source(source: &str) -> Result<String, CliError> {
     Ok(format!("path:{}", abs.display()))
 }
 
-impl SpecArgs {
-    pub fn into_spec(self, source: &str, args: Vec<String>) -> Result<ServiceSpec, CliError> {
-        let mut env = BTreeMap::new();
-        for kv in &self.env {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| CliError::Usage(format!("--env `{kv}` must be K=V")))?;
-            env.insert(k.to_owned(), EnvValue::Literal(v.to_owned()));
+/// One environment item, as docker reads `-e` and `--env-file`: `KEY=VALUE`
+/// sets it, `KEY` alone takes KEY's value from `lookup` (left out when unset),
+/// and a value `{"file": "PATH"}` is a secret file read at start (a relative
+/// path is made absolute).
+fn env_item(
+    item: &str,
+    origin: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(String, EnvValue)>, CliError> {
+    let (key, value) = match item.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (item, None),
+    };
+    if key.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{origin} `{}`: expected KEY or KEY=VALUE",
+            crate::model::shown(item, 64)
+        )));
+    }
+    let Some(value) = value.map(str::to_owned).or_else(|| lookup(key)) else {
+        return Ok(None);
+    };
+    let value = match serde_json::from_str::<EnvValue>(&value) {
+        Ok(EnvValue::File { file }) if value.trim_start().starts_with('{') => {
+            let file = if file.is_absolute() {
+                file
+            } else {
+                std::env::current_dir()
+                    .map_err(|source| CliError::Io {
+                        context: "failed to read the current directory".into(),
+                        source,
+                    })?
+                    .join(file)
+            };
+            EnvValue::File { file }
         }
+        _ => EnvValue::Literal(value),
+    };
+    Ok(Some((key.to_owned(), value)))
+}
+
+/// The lines of an env file that carry an item (not blank, not `#` comments).
+fn env_file_items(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(|l| l.trim_start())
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+}
+
+impl SpecArgs {
+    /// The environment of `--env-file` files then `-e` items (later wins).
+    pub fn env_map(
+        &self,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<BTreeMap<String, EnvValue>, CliError> {
+        let mut env = BTreeMap::new();
+        for f in &self.env_file {
+            let text = std::fs::read_to_string(f).map_err(|source| CliError::Io {
+                context: format!("failed to read env file `{}`", f.display()),
+                source,
+            })?;
+            let origin = format!("--env-file {}:", f.display());
+            for item in env_file_items(&text) {
+                if let Some((k, v)) = env_item(item, &origin, lookup)? {
+                    env.insert(k, v);
+                }
+            }
+        }
+        for item in &self.env {
+            if let Some((k, v)) = env_item(item, "--env", lookup)? {
+                env.insert(k, v);
+            }
+        }
+        Ok(env)
+    }
+
+    pub fn into_spec(self, source: &str, args: Vec<String>) -> Result<ServiceSpec, CliError> {
+        let env = self.env_map(&|k| std::env::var(k).ok())?;
         let runtime = self
             .runtime
             .as_deref()
@@ -314,14 +443,75 @@ mod tests {
         assert_eq!(s.args, vec!["--flag"]);
         assert!(s.network.is_none());
         let bad = SpecArgs {
-            env: vec!["NOEQUALS".into()],
+            env: vec!["=v".into()],
             ..Default::default()
         };
-        assert!(bad.into_spec("path:/x", vec![]).is_err());
+        assert!(matches!(
+            bad.into_spec("path:/x", vec![]),
+            Err(CliError::Usage(_))
+        ));
         let bad = SpecArgs {
             memory: Some("1k".into()),
             ..Default::default()
         };
         assert!(bad.into_spec("path:/x", vec![]).is_err(), "below 16 MiB");
+    }
+
+    #[test]
+    fn env_items_read_like_docker() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("env");
+        std::fs::write(
+            &file,
+            "# a comment\n\nFROM_FILE=1\nBOTH=file\n  PASSED\nUNSET_HERE\nSECRET={\"file\": \"/run/s/k\"}\n",
+        )
+        .unwrap();
+        let a = SpecArgs {
+            env: vec![
+                "BOTH=flag".into(),
+                "PASSED2".into(),
+                "EQ=a=b".into(),
+                "EMPTY=".into(),
+                "J={\"not\": \"file\"}".into(),
+                "REL={\"file\": \"rel/k\"}".into(),
+            ],
+            env_file: vec![file],
+            ..Default::default()
+        };
+        let lookup = |k: &str| match k {
+            "PASSED" => Some("from-env".to_owned()),
+            "PASSED2" => Some("2".to_owned()),
+            _ => None,
+        };
+        let env = a.env_map(&lookup).unwrap();
+        let lit = |s: &str| EnvValue::Literal(s.to_owned());
+        assert_eq!(env["FROM_FILE"], lit("1"));
+        assert_eq!(env["BOTH"], lit("flag"), "-e wins over the file");
+        assert_eq!(env["PASSED"], lit("from-env"));
+        assert_eq!(env["PASSED2"], lit("2"));
+        assert!(!env.contains_key("UNSET_HERE"), "unset: left out, as docker does");
+        assert_eq!(env["EQ"], lit("a=b"));
+        assert_eq!(env["EMPTY"], lit(""));
+        assert_eq!(env["J"], lit("{\"not\": \"file\"}"));
+        assert_eq!(
+            env["SECRET"],
+            EnvValue::File {
+                file: "/run/s/k".into()
+            }
+        );
+        match &env["REL"] {
+            EnvValue::File { file } => {
+                assert!(file.is_absolute() && file.ends_with("rel/k"), "{file:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = SpecArgs {
+            env_file: vec![dir.path().join("nope")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            missing.env_map(&lookup),
+            Err(CliError::Io { .. })
+        ));
     }
 }

@@ -1,93 +1,235 @@
 //! `meshbox run`: one sandboxed server whose stdio is this process's stdio, so
-//! an MCP client can use `meshbox run SOURCE` where it used `npx`/`uvx`.
+//! an MCP client can use `meshbox run SOURCE ARGS…` where it used
+//! `npx -y PKG ARGS…` or `uvx PKG ARGS…`.
+//!
 //! Bytes pass through untouched; meshbox does not parse the protocol here.
+//! Every phase (install, start, bridging) ends within a second of SIGTERM,
+//! SIGINT or the client closing stdin, and takes what it started with it.
+//! Status goes to stderr as plain `meshbox: …` lines, so a client's log shows
+//! why a start is slow or failed. The sandbox is assembled by
+//! `supervisor::prepare`, exactly as `serve` does.
 
-use std::io::IsTerminal;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use clap::Args;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
 
 use super::{CliError, Shutdown, SpecArgs};
 use crate::acquire::sandboxed::SandboxedInstalls;
 use crate::acquire::{InstallConfig, Installer, Progress, Source};
-use crate::model::{wait_exit, ServiceKey};
+use crate::model::{wait_exit, ExitReason, ServiceKey};
+use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
 use crate::supervisor::prepare::{self, Acquirers, Validated};
 
+/// How long a server gets to exit on its own once its stdin is closed, and
+/// again after SIGTERM: together well under the one second a client waits.
+const STOP_GRACE: Duration = Duration::from_millis(300);
+/// Client bytes held while the server is not started yet (its `initialize`).
+const EARLY_INPUT_CHUNKS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunBackend {
+    /// The process sandbox on this machine.
+    Process,
+    /// A hardened container (needs a docker engine and the runner images).
+    Docker,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// npm:PKG, pypi:REQ, git:URL#REF, path:DIR (a relative path is made absolute)
-    pub source: String,
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[arg(long, value_enum, default_value = "process")]
+    pub backend: RunBackend,
+    /// Docker: a complete PEM bundle (system CAs plus your own) mounted
+    /// read-only into the install and server containers, as `serve` has it.
+    #[arg(long, env = "MESHBOX_CONTAINER_CA_BUNDLE")]
+    pub container_ca_bundle: Option<PathBuf>,
+    /// Where installs are cached and the server's home lives.
+    #[arg(long, env = "MESHBOX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Seconds one install step may take.
     #[arg(long, default_value_t = 600)]
     pub install_timeout: u64,
     /// Do not use cgroups for limits.
     #[arg(long)]
     pub no_cgroups: bool,
-    /// Arguments for the server.
-    #[arg(last = true)]
+    /// npm:PKG, pypi:REQ, git:URL#REF, path:DIR (a relative path is made absolute)
+    pub source: String,
+    /// Arguments for the server: everything after SOURCE (a `--` right after
+    /// SOURCE is dropped, as before).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "SERVER_ARGS")]
     pub args: Vec<String>,
 }
 
+/// A status line on stderr; a closed stderr is no reason to fail.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "meshbox: {line}");
+}
+
+/// This process's stdin, read from the start so that its end is noticed in
+/// any phase; what the client sends before the server runs is held (bounded)
+/// and delivered in order.
+struct Input {
+    chunks: mpsc::Receiver<Bytes>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Input {
+    fn start() -> Input {
+        let (tx, chunks) = mpsc::channel(EARLY_INPUT_CHUNKS);
+        let (closed_tx, closed) = watch::channel(false);
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            closed_tx.send_replace(true);
+        });
+        Input { chunks, closed }
+    }
+
+    /// Resolves once the client has closed our stdin.
+    async fn closed(closed: &mut watch::Receiver<bool>) {
+        let _ = closed.wait_for(|c| *c).await;
+    }
+}
+
+/// Why `run` stopped waiting on the server.
+enum Stop {
+    Exited(ExitReason),
+    Signal,
+    InputClosed,
+}
+
+/// The exit code that tells the client how the server ended.
+fn exit_code(reason: &ExitReason) -> i32 {
+    if reason.oom_killed {
+        return 137;
+    }
+    match (reason.code, reason.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    }
+}
+
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
-    let spec = args.spec.into_spec(&args.source, args.args)?;
+    let spec = args
+        .spec
+        .into_spec(&args.source, args.args)?;
     let source: Source = spec.source.parse()?;
-    let data_dir = super::serve::default_data_dir();
-    let mut install = InstallConfig::new(data_dir.join("cache"));
-    install.timeout = Duration::from_secs(args.install_timeout.max(1));
-    let installer = Installer::new(install);
-    let sandboxed = SandboxedInstalls::new(data_dir.join("docker-installs"));
-    // Progress on a terminal only: stdout is the MCP stream, pipes stay quiet.
-    let progress: Progress = if std::io::stderr().is_terminal() {
-        Arc::new(|line: &str| eprintln!("meshbox: {line}"))
-    } else {
-        crate::acquire::install::quiet()
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(super::serve::default_data_dir);
+    let install_timeout = Duration::from_secs(args.install_timeout.max(1));
+    let mut shutdown = shutdown;
+    let Input {
+        chunks: mut early,
+        mut closed,
+    } = Input::start();
+
+    let backend: Box<dyn Orchestrator> = match args.backend {
+        RunBackend::Process => Box::new(ProcessBackend::new(ProcessConfig {
+            cgroups: !args.no_cgroups,
+            ..Default::default()
+        })),
+        // Its own instance id (under `run/`): a `serve` of the same data dir
+        // sweeping its leftovers never takes a running `meshbox run` down.
+        RunBackend::Docker => Box::new(
+            DockerBackend::connect(DockerConfig {
+                data_dir: data_dir.join("run"),
+                ca_bundle: args.container_ca_bundle.clone(),
+            })
+            .await?,
+        ),
     };
-    let backend = ProcessBackend::new(ProcessConfig {
-        cgroups: !args.no_cgroups,
-        ..Default::default()
-    });
     let owner = ServiceKey {
         mesh: "local".into(),
-        name: "run".into(),
+        name: format!("run-{}", std::process::id()),
     };
+    let caps = backend.capabilities();
+    let mut install = InstallConfig::new(data_dir.join("cache"));
+    install.timeout = install_timeout;
+    let installer = Installer::new(install);
+    let sandboxed = SandboxedInstalls::new(data_dir.join("docker-installs"));
+    let progress: Progress = Arc::new(|line: &str| note(line));
     let acquirers = Acquirers {
         installer: &installer,
         sandboxed: &sandboxed,
-        install_timeout: Duration::from_secs(args.install_timeout.max(1)),
+        install_timeout,
     };
     let v = Validated { spec, source };
-    let prepared = prepare::acquire(&backend, &acquirers, &owner, &v, &progress).await?;
-    let home = prepare::server_home(&data_dir, &owner)?;
+    // Secrets first: a missing one fails before any download. Containers get
+    // their own home (a tmpfs).
+    let home = match caps.sandboxed_install {
+        true => None,
+        false => Some(prepare::server_home(&data_dir, &owner)?),
+    };
     // Its user is the operator: secret files may be anywhere they can read.
     let env = prepare::server_env(
         &crate::environ::runner_path(),
-        &home,
+        home.as_deref().unwrap_or(std::path::Path::new("/tmp")),
         &v.spec.env,
         &crate::secrets::SecretPolicy::Anywhere,
     )
     .await?;
-    let mut sandbox = backend
-        .spawn(prepare::server_sandbox(
-            &owner,
-            &v.spec,
-            &prepared,
-            env,
-            Some(home),
-        ))
-        .await?;
+
+    // Install, raced against the signal and the client going away: dropping
+    // the acquisition kills what it started.
+    let prepared = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            note("stopped before the server started");
+            return Ok(1);
+        }
+        _ = Input::closed(&mut closed) => return Ok(0),
+        r = prepare::acquire(&*backend, &acquirers, &owner, &v, &progress) => r?,
+    };
+    let spec = prepare::server_sandbox(&owner, &v.spec, &prepared, env, home);
+    let spawned = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            note("stopped before the server started");
+            return Ok(1);
+        }
+        _ = Input::closed(&mut closed) => return Ok(0),
+        r = backend.spawn(spec) => r,
+    };
+    let mut sandbox = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            backend.release(&owner).await;
+            return Err(e.into());
+        }
+    };
+
     let mut stdin = sandbox.io.stdin;
     let mut stdout = sandbox.io.stdout;
     let mut stderr = sandbox.io.stderr;
-    // Client → server; EOF from the client closes the server's stdin.
+    // Client → server, early bytes first; the end of our stdin closes the server's.
     let to_server = tokio::spawn(async move {
-        let mut ours = tokio::io::stdin();
-        let _ = tokio::io::copy(&mut ours, &mut stdin).await;
+        while let Some(chunk) = early.recv().await {
+            if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
+                return;
+            }
+        }
         let _ = stdin.shutdown().await;
     });
     let from_server = tokio::spawn(async move {
@@ -99,17 +241,80 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         let mut ours = tokio::io::stderr();
         let _ = tokio::io::copy(&mut stderr, &mut ours).await;
     });
-    let reason = tokio::select! {
-        r = wait_exit(&mut sandbox.exit) => r,
-        _ = shutdown => sandbox.handle.stop(Duration::from_secs(3)).await,
+
+    let stop = tokio::select! {
+        r = wait_exit(&mut sandbox.exit) => Stop::Exited(r),
+        _ = &mut shutdown => Stop::Signal,
+        _ = Input::closed(&mut closed) => Stop::InputClosed,
+    };
+    let requested = !matches!(stop, Stop::Exited(_));
+    let reason = match stop {
+        Stop::Exited(r) => r,
+        Stop::Signal | Stop::InputClosed => {
+            // Closing the server's stdin is its cue; then SIGTERM, SIGKILL.
+            to_server.abort();
+            sandbox.handle.stop(STOP_GRACE).await
+        }
     };
     to_server.abort();
     // Let the last replies reach the client.
-    let _ = tokio::time::timeout(Duration::from_secs(2), from_server).await;
-    let _ = tokio::time::timeout(Duration::from_millis(500), errors).await;
-    Ok(match (reason.code, reason.signal) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        _ => 1,
+    let _ = tokio::time::timeout(Duration::from_millis(500), from_server).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), errors).await;
+    backend.release(&owner).await;
+    if reason.oom_killed {
+        note("server killed: out of memory (raise --memory)");
+    } else if let (None, Some(sig), false) = (reason.code, reason.signal, requested) {
+        note(&format!("server killed by signal {sig}"));
+    }
+    // Asked to end, we killed it: that is how it should end, not a failure.
+    Ok(if requested && reason.code.is_none() && !reason.oom_killed {
+        0
+    } else {
+        exit_code(&reason)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(argv: &[&str]) -> RunArgs {
+        let mut full = vec!["meshbox", "run"];
+        full.extend_from_slice(argv);
+        match crate::cli::Cli::try_parse_from(full).unwrap().command {
+            crate::cli::Command::Run(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn everything_after_the_source_is_the_servers() {
+        let a = parse(&["--memory", "256m", "npm:pkg", "stdio", "--port", "3", "-e", "X"]);
+        assert_eq!(a.source, "npm:pkg");
+        assert_eq!(a.spec.memory.as_deref(), Some("256m"));
+        assert_eq!(a.args, ["stdio", "--port", "3", "-e", "X"]);
+        let a = parse(&["-e", "K", "pypi:x", "--", "--flag"]);
+        assert_eq!(a.spec.env, ["K"]);
+        assert_eq!(a.args, ["--flag"]);
+        let a = parse(&["npm:pkg"]);
+        assert!(a.args.is_empty());
+        let a = parse(&["npm:pkg", "--", "--", "x"]);
+        assert_eq!(a.args, ["--", "x"], "only the first -- is ours");
+        let a = parse(&["npm:pkg", "stdio", "--", "x"]);
+        assert_eq!(a.args, ["stdio", "--", "x"]);
+    }
+
+    #[test]
+    fn exit_codes_say_how_the_server_ended() {
+        let r = |code, signal, oom| ExitReason {
+            code,
+            signal,
+            oom_killed: oom,
+        };
+        assert_eq!(exit_code(&r(Some(3), None, false)), 3);
+        assert_eq!(exit_code(&r(None, Some(9), false)), 137);
+        assert_eq!(exit_code(&r(None, Some(9), true)), 137);
+        assert_eq!(exit_code(&r(None, None, false)), 1);
+    }
 }

@@ -31,9 +31,14 @@ pub enum Backend {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on; a non-loopback address needs a token.
-    #[arg(long, default_value = "127.0.0.1:7901")]
-    pub listen: SocketAddr,
+    /// Address to listen on; a non-loopback address needs a token (or
+    /// --insecure-no-auth). Default 127.0.0.1:7901, or port $RUNNER_PORT.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Allow a non-loopback --listen with no token: for a private network
+    /// only the broker reaches, as the seed's per-mesh containers were.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// File holding the bearer token (else MESHBOX_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -184,14 +189,61 @@ fn secrets_policy(dirs: &[PathBuf], data_dir: &Path) -> Result<SecretPolicy, Cli
     Ok(SecretPolicy::Dirs(vec![dir]))
 }
 
+/// Default port of `serve`.
+pub const DEFAULT_PORT: u16 = 7901;
+
+/// `--listen`, else loopback on `RUNNER_PORT` (the seed runner's variable),
+/// else 127.0.0.1:7901.
+pub fn listen_addr(
+    listen: Option<SocketAddr>,
+    runner_port: Option<&str>,
+) -> Result<SocketAddr, CliError> {
+    if let Some(addr) = listen {
+        return Ok(addr);
+    }
+    let port = match runner_port.map(str::trim).filter(|p| !p.is_empty()) {
+        Some(p) => p.parse::<u16>().map_err(|_| {
+            CliError::Usage(format!(
+                "RUNNER_PORT `{}` is not a port number",
+                crate::model::shown(p, 16)
+            ))
+        })?,
+        None => DEFAULT_PORT,
+    };
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Refuses a non-loopback listen without a token unless the operator said
+/// `--insecure-no-auth`; then the warning to log and show in `/v1/health`.
+pub fn auth_policy(
+    listen: SocketAddr,
+    has_token: bool,
+    insecure_no_auth: bool,
+) -> Result<Option<String>, CliError> {
+    if has_token || listen.ip().is_loopback() {
+        return Ok(None);
+    }
+    if !insecure_no_auth {
+        return Err(CliError::Usage(format!(
+            "refusing to listen on {listen} without a token: set --token-file or MESHBOX_TOKEN, listen on a loopback address, or pass --insecure-no-auth on a private network"
+        )));
+    }
+    Ok(Some(format!(
+        "no authentication: listening on {listen} without a token (--insecure-no-auth); anyone who can reach this address controls meshbox"
+    )))
+}
+
 pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> {
     let token = read_token(args.token_file.as_ref())?;
     let mesh_tokens = read_mesh_tokens(args.mesh_tokens_file.as_ref())?;
-    if token.is_none() && mesh_tokens.is_empty() && !args.listen.ip().is_loopback() {
-        return Err(CliError::Usage(format!(
-            "refusing to listen on {} without a token: set --token-file or MESHBOX_TOKEN, or listen on a loopback address",
-            args.listen
-        )));
+    let listen = listen_addr(
+        args.listen,
+        std::env::var("RUNNER_PORT").ok().as_deref(),
+    )?;
+    let has_token = token.is_some() || !mesh_tokens.is_empty();
+    let warning = auth_policy(listen, has_token, args.insecure_no_auth)?;
+    if let Some(w) = &warning {
+        eprintln!("warning: {w}");
     }
     // Room for connections and servers' pipes; connections are capped below it.
     let fd_limit = api::listen::raise_fd_limit();
@@ -250,12 +302,13 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
             mesh_tokens,
             body_limit: args.body_limit,
             mcp: Some(gateway.router()),
+            warning,
         },
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| CliError::Io {
-            context: format!("failed to listen on {}", args.listen),
+            context: format!("failed to listen on {listen}"),
             source,
         })?;
     let addr = listener.local_addr().map_err(|source| CliError::Io {

@@ -631,6 +631,15 @@ impl Supervisor {
         svc.call_raw(tool, arguments, timeout).await
     }
 
+    /// Every mesh that has a service, sorted, with its number of services.
+    pub fn meshes(&self) -> Vec<(String, usize)> {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for key in self.services.read().expect("registry poisoned").keys() {
+            *counts.entry(key.mesh.clone()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+
     pub async fn call(
         &self,
         key: &ServiceKey,
