@@ -30,10 +30,9 @@ fn run_bridges_stdio_to_the_sandboxed_server() {
         .current_dir(fixture(""))
         .args([
             "run",
-            "path:py_server",
             "--memory",
             "256m",
-            "--",
+            "path:py_server",
             "--page-size",
             "100",
         ])
@@ -244,4 +243,195 @@ fn unreachable_daemon_is_one_clear_error() {
         "{err}"
     );
     assert!(err.contains("caused by:"), "{err}");
+}
+
+#[tokio::test]
+async fn listing_json_closed_pipes_and_failed_deploys() {
+    let d = Daemon::start();
+    let py = format!("path:{}", fixture("py_server").display());
+    for key in ["acme/a", "acme/b", "beta/c"] {
+        let (code, _, err) = cli(&d, &["deploy", key, &py]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // `ls` with no argument lists every mesh.
+    let (code, out, _) = cli(&d, &["ls"]);
+    assert_eq!(code, 0);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["MESH", "SERVICES"],
+            vec!["acme", "2"],
+            vec!["beta", "1"]
+        ],
+        "{out}"
+    );
+    let (code, out, _) = cli(&d, &["ls", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v,
+        json!({"meshes": [{"name": "acme", "services": 2}, {"name": "beta", "services": 1}]})
+    );
+    // `ls MESH` stays the table scripts read; `--json` is the API's answer.
+    let (_, out, _) = cli(&d, &["ls", "acme"]);
+    assert!(out.starts_with("NAME"), "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let (_, out, _) = cli(&d, &["ls", "acme", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["services"].as_array().unwrap().len(), 2);
+    let (_, out, _) = cli(&d, &["tools", "acme/a", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tools"].as_array().unwrap().len(), common::FIXTURE_TOOLS);
+    assert!(v["tools"][0]["inputSchema"].is_object());
+    let (_, out, _) = cli(&d, &["status", "acme/a", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "running");
+
+    // `meshbox tools X | head -1`: the reader goes away; no panic, no noise.
+    for args in [
+        vec!["tools", "acme/a"],
+        vec!["ls", "acme"],
+        vec!["logs", "acme/a"],
+        vec!["status", "acme/a"],
+    ] {
+        let mut child = Command::new(meshbox_bin())
+            .args(&args)
+            .env("MESHBOX_URL", &d.url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+
+    // A server that explains itself on stderr and exits: the reason is shown
+    // under the error, not only in `meshbox logs`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("package.json"),
+        r#"{"name":"needs-key","version":"1.0.0","bin":{"needs-key":"index.js"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("index.js"),
+        "console.error('BRAVE_API_KEY environment variable is required');\nprocess.exit(1);\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(
+        &d,
+        &[
+            "deploy",
+            "acme/brave",
+            &format!("path:{}", dir.path().display()),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with("error: service acme/brave failed to start"),
+        "{err}"
+    );
+    let under = err
+        .split_once("server stderr (last lines):\n")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no stderr section: {err}"));
+    assert!(
+        under.contains("  BRAVE_API_KEY environment variable is required"),
+        "{err}"
+    );
+}
+
+#[test]
+fn runtime_failures_exit_1_and_usage_errors_2() {
+    let out = Command::new(meshbox_bin())
+        .args(["images", "build", "node"])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: cannot reach the docker engine"),
+        "{err}"
+    );
+    let out = Command::new(meshbox_bin())
+        .args(["images", "build", "ruby"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // A data dir that is a file: a runtime failure, not a usage error.
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new(meshbox_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(meshbox_bin())
+        .args(["serve"])
+        .env("RUNNER_PORT", "not-a-port")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RUNNER_PORT"));
+}
+
+#[test]
+fn doctor_reports_the_tools_installs_need() {
+    let out = Command::new(meshbox_bin())
+        .arg("doctor")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for tool in ["node", "npm", "python3", "uv", "git", "bun"] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{tool} ")))
+            .unwrap_or_else(|| panic!("no line for {tool}: {text}"));
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            assert!(!line.contains("not found"), "{line}");
+            assert!(
+                line.chars().any(|c| c.is_ascii_digit()),
+                "a version: {line}"
+            );
+        } else {
+            assert!(line.contains("not found: "), "{line}");
+        }
+    }
+    // What a missing uv costs is said, whether or not it is here.
+    assert!(text.contains("docker engine: not reachable"), "{text}");
+    // Without PATH, nothing is found and each says what is lost.
+    let out = Command::new(meshbox_bin())
+        .arg("doctor")
+        .env("PATH", "/nonexistent")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("uv       not found: pypi: installs fall back to python3 -m venv + pip"),
+        "{text}"
+    );
+    assert!(
+        text.contains("git      not found: git: sources cannot be cloned"),
+        "{text}"
+    );
 }

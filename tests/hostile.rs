@@ -197,7 +197,8 @@ fn cases() -> Vec<(&'static str, String, Value)> {
     c.push((
         "POST",
         "/load".into(),
-        json!({"name": "x", "sourcePath": fixture("py_server"), "evil": 1}),
+        // Lenient about unknown fields (as the seed was), never about values.
+        json!({"name": "x", "sourcePath": fixture("py_server"), "evil": 1, "env": {"K": ["v"]}}),
     ));
     c
 }

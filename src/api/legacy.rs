@@ -319,7 +319,12 @@ mod tests {
         assert!(body(json!({"env": null})).env().unwrap().is_empty());
         assert!(body(json!({})).env().unwrap().is_empty());
         let file = body(json!({"env": {"K": {"file": "/s/k"}}})).env().unwrap();
-        assert_eq!(file["K"], EnvValue::File { file: "/s/k".into() });
+        assert_eq!(
+            file["K"],
+            EnvValue::File {
+                file: "/s/k".into()
+            }
+        );
         for bad in [
             json!({"env": {"K": [1]}}),
             json!({"env": {"K": {"x": 1}}}),
@@ -356,7 +361,9 @@ mod tests {
         assert_eq!(body(json!({})).command().unwrap(), None);
         assert_eq!(body(json!({"command": null})).command().unwrap(), None);
         assert_eq!(
-            body(json!({"command": ["node", "x.js"]})).command().unwrap(),
+            body(json!({"command": ["node", "x.js"]}))
+                .command()
+                .unwrap(),
             Some(vec!["node".to_owned(), "x.js".to_owned()])
         );
         assert!(body(json!({"command": "node x.js"})).command().is_err());

@@ -140,3 +140,184 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     listen::serve(listener, router, config, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Method, Request as HttpRequest};
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
+    use crate::supervisor::SupervisorConfig;
+
+    fn app(config: ApiConfig) -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(ProcessBackend::new(ProcessConfig {
+            cgroups: false,
+            ..Default::default()
+        }));
+        let sup = Supervisor::new(backend, SupervisorConfig::new(dir.path().to_path_buf()));
+        (router(Arc::new(sup), config), dir)
+    }
+
+    async fn send(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = HttpRequest::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("{uri}: not JSON: {:?}", String::from_utf8_lossy(&bytes)));
+        (status, v)
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_and_unknown_routes_answer_json() {
+        let (app, _dir) = app(ApiConfig::default());
+        for (m, uri) in [
+            (Method::GET, "/load"),
+            (Method::POST, "/health"),
+            (Method::DELETE, "/list"),
+            (Method::POST, "/v1/health"),
+            (Method::PATCH, "/v1/meshes/m/services/s"),
+        ] {
+            let (code, v) = send(&app, m.clone(), uri, None, None).await;
+            assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED, "{m} {uri}");
+            assert!(v["error"].as_str().unwrap().contains(m.as_str()), "{v}");
+        }
+        let (code, v) = send(&app, Method::GET, "/nope", None, None).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(v["error"].is_string(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn health_carries_the_operators_warning() {
+        let (plain, _d1) = app(ApiConfig::default());
+        let (_, v) = send(&plain, Method::GET, "/v1/health", None, None).await;
+        assert!(v.get("warning").is_none(), "{v}");
+        let (warned, _d2) = app(ApiConfig {
+            warning: Some("no authentication".into()),
+            ..Default::default()
+        });
+        let (code, v) = send(&warned, Method::GET, "/v1/health", None, None).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(v["warning"], "no authentication");
+        assert_eq!(v["ok"], true);
+    }
+
+    #[tokio::test]
+    async fn meshes_list_is_empty_then_guarded_by_the_token() {
+        let (app, _dir) = app(ApiConfig {
+            token: Some("t0k".into()),
+            ..Default::default()
+        });
+        let (code, _) = send(&app, Method::GET, "/v1/meshes", None, None).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        let (code, v) = send(&app, Method::GET, "/v1/meshes", None, Some("t0k")).await;
+        assert_eq!((code, v), (StatusCode::OK, json!({"meshes": []})));
+        // Legacy routes need the token too when one is set.
+        let (code, _) = send(&app, Method::GET, "/health", None, None).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn legacy_routes_ignore_unknown_shape_but_not_bad_input() {
+        let (app, _dir) = app(ApiConfig::default());
+        // Unknown query parameters and an empty name: everything, as the seed did.
+        let (code, v) = send(&app, Method::GET, "/list?name=&meshId=m", None, None).await;
+        assert_eq!((code, v), (StatusCode::OK, json!({})));
+        let (code, v) = send(&app, Method::GET, "/health?meshId=m", None, None).await;
+        assert_eq!(
+            (code, v),
+            (StatusCode::OK, json!({"ok": true, "services": []}))
+        );
+        let (code, _) = send(&app, Method::GET, "/logs?name=nope&x=1", None, None).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        // Unknown fields are ignored; the service simply is not there.
+        let (code, _) = send(
+            &app,
+            Method::POST,
+            "/call",
+            Some(r#"{"name":"nope","tool":"t","args":null,"meshId":"m"}"#),
+            None,
+        )
+        .await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        let (code, _) = send(
+            &app,
+            Method::POST,
+            "/unload",
+            Some(r#"{"name":"nope","meshId":"m"}"#),
+            None,
+        )
+        .await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        // Safety stays strict, and every refusal names what is wrong.
+        for (uri, body, needle) in [
+            (
+                "/load",
+                r#"{"name":"../x","sourcePath":"/tmp"}"#,
+                "invalid service name",
+            ),
+            ("/load", r#"{"name":"x","sourcePath":"rel"}"#, "absolute"),
+            (
+                "/load",
+                r#"{"name":"x","sourcePath":"/tmp","env":{"A B":"v"}}"#,
+                "A B",
+            ),
+            (
+                "/load",
+                r#"{"name":"x","sourcePath":"/tmp","env":{"K":[1]}}"#,
+                "env `K`",
+            ),
+            (
+                "/load",
+                r#"{"name":"x","sourcePath":"/tmp","command":"sh -c x"}"#,
+                "command",
+            ),
+            (
+                "/load",
+                r#"{"name":"x","sourcePath":"/tmp","runtime":"ruby"}"#,
+                "runtime",
+            ),
+            (
+                "/load",
+                r#"{"name":"x","gitUrl":"ext::sh -c id"}"#,
+                "invalid source",
+            ),
+            ("/load", r#"{"name":"x"}"#, "sourcePath"),
+            ("/load", r#"[1]"#, "object"),
+            ("/load", "not json", "invalid JSON"),
+            ("/call", r#"{"name":"x","tool":"t","args":"s"}"#, "args"),
+            ("/call", r#"{"name":"x","args":{}}"#, "`tool`"),
+            ("/unload", r#"{"name":7}"#, "`name`"),
+            ("/logs", "", "`name`"),
+        ] {
+            let (m, b) = if uri == "/logs" {
+                (Method::GET, None)
+            } else {
+                (Method::POST, Some(body))
+            };
+            let (code, v) = send(&app, m, uri, b, None).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} {body}: {v}");
+            let e = v["error"].as_str().unwrap();
+            assert!(e.contains(needle), "{uri} {body}: {e}");
+        }
+        let (_, v) = send(&app, Method::GET, "/v1/health", None, None).await;
+        assert_eq!(v["services"], 0, "nothing was deployed");
+    }
+}

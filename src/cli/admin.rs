@@ -165,7 +165,8 @@ const TOOLS: &[Tool] = &[
     Tool {
         program: "npm",
         version_arg: "--version",
-        without: "npm: sources and node path: dependencies cannot be installed on the process backend",
+        without:
+            "npm: sources and node path: dependencies cannot be installed on the process backend",
     },
     Tool {
         program: "python3",
@@ -211,9 +212,10 @@ async fn tool_version(program: &str, arg: &str) -> Option<String> {
 
 /// One line per tool: found with its version, or missing and what that costs.
 pub async fn tool_report() -> Vec<String> {
-    let versions =
-        futures_util::future::join_all(TOOLS.iter().map(|t| tool_version(t.program, t.version_arg)))
-            .await;
+    let versions = futures_util::future::join_all(
+        TOOLS.iter().map(|t| tool_version(t.program, t.version_arg)),
+    )
+    .await;
     TOOLS
         .iter()
         .zip(versions)

@@ -121,7 +121,12 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                 return print_json(&v);
             }
             out_line(format_args!("{:<24} {:>8}", "MESH", "SERVICES"))?;
-            for m in v.get("meshes").and_then(Value::as_array).into_iter().flatten() {
+            for m in v
+                .get("meshes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 out_line(format_args!(
                     "{:<24} {:>8}",
                     m.get("name").and_then(Value::as_str).unwrap_or("-"),
@@ -145,7 +150,12 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
                 "{:<24} {:<11} {:<10} {:>8} {:>5}  SOURCE",
                 "NAME", "STATUS", "HEALTH", "RESTARTS", "TOOLS"
             ))?;
-            for s in v.get("services").and_then(Value::as_array).into_iter().flatten() {
+            for s in v
+                .get("services")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let f = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
                 out_line(format_args!(
                     "{:<24} {:<11} {:<10} {:>8} {:>5}  {}",
@@ -173,7 +183,12 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
             if json {
                 return print_json(&v);
             }
-            for t in v.get("tools").and_then(Value::as_array).into_iter().flatten() {
+            for t in v
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let name = t.get("name").and_then(Value::as_str).unwrap_or("?");
                 let desc = t.get("description").and_then(Value::as_str).unwrap_or("");
                 let first = desc.lines().next().unwrap_or("");
@@ -264,7 +279,12 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
 }
 
 fn print_lines(v: &Value) -> Result<u64, CliError> {
-    for l in v.get("lines").and_then(Value::as_array).into_iter().flatten() {
+    for l in v
+        .get("lines")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(s) = l.as_str() {
             out_line(s)?;
         }

@@ -489,7 +489,10 @@ mod tests {
         assert_eq!(env["BOTH"], lit("flag"), "-e wins over the file");
         assert_eq!(env["PASSED"], lit("from-env"));
         assert_eq!(env["PASSED2"], lit("2"));
-        assert!(!env.contains_key("UNSET_HERE"), "unset: left out, as docker does");
+        assert!(
+            !env.contains_key("UNSET_HERE"),
+            "unset: left out, as docker does"
+        );
         assert_eq!(env["EQ"], lit("a=b"));
         assert_eq!(env["EMPTY"], lit(""));
         assert_eq!(env["J"], lit("{\"not\": \"file\"}"));
@@ -509,9 +512,6 @@ mod tests {
             env_file: vec![dir.path().join("nope")],
             ..Default::default()
         };
-        assert!(matches!(
-            missing.env_map(&lookup),
-            Err(CliError::Io { .. })
-        ));
+        assert!(matches!(missing.env_map(&lookup), Err(CliError::Io { .. })));
     }
 }

@@ -65,7 +65,11 @@ pub struct RunArgs {
     pub source: String,
     /// Arguments for the server: everything after SOURCE (a `--` right after
     /// SOURCE is dropped, as before).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "SERVER_ARGS")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "SERVER_ARGS"
+    )]
     pub args: Vec<String>,
 }
 
@@ -130,9 +134,7 @@ fn exit_code(reason: &ExitReason) -> i32 {
 }
 
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
-    let spec = args
-        .spec
-        .into_spec(&args.source, args.args)?;
+    let spec = args.spec.into_spec(&args.source, args.args)?;
     let source: Source = spec.source.parse()?;
     let data_dir = args
         .data_dir
@@ -267,11 +269,13 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         note(&format!("server killed by signal {sig}"));
     }
     // Asked to end, we killed it: that is how it should end, not a failure.
-    Ok(if requested && reason.code.is_none() && !reason.oom_killed {
-        0
-    } else {
-        exit_code(&reason)
-    })
+    Ok(
+        if requested && reason.code.is_none() && !reason.oom_killed {
+            0
+        } else {
+            exit_code(&reason)
+        },
+    )
 }
 
 #[cfg(test)]
@@ -290,7 +294,9 @@ mod tests {
 
     #[test]
     fn everything_after_the_source_is_the_servers() {
-        let a = parse(&["--memory", "256m", "npm:pkg", "stdio", "--port", "3", "-e", "X"]);
+        let a = parse(&[
+            "--memory", "256m", "npm:pkg", "stdio", "--port", "3", "-e", "X",
+        ]);
         assert_eq!(a.source, "npm:pkg");
         assert_eq!(a.spec.memory.as_deref(), Some("256m"));
         assert_eq!(a.args, ["stdio", "--port", "3", "-e", "X"]);

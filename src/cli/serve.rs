@@ -236,10 +236,7 @@ pub fn auth_policy(
 pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> {
     let token = read_token(args.token_file.as_ref())?;
     let mesh_tokens = read_mesh_tokens(args.mesh_tokens_file.as_ref())?;
-    let listen = listen_addr(
-        args.listen,
-        std::env::var("RUNNER_PORT").ok().as_deref(),
-    )?;
+    let listen = listen_addr(args.listen, std::env::var("RUNNER_PORT").ok().as_deref())?;
     let has_token = token.is_some() || !mesh_tokens.is_empty();
     let warning = auth_policy(listen, has_token, args.insecure_no_auth)?;
     if let Some(w) = &warning {
@@ -357,4 +354,53 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         context: "HTTP server failed".into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_port_is_the_default_port() {
+        let given: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(listen_addr(Some(given), Some("7000")).unwrap(), given);
+        assert_eq!(
+            listen_addr(None, Some("7000")).unwrap(),
+            "127.0.0.1:7000".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr(None, None).unwrap(),
+            "127.0.0.1:7901".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr(None, Some("")).unwrap(),
+            "127.0.0.1:7901".parse().unwrap()
+        );
+        assert!(matches!(
+            listen_addr(None, Some("http")),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn no_token_off_loopback_needs_the_operators_word() {
+        let open: SocketAddr = "0.0.0.0:7901".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:7901".parse().unwrap();
+        assert!(matches!(
+            auth_policy(open, false, false),
+            Err(CliError::Usage(_))
+        ));
+        let w = auth_policy(open, false, true).unwrap().unwrap();
+        assert!(
+            w.contains("0.0.0.0:7901") && w.contains("--insecure-no-auth"),
+            "{w}"
+        );
+        assert_eq!(auth_policy(open, true, false).unwrap(), None);
+        assert_eq!(
+            auth_policy(open, true, true).unwrap(),
+            None,
+            "the token applies"
+        );
+        assert_eq!(auth_policy(lo, false, false).unwrap(), None);
+    }
 }

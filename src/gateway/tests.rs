@@ -1308,6 +1308,7 @@ async fn mesh_tokens_reach_only_their_mesh() {
             mesh_tokens: vec![("acme".into(), "acme-token".into())],
             mcp: Some(g.router()),
             body_limit: 4096,
+            warning: None,
         },
     );
     let with = |path: &str, token: Option<&str>| {

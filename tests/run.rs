@@ -1,0 +1,601 @@
+//! `meshbox run` as a drop-in for `npx -y`/`uvx` in an MCP client's config:
+//! its argument grammar, the environment it passes, how it reports, and that
+//! it ends — leaving nothing behind — within a second of SIGTERM, SIGINT or
+//! its stdin closing, in every phase (install included).
+//!
+//! The lanes: this file runs in plain `cargo test` (python3, node, npm and
+//! git on PATH; no network: registries are replaced by a local listener that
+//! never answers). OOM needs a memory cgroup (`needs root`), docker needs an
+//! engine and the runner images (`needs docker`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{fixture, meshbox_bin, pid_alive};
+use serde_json::{json, Value};
+
+/// The target is one second; the bound leaves room for a loaded machine.
+const STOP_BOUND: Duration = Duration::from_secs(2);
+
+struct Run {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    _data: tempfile::TempDir,
+    data: PathBuf,
+}
+
+impl Run {
+    /// `meshbox run ARGS…` with its own data dir and the given environment.
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Run {
+        Self::start_in(args, env, None)
+    }
+
+    fn start_in(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> Run {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(meshbox_bin());
+        cmd.arg("run")
+            .args(args)
+            .env("MESHBOX_DATA_DIR", data.path())
+            .env("MESHBOX_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start meshbox run");
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let stderr = stderr.clone();
+            let mut err = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let path = data.path().to_path_buf();
+        Run {
+            child,
+            stdin,
+            lines,
+            stderr,
+            _data: data,
+            data: path,
+        }
+    }
+
+    fn send(&mut self, v: Value) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{v}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn read(&self) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no answer; stderr: {}", self.stderr()));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr holds `needle`.
+    fn wait_stderr(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.stderr().contains(needle) {
+            if start.elapsed() > limit {
+                panic!("stderr never said {needle:?}: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The MCP handshake, then tools/call `tool`; the call's result.
+    fn handshake_and_call(&mut self, tool: &str, args: Value) -> Value {
+        self.send(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}));
+        assert!(self.read()["result"]["protocolVersion"].is_string());
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        self.call(2, tool, args)
+    }
+
+    fn call(&mut self, id: u64, tool: &str, args: Value) -> Value {
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}));
+        let v = self.read();
+        assert_eq!(v["id"], id, "{v}");
+        v["result"].clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the exit; its code and how long it took.
+    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "meshbox run still running after {limit:?}; stderr: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(result: &Value) -> String {
+    result["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The server's pid, from the fixture's start line on stderr.
+fn fixture_pid(run: &Run) -> u32 {
+    run.wait_stderr("py-fixture started pid=", Duration::from_secs(60));
+    let err = run.stderr();
+    let tail = err.split("py-fixture started pid=").nth(1).unwrap();
+    tail.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Live processes whose command line or working directory mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(pid_n) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid_n == std::process::id() || !pid_alive(pid_n) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd = std::fs::read_link(entry.path().join("cwd"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if cmdline.contains(needle) || cwd.contains(needle) {
+            found.push(format!("{pid}: {cmdline} (cwd {cwd})"));
+        }
+    }
+    found
+}
+
+/// Waits (briefly) for every process mentioning `needle` to be gone.
+fn assert_none_left(needle: &str) {
+    let start = Instant::now();
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            panic!("left running: {left:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP listener that accepts and never answers: a registry that hangs.
+struct Blackhole {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Blackhole {
+    fn start() -> Blackhole {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((c, _)) = listener.accept() {
+                    held.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Blackhole { port, stop }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A node project whose `npm install` hangs in a `git` grandchild of npm,
+/// fetching a dependency from `hole`.
+fn hanging_node_project(hole: &Blackhole) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = json!({
+        "name": "hangs-in-install",
+        "version": "1.0.0",
+        "bin": {"hangs-in-install": "index.js"},
+        "dependencies": {"slow": format!("git+https://127.0.0.1:{}/slow.git", hole.port)}
+    });
+    std::fs::write(dir.path().join("package.json"), pkg.to_string()).unwrap();
+    std::fs::write(dir.path().join("index.js"), "process.stdin.resume();\n").unwrap();
+    dir
+}
+
+#[test]
+fn server_args_follow_the_source_without_a_double_dash() {
+    // As an MCP client (and the Inspector, which drops `--`) would write it.
+    let mut run = Run::start_in(
+        &["--memory", "256m", "path:py_server", "--page-size", "100"],
+        &[],
+        Some(&fixture("")),
+    );
+    run.send(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}));
+    run.read();
+    run.send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let tools = run.read();
+    assert_eq!(
+        tools["result"]["tools"].as_array().unwrap().len(),
+        common::FIXTURE_TOOLS,
+        "--page-size 100 reached the server: one page"
+    );
+    assert!(tools["result"].get("nextCursor").is_none());
+}
+
+#[test]
+fn env_comes_from_flags_files_and_meshbox_own_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let env_file = dir.path().join("env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "# from a file\nFROM_FILE=f\nSECRET={{\"file\": \"{}\"}}\nPASSED_BY_FILE\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(
+        &[
+            "-e",
+            "API_KEY",
+            "-e",
+            "SET=v=1",
+            "-e",
+            "NOT_SET_ANYWHERE",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            &py,
+        ],
+        &[
+            ("API_KEY", "from-client-config"),
+            ("PASSED_BY_FILE", "pf"),
+            ("NOT_PASSED", "x"),
+        ],
+    );
+    let env: Value =
+        serde_json::from_str(&text(&run.handshake_and_call("env", json!({})))).unwrap();
+    assert_eq!(env["API_KEY"], "from-client-config");
+    assert_eq!(env["SET"], "v=1");
+    assert_eq!(env["FROM_FILE"], "f");
+    assert_eq!(env["SECRET"], "s3cret");
+    assert_eq!(env["PASSED_BY_FILE"], "pf");
+    assert!(env.get("NOT_PASSED").is_none(), "only what -e names: {env}");
+    assert!(env.get("NOT_SET_ANYWHERE").is_none(), "{env}");
+    assert!(env.get("MESHBOX_DATA_DIR").is_none(), "{env}");
+    // MESHBOX_DATA_DIR is honoured: the server's home lives there.
+    let home = env["HOME"].as_str().unwrap();
+    assert!(
+        Path::new(home).starts_with(&run.data),
+        "HOME {home} not under {}",
+        run.data.display()
+    );
+}
+
+#[test]
+fn ends_within_a_second_of_sigterm_sigint_or_stdin_eof_while_serving() {
+    for how in ["-TERM", "-INT", "eof"] {
+        let py = format!("path:{}", fixture("py_server").display());
+        let mut run = Run::start(&[&py], &[]);
+        let pid = fixture_pid(&run);
+        assert_eq!(
+            text(&run.handshake_and_call("add", json!({"a": 1, "b": 2}))),
+            "3"
+        );
+        if how == "eof" {
+            run.stdin.take();
+        } else {
+            run.signal(how);
+        }
+        let (code, took) = run.wait_exit(Duration::from_secs(30));
+        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        assert_eq!(code, Some(0), "{how}: {}", run.stderr());
+        assert!(!pid_alive(pid), "{how}: server {pid} left running");
+    }
+}
+
+#[test]
+fn a_server_ignoring_eof_and_sigterm_is_killed_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("server.py"),
+        "import os, signal, sys, time\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         sys.stderr.write('stubborn pid=%d\\n' % os.getpid()); sys.stderr.flush()\n\
+         while True: time.sleep(1)\n",
+    )
+    .unwrap();
+    let src = format!("path:{}", dir.path().display());
+    for how in ["-TERM", "eof"] {
+        let mut run = Run::start(&[&src], &[]);
+        run.wait_stderr("stubborn pid=", Duration::from_secs(60));
+        let pid: u32 = run
+            .stderr()
+            .split("stubborn pid=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if how == "eof" {
+            run.stdin.take();
+        } else {
+            run.signal(how);
+        }
+        let (_, took) = run.wait_exit(Duration::from_secs(30));
+        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        assert!(!pid_alive(pid), "{how}: server {pid} left running");
+    }
+}
+
+#[test]
+fn a_signal_kill_is_said_on_stderr() {
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(&[&py], &[]);
+    let pid = fixture_pid(&run);
+    run.handshake_and_call("echo", json!({"text": "x"}));
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (code, _) = run.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(137));
+    assert!(
+        run.stderr().contains("meshbox: server killed by signal 9"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_oom_kill_is_said_on_stderr() {
+    assert!(common::is_root(), "needs root (a memory cgroup)");
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(&["--memory", "64m", &py], &[]);
+    run.handshake_and_call("echo", json!({"text": "x"}));
+    run.send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "alloc", "arguments": {"mb": 400}}}));
+    let (code, _) = run.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(137), "{}", run.stderr());
+    assert!(
+        run.stderr()
+            .contains("meshbox: server killed: out of memory"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn ends_within_a_second_during_install_and_leaves_no_installer() {
+    for how in ["-TERM", "-INT", "eof"] {
+        let hole = Blackhole::start();
+        let project = hanging_node_project(&hole);
+        let src = format!("path:{}", project.path().display());
+        let mut run = Run::start(&[&src], &[]);
+        // On a pipe, plain status lines say what is happening.
+        run.wait_stderr("meshbox: installing dependencies", Duration::from_secs(60));
+        let needle = format!("127.0.0.1:{}", hole.port);
+        let start = Instant::now();
+        while processes_mentioning(&needle).is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "npm never reached its git step: {}",
+                run.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if how == "eof" {
+            run.stdin.take();
+        } else {
+            run.signal(how);
+        }
+        let (code, took) = run.wait_exit(Duration::from_secs(30));
+        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        if how == "eof" {
+            assert_eq!(code, Some(0));
+        } else {
+            assert_ne!(code, Some(0), "stopped before the server ran");
+        }
+        // npm, and the git it started, are gone with the install.
+        assert_none_left(&needle);
+        assert_none_left(&project.path().display().to_string());
+    }
+}
+
+#[test]
+fn a_failed_install_ends_promptly_with_the_installers_last_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = json!({
+        "name": "broken-dep",
+        "version": "1.0.0",
+        "bin": {"broken-dep": "index.js"},
+        "dependencies": {"gone": "file:./no-such.tgz"}
+    });
+    std::fs::write(dir.path().join("package.json"), pkg.to_string()).unwrap();
+    std::fs::write(dir.path().join("index.js"), "").unwrap();
+    let src = format!("path:{}", dir.path().display());
+    let mut run = Run::start(&[&src], &[]);
+    run.wait_stderr("meshbox: installing dependencies", Duration::from_secs(60));
+    let (code, took) = run.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{}", run.stderr());
+    // npm gives up on a missing file: dependency in a second or two.
+    assert!(
+        took < Duration::from_secs(20),
+        "exited {took:?} after the install began"
+    );
+    let err = run.stderr();
+    assert!(
+        err.contains("error: npm install failed (exit code"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no-such.tgz"),
+        "the installer's own words: {err}"
+    );
+}
+
+#[test]
+fn a_missing_secret_fails_before_any_install() {
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(&["-e", r#"K={"file": "/nonexistent/secret"}"#, &py], &[]);
+    let (code, _) = run.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1));
+    assert!(run.stderr().contains("env `K`"), "{}", run.stderr());
+}
+
+#[test]
+#[ignore = "needs docker"]
+fn backend_docker_runs_the_server_in_a_hardened_container() {
+    assert!(
+        Command::new("docker")
+            .arg("info")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "needs a docker engine"
+    );
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(
+        &["--backend", "docker", "--memory", "128m", &py],
+        &[("SEEN", "1")],
+    );
+    let env: Value =
+        serde_json::from_str(&text(&run.handshake_and_call("env", json!({})))).unwrap();
+    // Inside the container: its own HOME (the tmpfs), the image's PATH.
+    assert_eq!(env["HOME"], "/tmp", "{env}");
+    assert!(env.get("SEEN").is_none());
+    let uid = Command::new("docker")
+        .args([
+            "ps",
+            "--filter",
+            "label=meshbox.mesh=local",
+            "--format",
+            "{{.ID}}",
+        ])
+        .output()
+        .unwrap();
+    let ids = String::from_utf8_lossy(&uid.stdout).to_string();
+    let id = ids
+        .lines()
+        .next()
+        .expect("a container runs the server")
+        .to_owned();
+    let inspect = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.Memory}}",
+            &id,
+        ])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
+    assert_eq!(got, format!("10001 true [ALL] {}", 128 << 20));
+    run.signal("-TERM");
+    let (code, took) = run.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", run.stderr());
+    eprintln!("docker run stopped in {took:?}");
+    let start = Instant::now();
+    loop {
+        let ps = Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "--filter",
+                &format!("id={id}"),
+                "--format",
+                "{{.ID}}",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&ps.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "container {id} left behind"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
