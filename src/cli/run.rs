@@ -265,12 +265,12 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     backend.release(&owner).await;
     if reason.oom_killed {
         note("server killed: out of memory (raise --memory)");
-    } else if let (None, Some(sig), false) = (reason.code, reason.signal, requested) {
+    } else if let (Some(sig), false) = (reason.signal, requested) {
         note(&format!("server killed by signal {sig}"));
     }
     // Asked to end, we killed it: that is how it should end, not a failure.
     Ok(
-        if requested && reason.code.is_none() && !reason.oom_killed {
+        if requested && reason.signal.is_some() && !reason.oom_killed {
             0
         } else {
             exit_code(&reason)
