@@ -599,3 +599,206 @@ fn backend_docker_runs_the_server_in_a_hardened_container() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+// ---- real MCP clients (`needs clients`: tests/clients/setup.sh installs the
+// Python SDK, uv and the MCP Inspector under target/clients; the npm/PyPI
+// servers come from the registries) ----------------------------------------
+
+struct Clients {
+    python: String,
+    uvx: String,
+    inspector: String,
+}
+
+/// Runs the setup script (idempotent) and returns where the clients are.
+fn clients() -> Clients {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/setup.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("needs bash");
+    assert!(
+        out.status.success(),
+        "needs clients: {} failed (python3, node/npm and the registries are required)",
+        script.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("setup.sh said no {k}: {text}"))
+            .to_owned()
+    };
+    Clients {
+        python: get("PYTHON"),
+        uvx: get("UVX"),
+        inspector: get("INSPECTOR"),
+    }
+}
+
+/// The CA-bundle variables of this environment: on a network that
+/// intercepts TLS, `npx` and `uvx` entries need them in their `env` too.
+fn ca_env() -> serde_json::Map<String, Value> {
+    [
+        "NODE_EXTRA_CA_CERTS",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), json!(v))))
+    .collect()
+}
+
+/// A client config (Claude Desktop's `mcpServers` shape) written to a file.
+fn client_config(dir: &Path, servers: Value) -> PathBuf {
+    let path = dir.join("mcp.json");
+    std::fs::write(&path, json!({ "mcpServers": servers }).to_string()).unwrap();
+    path
+}
+
+/// The Python SDK against one entry: `{"tools": [names], "call": …}`.
+fn python_sdk(c: &Clients, config: &Path, server: &str, call: Option<(&str, Value)>) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_client.py");
+    let mut cmd = Command::new(&c.python);
+    cmd.arg(script).arg(config).arg(server);
+    if let Some((tool, args)) = call {
+        cmd.arg(tool).arg(args.to_string());
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().unwrap();
+    assert!(out.status.success(), "python SDK client failed on {server}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The MCP Inspector CLI against one entry.
+fn inspector(c: &Clients, config: &Path, server: &str, method: &[&str]) -> Value {
+    let out = Command::new(&c.inspector)
+        .args(["--cli", "--config"])
+        .arg(config)
+        .args(["--server", server, "--method"])
+        .args(method)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "inspector failed on {server} {method:?}"
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn names(tools: &Value) -> Vec<String> {
+    let mut n: Vec<String> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+#[ignore = "needs clients"]
+fn mcp_clients_use_meshbox_where_they_used_npx_and_uvx() {
+    let c = clients();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut env = ca_env();
+    let mut ours = env.clone();
+    ours.insert("MESHBOX_DATA_DIR".into(), json!(data));
+    let meshbox = meshbox_bin();
+    // The same entries, meshbox's spelled `meshbox run SOURCE ARGS…`.
+    let config = client_config(
+        dir.path(),
+        json!({
+            "everything-npx": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-everything", "stdio"], "env": env},
+            "everything": {"command": meshbox, "args": ["run", "npm:@modelcontextprotocol/server-everything", "stdio"], "env": ours},
+            "time-uvx": {"command": c.uvx, "args": ["mcp-server-time"], "env": env},
+            "time": {"command": meshbox, "args": ["run", "pypi:mcp-server-time"], "env": ours},
+        }),
+    );
+    env.clear();
+
+    let npx = python_sdk(&c, &config, "everything-npx", None);
+    let ours = python_sdk(
+        &c,
+        &config,
+        "everything",
+        Some(("echo", json!({"message": "hi"}))),
+    );
+    assert_eq!(ours["tools"], npx["tools"]);
+    assert_eq!(ours["call"]["content"][0]["text"], "Echo: hi", "{ours}");
+    let uvx = python_sdk(&c, &config, "time-uvx", None);
+    let ours = python_sdk(
+        &c,
+        &config,
+        "time",
+        Some(("get_current_time", json!({"timezone": "UTC"}))),
+    );
+    assert_eq!(ours["tools"], uvx["tools"]);
+    assert!(
+        ours["call"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("UTC")),
+        "{ours}"
+    );
+
+    // The Inspector CLI (which drops `--`) on the same entries, now cached.
+    for (server, want) in [("everything", &npx), ("time", &uvx)] {
+        let listed = inspector(&c, &config, server, &["tools/list"]);
+        let want: Vec<String> = serde_json::from_value(want["tools"].clone()).unwrap();
+        assert_eq!(names(&listed["tools"]), want, "{server}");
+    }
+    let called = inspector(
+        &c,
+        &config,
+        "everything",
+        &[
+            "tools/call",
+            "--tool-name",
+            "echo",
+            "--tool-arg",
+            "message=hi",
+        ],
+    );
+    assert_eq!(called["content"][0]["text"], "Echo: hi", "{called}");
+    // Every client is gone, and so is everything meshbox started for it.
+    assert_none_left(&data.display().to_string());
+}
+
+#[test]
+#[ignore = "needs clients"]
+fn a_client_configs_env_reaches_the_server_through_dash_e() {
+    let c = clients();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let py = format!("path:{}", fixture("py_server").display());
+    let config = client_config(
+        dir.path(),
+        json!({
+            "fixture": {
+                "command": meshbox_bin(),
+                // Server arguments follow the source, as after `npx -y PKG`.
+                "args": ["run", "-e", "API_KEY", "-e", "MODE=strict", &py, "--page-size", "100"],
+                "env": {"API_KEY": "from-the-config", "OTHER": "not passed", "MESHBOX_DATA_DIR": data}
+            }
+        }),
+    );
+    let got = python_sdk(&c, &config, "fixture", Some(("env", json!({}))));
+    let env: Value =
+        serde_json::from_str(got["call"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(env["API_KEY"], "from-the-config");
+    assert_eq!(env["MODE"], "strict");
+    assert!(env.get("OTHER").is_none(), "{env}");
+    assert_eq!(
+        got["tools"].as_array().unwrap().len(),
+        common::FIXTURE_TOOLS
+    );
+    let listed = inspector(&c, &config, "fixture", &["tools/list"]);
+    assert_eq!(names(&listed["tools"]).len(), common::FIXTURE_TOOLS);
+    assert_none_left(&data.display().to_string());
+}
