@@ -362,8 +362,9 @@ async fn hostile_cli_inputs_fail_cleanly() {
             "deploy".into(),
             "acme/x".into(),
             py.clone(),
+            // (`--env KEY` alone passes KEY from the environment, as docker does.)
             "--env".into(),
-            "NOEQUALS".into(),
+            "=no-key".into(),
         ],
         vec![
             "deploy".into(),
