@@ -242,6 +242,18 @@ pub struct DeployArgs {
     pub args: Vec<String>,
 }
 
+/// A path relative to the current directory made absolute.
+fn absolute(p: PathBuf) -> Result<PathBuf, CliError> {
+    if p.is_absolute() {
+        return Ok(p);
+    }
+    let cwd = std::env::current_dir().map_err(|source| CliError::Io {
+        context: "failed to read the current directory".into(),
+        source,
+    })?;
+    Ok(cwd.join(p))
+}
+
 /// `path:./dir` and bare directories become `path:/abs/dir`.
 pub fn absolutize_source(source: &str) -> Result<String, CliError> {
     let rel = match source.strip_prefix("path:") {
@@ -249,17 +261,7 @@ pub fn absolutize_source(source: &str) -> Result<String, CliError> {
         None if !source.contains(':') && std::path::Path::new(source).is_dir() => source,
         None => return Ok(source.to_owned()),
     };
-    let p = PathBuf::from(rel);
-    let abs = if p.is_absolute() {
-        p
-    } else {
-        std::env::current_dir()
-            .map_err(|source| CliError::Io {
-                context: "failed to read the current directory".into(),
-                source,
-            })?
-            .join(p)
-    };
+    let abs = absolute(PathBuf::from(rel))?;
     let abs = abs.canonicalize().unwrap_or(abs);
     Ok(format!("path:{}", abs.display()))
 }
@@ -287,19 +289,9 @@ fn env_item(
         return Ok(None);
     };
     let value = match serde_json::from_str::<EnvValue>(&value) {
-        Ok(EnvValue::File { file }) if value.trim_start().starts_with('{') => {
-            let file = if file.is_absolute() {
-                file
-            } else {
-                std::env::current_dir()
-                    .map_err(|source| CliError::Io {
-                        context: "failed to read the current directory".into(),
-                        source,
-                    })?
-                    .join(file)
-            };
-            EnvValue::File { file }
-        }
+        Ok(EnvValue::File { file }) if value.trim_start().starts_with('{') => EnvValue::File {
+            file: absolute(file)?,
+        },
         _ => EnvValue::Literal(value),
     };
     Ok(Some((key.to_owned(), value)))

@@ -133,6 +133,25 @@ fn exit_code(reason: &ExitReason) -> i32 {
     }
 }
 
+/// Runs `work` (a phase before the server runs) unless a signal or the
+/// client's leaving comes first; then the exit code to end with, and `work`
+/// is dropped, killing what it started.
+async fn unless_stopped<T>(
+    work: impl std::future::Future<Output = T>,
+    shutdown: &mut Shutdown,
+    closed: &mut watch::Receiver<bool>,
+) -> Result<T, i32> {
+    tokio::select! {
+        biased;
+        _ = shutdown => {
+            note("stopped before the server started");
+            Err(1)
+        }
+        _ = Input::closed(closed) => Err(0),
+        r = work => Ok(r),
+    }
+}
+
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let spec = args.spec.into_spec(&args.source, args.args)?;
     let source: Source = spec.source.parse()?;
@@ -195,24 +214,15 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
 
     // Install, raced against the signal and the client going away: dropping
     // the acquisition kills what it started.
-    let prepared = tokio::select! {
-        biased;
-        _ = &mut shutdown => {
-            note("stopped before the server started");
-            return Ok(1);
-        }
-        _ = Input::closed(&mut closed) => return Ok(0),
-        r = prepare::acquire(&*backend, &acquirers, &owner, &v, &progress) => r?,
+    let acquiring = prepare::acquire(&*backend, &acquirers, &owner, &v, &progress);
+    let prepared = match unless_stopped(acquiring, &mut shutdown, &mut closed).await {
+        Ok(r) => r?,
+        Err(code) => return Ok(code),
     };
     let spec = prepare::server_sandbox(&owner, &v.spec, &prepared, env, home);
-    let spawned = tokio::select! {
-        biased;
-        _ = &mut shutdown => {
-            note("stopped before the server started");
-            return Ok(1);
-        }
-        _ = Input::closed(&mut closed) => return Ok(0),
-        r = backend.spawn(spec) => r,
+    let spawned = match unless_stopped(backend.spawn(spec), &mut shutdown, &mut closed).await {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
     };
     let mut sandbox = match spawned {
         Ok(s) => s,
