@@ -52,6 +52,14 @@ fn result() -> Value {
     json!({"result": {"content": [{"type": "string", "text": "string"}]}})
 }
 
+fn get(path: &'static str, status: u16, shape: Value) -> Row {
+    row("GET", path, None, status, shape)
+}
+
+fn post(path: &'static str, body: &'static str, status: u16, shape: Value) -> Row {
+    row("POST", path, Some(body), status, shape)
+}
+
 fn row(
     method: &'static str,
     path: &'static str,
@@ -74,234 +82,61 @@ fn differs(mut r: Row, status: u16, why: &'static str) -> Row {
     r
 }
 
+#[rustfmt::skip]
 /// Seed 001's routes in a broker's order, with every body shape it took.
 fn table() -> Vec<Row> {
     let loaded = || json!({"status": "string", "tools": [tool()]});
-    let health_one = || json!({"ok": "bool", "services": [{"name": "string", "status": "string", "pid": "number", "tools": "number", "restarts": "number"}]});
+    let all = || json!({"svc": [tool()], "svc2": [tool()], "svc3": [tool()]});
+    let tools = || json!({"tools": [tool()]});
+    let lines = || json!({"lines": ["string"]});
+    let ok = || json!({"ok": "bool"});
+    let none = || json!({"ok": "bool", "services": []});
+    let one = json!({"name": "string", "status": "string", "pid": "number", "tools": "number", "restarts": "number"});
+    let wrong_method = "a wrong method is a 405 (with a JSON error), not a missing route";
     vec![
-        row(
-            "GET",
-            "/health",
-            None,
-            200,
-            json!({"ok": "bool", "services": []}),
-        ),
-        row("GET", "/list", None, 200, json!({})),
+        get("/health", 200, none()),
+        get("/list", 200, json!({})),
         // /load: the documented body, then the shapes brokers really send.
-        row(
-            "POST",
-            "/load",
-            Some(r#"{"name":"svc","sourcePath":"@DIR@","env":{"A":"1"},"runtime":"node"}"#),
-            200,
-            loaded(),
-        ),
-        row(
-            "POST",
-            "/load",
-            Some(
-                r#"{"name":"svc2","sourcePath":"@DIR@","env":null,"meshId":"mesh-1","gitUrl":null,"gitBranch":null,"npxPackage":""}"#,
-            ),
-            200,
-            loaded(),
-        ),
-        row(
-            "POST",
-            "/load",
-            Some(
-                r#"{"name":"svc3","sourcePath":"@DIR@","env":{"PORT":8080,"DEBUG":true,"S":"x"}}"#,
-            ),
-            200,
-            loaded(),
-        ),
+        post("/load", r#"{"name":"svc","sourcePath":"@DIR@","env":{"A":"1"},"runtime":"node"}"#, 200, loaded()),
+        post("/load", r#"{"name":"svc2","sourcePath":"@DIR@","env":null,"meshId":"mesh-1","gitUrl":null,"gitBranch":null,"npxPackage":""}"#, 200, loaded()),
+        post("/load", r#"{"name":"svc3","sourcePath":"@DIR@","env":{"PORT":8080,"DEBUG":true,"S":"x"}}"#, 200, loaded()),
         // A second /load of a name replaces it.
-        row(
-            "POST",
-            "/load",
-            Some(r#"{"name":"svc","sourcePath":"@DIR@"}"#),
-            200,
-            loaded(),
-        ),
-        row(
-            "POST",
-            "/load",
-            Some(r#"{"sourcePath":"@DIR@"}"#),
-            400,
-            error(),
-        ),
-        row(
-            "POST",
-            "/load",
-            Some(r#"{"name":"nosource"}"#),
-            400,
-            error(),
-        ),
-        differs(
-            row("POST", "/load", Some(r#"{"name":"#), 500, error()),
-            400,
-            "a body that is not JSON is the caller's error",
-        ),
-        row("GET", "/health", None, 200, health_one()),
-        row(
-            "GET",
-            "/list",
-            None,
-            200,
-            json!({"svc": [tool()], "svc2": [tool()], "svc3": [tool()]}),
-        ),
-        row(
-            "GET",
-            "/list?name=svc",
-            None,
-            200,
-            json!({"tools": [tool()]}),
-        ),
-        row(
-            "GET",
-            "/list?name=",
-            None,
-            200,
-            json!({"svc": [tool()], "svc2": [tool()], "svc3": [tool()]}),
-        ),
-        row(
-            "GET",
-            "/list?name=svc&meshId=mesh-1",
-            None,
-            200,
-            json!({"tools": [tool()]}),
-        ),
-        row("GET", "/list?name=nope", None, 404, error()),
-        row(
-            "GET",
-            "/logs?name=svc&lines=5",
-            None,
-            200,
-            json!({"lines": ["string"]}),
-        ),
-        row(
-            "GET",
-            "/logs?name=svc",
-            None,
-            200,
-            json!({"lines": ["string"]}),
-        ),
-        row(
-            "GET",
-            "/logs?name=svc&lines=abc",
-            None,
-            200,
-            json!({"lines": ["string"]}),
-        ),
-        row("GET", "/logs?name=nope", None, 404, error()),
-        differs(
-            row("GET", "/logs", None, 404, error()),
-            400,
-            "a missing name is the caller's error, not a missing service",
-        ),
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc","tool":"echo","args":{"text":"hi"}}"#),
-            200,
-            result(),
-        ),
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc","tool":"add","args":null}"#),
-            200,
-            result(),
-        ),
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc","tool":"add"}"#),
-            200,
-            result(),
-        ),
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc","tool":"echo","args":{"text":"x"},"meshId":"mesh-1"}"#),
-            200,
-            result(),
-        ),
+        post("/load", r#"{"name":"svc","sourcePath":"@DIR@"}"#, 200, loaded()),
+        post("/load", r#"{"sourcePath":"@DIR@"}"#, 400, error()),
+        post("/load", r#"{"name":"nosource"}"#, 400, error()),
+        differs(post("/load", r#"{"name":"#, 500, error()), 400, "a body that is not JSON is the caller's error"),
+        get("/health", 200, json!({"ok": "bool", "services": [one]})),
+        get("/list", 200, all()),
+        get("/list?name=svc", 200, tools()),
+        get("/list?name=", 200, all()),
+        get("/list?name=svc&meshId=mesh-1", 200, tools()),
+        get("/list?name=nope", 404, error()),
+        get("/logs?name=svc&lines=5", 200, lines()),
+        get("/logs?name=svc", 200, lines()),
+        get("/logs?name=svc&lines=abc", 200, lines()),
+        get("/logs?name=nope", 404, error()),
+        differs(get("/logs", 404, error()), 400, "a missing name is the caller's error, not a missing service"),
+        post("/call", r#"{"name":"svc","tool":"echo","args":{"text":"hi"}}"#, 200, result()),
+        post("/call", r#"{"name":"svc","tool":"add","args":null}"#, 200, result()),
+        post("/call", r#"{"name":"svc","tool":"add"}"#, 200, result()),
+        post("/call", r#"{"name":"svc","tool":"echo","args":{"text":"x"},"meshId":"mesh-1"}"#, 200, result()),
         // A JSON-RPC error from the server is a 200 with `error`.
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc","tool":"no_such_tool","args":{}}"#),
-            200,
-            error(),
-        ),
+        post("/call", r#"{"name":"svc","tool":"no_such_tool","args":{}}"#, 200, error()),
         // So is a server that dies during the call.
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"svc3","tool":"crash","args":{}}"#),
-            200,
-            error(),
-        ),
-        row(
-            "POST",
-            "/call",
-            Some(r#"{"name":"nope","tool":"echo","args":{}}"#),
-            404,
-            error(),
-        ),
-        row("POST", "/unload", Some(r#"{"name":"nope"}"#), 404, error()),
-        row(
-            "POST",
-            "/unload",
-            Some(r#"{"name":"svc2","meshId":"mesh-1"}"#),
-            200,
-            json!({"ok": "bool"}),
-        ),
-        differs(
-            row("GET", "/load", None, 404, error()),
-            405,
-            "a wrong method is a 405 (with a JSON error), not a missing route",
-        ),
-        differs(
-            row("POST", "/health", None, 404, error()),
-            405,
-            "a wrong method is a 405 (with a JSON error), not a missing route",
-        ),
-        row("GET", "/no/such/route", None, 404, error()),
-        differs(
-            row("GET", "/health?meshId=mesh-1", None, 404, error()),
-            200,
-            "unknown query parameters are ignored on every route",
-        ),
-        row(
-            "POST",
-            "/unload",
-            Some(r#"{"name":"svc"}"#),
-            200,
-            json!({"ok": "bool"}),
-        ),
-        row(
-            "POST",
-            "/unload",
-            Some(r#"{"name":"svc3"}"#),
-            200,
-            json!({"ok": "bool"}),
-        ),
-        row(
-            "GET",
-            "/health",
-            None,
-            200,
-            json!({"ok": "bool", "services": []}),
-        ),
+        post("/call", r#"{"name":"svc3","tool":"crash","args":{}}"#, 200, error()),
+        post("/call", r#"{"name":"nope","tool":"echo","args":{}}"#, 404, error()),
+        post("/unload", r#"{"name":"nope"}"#, 404, error()),
+        post("/unload", r#"{"name":"svc2","meshId":"mesh-1"}"#, 200, ok()),
+        differs(get("/load", 404, error()), 405, wrong_method),
+        differs(row("POST", "/health", None, 404, error()), 405, wrong_method),
+        get("/no/such/route", 404, error()),
+        differs(get("/health?meshId=mesh-1", 404, error()), 200, "unknown query parameters are ignored on every route"),
+        post("/unload", r#"{"name":"svc"}"#, 200, ok()),
+        post("/unload", r#"{"name":"svc3"}"#, 200, ok()),
+        get("/health", 200, none()),
         // Last: the seed registers a service whose install failed.
         differs(
-            row(
-                "POST",
-                "/load",
-                Some(r#"{"name":"baddir","sourcePath":"/nonexistent/meshbox-legacy-test"}"#),
-                500,
-                error(),
-            ),
+            post("/load", r#"{"name":"baddir","sourcePath":"/nonexistent/meshbox-legacy-test"}"#, 500, error()),
             400,
             "a missing source directory is bad input, refused before anything is registered",
         ),

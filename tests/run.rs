@@ -146,6 +146,27 @@ impl Run {
         assert!(ok);
     }
 
+    /// The pid the server printed on stderr after `prefix`.
+    fn pid_after(&self, prefix: &str) -> u32 {
+        self.wait_stderr(prefix, Duration::from_secs(60));
+        let err = self.stderr();
+        let tail = err.split(prefix).nth(1).unwrap();
+        tail.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// Asks meshbox to end (`eof` closes its stdin, else a `kill` signal
+    /// like `-TERM`) and checks it did in time; its exit code.
+    fn stop_by(&mut self, how: &str) -> Option<i32> {
+        if how == "eof" {
+            self.stdin.take();
+        } else {
+            self.signal(how);
+        }
+        let (code, took) = self.wait_exit(Duration::from_secs(30));
+        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        code
+    }
+
     /// Waits for the exit; its code and how long it took.
     fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
@@ -181,10 +202,7 @@ fn text(result: &Value) -> String {
 
 /// The server's pid, from the fixture's start line on stderr.
 fn fixture_pid(run: &Run) -> u32 {
-    run.wait_stderr("py-fixture started pid=", Duration::from_secs(60));
-    let err = run.stderr();
-    let tail = err.split("py-fixture started pid=").nth(1).unwrap();
-    tail.split_whitespace().next().unwrap().parse().unwrap()
+    run.pid_after("py-fixture started pid=")
 }
 
 /// Live processes whose command line or working directory mentions `needle`.
@@ -361,13 +379,7 @@ fn ends_within_a_second_of_sigterm_sigint_or_stdin_eof_while_serving() {
             text(&run.handshake_and_call("add", json!({"a": 1, "b": 2}))),
             "3"
         );
-        if how == "eof" {
-            run.stdin.take();
-        } else {
-            run.signal(how);
-        }
-        let (code, took) = run.wait_exit(Duration::from_secs(30));
-        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        let code = run.stop_by(how);
         assert_eq!(code, Some(0), "{how}: {}", run.stderr());
         assert!(!pid_alive(pid), "{how}: server {pid} left running");
     }
@@ -387,24 +399,8 @@ fn a_server_ignoring_eof_and_sigterm_is_killed_in_time() {
     let src = format!("path:{}", dir.path().display());
     for how in ["-TERM", "eof"] {
         let mut run = Run::start(&[&src], &[]);
-        run.wait_stderr("stubborn pid=", Duration::from_secs(60));
-        let pid: u32 = run
-            .stderr()
-            .split("stubborn pid=")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        if how == "eof" {
-            run.stdin.take();
-        } else {
-            run.signal(how);
-        }
-        let (_, took) = run.wait_exit(Duration::from_secs(30));
-        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        let pid = run.pid_after("stubborn pid=");
+        run.stop_by(how);
         assert!(!pid_alive(pid), "{how}: server {pid} left running");
     }
 }
@@ -466,13 +462,7 @@ fn ends_within_a_second_during_install_and_leaves_no_installer() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        if how == "eof" {
-            run.stdin.take();
-        } else {
-            run.signal(how);
-        }
-        let (code, took) = run.wait_exit(Duration::from_secs(30));
-        assert!(took < STOP_BOUND, "{how}: exited after {took:?}");
+        let code = run.stop_by(how);
         if how == "eof" {
             assert_eq!(code, Some(0));
         } else {
@@ -723,35 +713,32 @@ fn mcp_clients_use_meshbox_where_they_used_npx_and_uvx() {
     );
     env.clear();
 
-    let npx = python_sdk(&c, &config, "everything-npx", None);
-    let ours = python_sdk(
-        &c,
-        &config,
-        "everything",
-        Some(("echo", json!({"message": "hi"}))),
-    );
-    assert_eq!(ours["tools"], npx["tools"]);
-    assert_eq!(ours["call"]["content"][0]["text"], "Echo: hi", "{ours}");
-    let uvx = python_sdk(&c, &config, "time-uvx", None);
-    let ours = python_sdk(
-        &c,
-        &config,
-        "time",
-        Some(("get_current_time", json!({"timezone": "UTC"}))),
-    );
-    assert_eq!(ours["tools"], uvx["tools"]);
-    assert!(
-        ours["call"]["content"][0]["text"]
-            .as_str()
-            .is_some_and(|t| t.contains("UTC")),
-        "{ours}"
-    );
-
-    // The Inspector CLI (which drops `--`) on the same entries, now cached.
-    for (server, want) in [("everything", &npx), ("time", &uvx)] {
-        let listed = inspector(&c, &config, server, &["tools/list"]);
+    // The Python SDK on each pair: the same tools, and a call through meshbox;
+    // then the Inspector CLI (which drops `--`) on meshbox's, now cached.
+    for (reference, ours, tool, args, answer) in [
+        (
+            "everything-npx",
+            "everything",
+            "echo",
+            json!({"message": "hi"}),
+            "Echo: hi",
+        ),
+        (
+            "time-uvx",
+            "time",
+            "get_current_time",
+            json!({"timezone": "UTC"}),
+            "UTC",
+        ),
+    ] {
+        let want = python_sdk(&c, &config, reference, None);
+        let got = python_sdk(&c, &config, ours, Some((tool, args)));
+        assert_eq!(got["tools"], want["tools"], "{ours}");
+        let text = got["call"]["content"][0]["text"].as_str().unwrap_or("");
+        assert!(text.contains(answer), "{ours}: {got}");
+        let listed = inspector(&c, &config, ours, &["tools/list"]);
         let want: Vec<String> = serde_json::from_value(want["tools"].clone()).unwrap();
-        assert_eq!(names(&listed["tools"]), want, "{server}");
+        assert_eq!(names(&listed["tools"]), want, "{ours}");
     }
     let called = inspector(
         &c,
