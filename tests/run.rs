@@ -258,7 +258,11 @@ struct Blackhole {
 
 impl Blackhole {
     fn start() -> Blackhole {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0")
+    }
+
+    fn start_on(addr: &str) -> Blackhole {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -285,12 +289,16 @@ impl Drop for Blackhole {
 /// A node project whose `npm install` hangs in a `git` grandchild of npm,
 /// fetching a dependency from `hole`.
 fn hanging_node_project(hole: &Blackhole) -> tempfile::TempDir {
+    hanging_node_project_at("127.0.0.1", hole)
+}
+
+fn hanging_node_project_at(host: &str, hole: &Blackhole) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let pkg = json!({
         "name": "hangs-in-install",
         "version": "1.0.0",
         "bin": {"hangs-in-install": "index.js"},
-        "dependencies": {"slow": format!("git+https://127.0.0.1:{}/slow.git", hole.port)}
+        "dependencies": {"slow": format!("git+https://{host}:{}/slow.git", hole.port)}
     });
     std::fs::write(dir.path().join("package.json"), pkg.to_string()).unwrap();
     std::fs::write(dir.path().join("index.js"), "process.stdin.resume();\n").unwrap();
@@ -538,11 +546,13 @@ fn backend_docker_runs_the_server_in_a_hardened_container() {
     let uid = Command::new("docker")
         .args([
             "ps",
-            "--filter",
-            "label=meshbox.mesh=local",
             "--format",
             "{{.ID}}",
+            "--filter",
+            "label=meshbox.role=server",
         ])
+        .arg("--filter")
+        .arg(format!("label=meshbox.service=run-{}", run.child.id()))
         .output()
         .unwrap();
     let ids = String::from_utf8_lossy(&uid.stdout).to_string();
@@ -788,4 +798,78 @@ fn a_client_configs_env_reaches_the_server_through_dash_e() {
     let listed = inspector(&c, &config, "fixture", &["tools/list"]);
     assert_eq!(names(&listed["tools"]).len(), common::FIXTURE_TOOLS);
     assert_none_left(&data.display().to_string());
+}
+
+/// Containers of one `meshbox run` (its owner label), running or not.
+fn run_containers(run: &Run) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("label=meshbox.service=run-{}", run.child.id()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The engine may still be finishing a removal meshbox asked for on its way
+/// out: gone within moments, never left behind.
+fn no_containers_soon(run: &Run) {
+    let left = run_containers(run);
+    let start = Instant::now();
+    while !run_containers(run).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "containers left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs docker"]
+fn backend_docker_leaves_no_install_container_failed_or_interrupted() {
+    let gateway = Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            "bridge",
+            "--format",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ])
+        .output()
+        .expect("needs the docker CLI");
+    assert!(gateway.status.success(), "needs a docker engine");
+    let gateway = String::from_utf8_lossy(&gateway.stdout).trim().to_owned();
+    // Failed: the install container's error comes back, the container goes.
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = json!({"name": "broken", "version": "1.0.0", "bin": {"broken": "index.js"},
+                     "dependencies": {"gone": "file:./no-such.tgz"}});
+    std::fs::write(dir.path().join("package.json"), pkg.to_string()).unwrap();
+    std::fs::write(dir.path().join("index.js"), "").unwrap();
+    let src = format!("path:{}", dir.path().display());
+    let mut run = Run::start(&["--backend", "docker", &src], &[]);
+    let (code, _) = run.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, Some(1), "{}", run.stderr());
+    assert!(run.stderr().contains("no-such.tgz"), "{}", run.stderr());
+    no_containers_soon(&run);
+    // Interrupted: the install container hangs fetching from the host.
+    let hole = Blackhole::start_on("0.0.0.0:0");
+    let project = hanging_node_project_at(&gateway, &hole);
+    let src = format!("path:{}", project.path().display());
+    let mut run = Run::start(&["--backend", "docker", &src], &[]);
+    run.wait_stderr("in a node container", Duration::from_secs(60));
+    let start = Instant::now();
+    while run_containers(&run).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no install container"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let code = run.stop_by("-TERM");
+    assert_ne!(code, Some(0));
+    no_containers_soon(&run);
 }

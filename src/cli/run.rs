@@ -159,133 +159,154 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         .data_dir
         .clone()
         .unwrap_or_else(super::serve::default_data_dir);
-    let install_timeout = Duration::from_secs(args.install_timeout.max(1));
-    let mut shutdown = shutdown;
-    let Input {
-        chunks: mut early,
-        mut closed,
-    } = Input::start();
-
+    let input = Input::start();
+    let owner = ServiceKey {
+        mesh: "local".into(),
+        name: format!("run-{}", std::process::id()),
+    };
+    // Docker: an instance of its own per run, so a `serve` of the same data
+    // dir sweeping its leftovers never takes a `meshbox run` down, and this
+    // run can remove everything it started (awaited) before it exits.
+    let instance_dir = data_dir.join("run").join(std::process::id().to_string());
     let backend: Box<dyn Orchestrator> = match args.backend {
         RunBackend::Process => Box::new(ProcessBackend::new(ProcessConfig {
             cgroups: !args.no_cgroups,
             ..Default::default()
         })),
-        // Its own instance id (under `run/`): a `serve` of the same data dir
-        // sweeping its leftovers never takes a running `meshbox run` down.
         RunBackend::Docker => Box::new(
             DockerBackend::connect(DockerConfig {
-                data_dir: data_dir.join("run"),
+                data_dir: instance_dir.clone(),
                 ca_bundle: args.container_ca_bundle.clone(),
             })
             .await?,
         ),
     };
-    let owner = ServiceKey {
-        mesh: "local".into(),
-        name: format!("run-{}", std::process::id()),
+    let one = One {
+        backend: &*backend,
+        owner: &owner,
+        data_dir: &data_dir,
+        install_timeout: Duration::from_secs(args.install_timeout.max(1)),
     };
-    let caps = backend.capabilities();
-    let mut install = InstallConfig::new(data_dir.join("cache"));
-    install.timeout = install_timeout;
-    let installer = Installer::new(install);
-    let sandboxed = SandboxedInstalls::new(data_dir.join("docker-installs"));
-    let progress: Progress = Arc::new(|line: &str| note(line));
-    let acquirers = Acquirers {
-        installer: &installer,
-        sandboxed: &sandboxed,
-        install_timeout,
-    };
-    let v = Validated { spec, source };
-    // Secrets first: a missing one fails before any download. Containers get
-    // their own home (a tmpfs).
-    let home = match caps.sandboxed_install {
-        true => None,
-        false => Some(prepare::server_home(&data_dir, &owner)?),
-    };
-    // Its user is the operator: secret files may be anywhere they can read.
-    let env = prepare::server_env(
-        &crate::environ::runner_path(),
-        home.as_deref().unwrap_or(std::path::Path::new("/tmp")),
-        &v.spec.env,
-        &crate::secrets::SecretPolicy::Anywhere,
-    )
-    .await?;
-
-    // Install, raced against the signal and the client going away: dropping
-    // the acquisition kills what it started.
-    let acquiring = prepare::acquire(&*backend, &acquirers, &owner, &v, &progress);
-    let prepared = match unless_stopped(acquiring, &mut shutdown, &mut closed).await {
-        Ok(r) => r?,
-        Err(code) => return Ok(code),
-    };
-    let spec = prepare::server_sandbox(&owner, &v.spec, &prepared, env, home);
-    let spawned = match unless_stopped(backend.spawn(spec), &mut shutdown, &mut closed).await {
-        Ok(r) => r,
-        Err(code) => return Ok(code),
-    };
-    let mut sandbox = match spawned {
-        Ok(s) => s,
-        Err(e) => {
-            backend.release(&owner).await;
-            return Err(e.into());
-        }
-    };
-
-    let mut stdin = sandbox.io.stdin;
-    let mut stdout = sandbox.io.stdout;
-    let mut stderr = sandbox.io.stderr;
-    // Client → server, early bytes first; the end of our stdin closes the server's.
-    let to_server = tokio::spawn(async move {
-        while let Some(chunk) = early.recv().await {
-            if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = stdin.shutdown().await;
-    });
-    let from_server = tokio::spawn(async move {
-        let mut ours = tokio::io::stdout();
-        let _ = tokio::io::copy(&mut stdout, &mut ours).await;
-        let _ = ours.flush().await;
-    });
-    let errors = tokio::spawn(async move {
-        let mut ours = tokio::io::stderr();
-        let _ = tokio::io::copy(&mut stderr, &mut ours).await;
-    });
-
-    let stop = tokio::select! {
-        r = wait_exit(&mut sandbox.exit) => Stop::Exited(r),
-        _ = &mut shutdown => Stop::Signal,
-        _ = Input::closed(&mut closed) => Stop::InputClosed,
-    };
-    let requested = !matches!(stop, Stop::Exited(_));
-    let reason = match stop {
-        Stop::Exited(r) => r,
-        Stop::Signal | Stop::InputClosed => {
-            // Closing the server's stdin is its cue; then SIGTERM, SIGKILL.
-            to_server.abort();
-            sandbox.handle.stop(STOP_GRACE).await
-        }
-    };
-    to_server.abort();
-    // Let the last replies reach the client.
-    let _ = tokio::time::timeout(Duration::from_millis(500), from_server).await;
-    let _ = tokio::time::timeout(Duration::from_millis(200), errors).await;
-    backend.release(&owner).await;
-    if reason.oom_killed {
-        note("server killed: out of memory (raise --memory)");
-    } else if let (Some(sig), false) = (reason.signal, requested) {
-        note(&format!("server killed by signal {sig}"));
+    let result = one.run(Validated { spec, source }, input, shutdown).await;
+    if args.backend == RunBackend::Docker {
+        // What a dropped phase (an install) left to a background removal.
+        backend.sweep(&[]).await;
+        let _ = std::fs::remove_dir_all(&instance_dir);
     }
-    // Asked to end, we killed it: that is how it should end, not a failure.
-    Ok(
-        if requested && reason.signal.is_some() && !reason.oom_killed {
-            0
-        } else {
-            exit_code(&reason)
-        },
-    )
+    backend.release(&owner).await;
+    result
+}
+
+/// One server's run: what it needs besides the spec.
+struct One<'a> {
+    backend: &'a dyn Orchestrator,
+    owner: &'a ServiceKey,
+    data_dir: &'a std::path::Path,
+    install_timeout: Duration,
+}
+
+impl One<'_> {
+    async fn run(&self, v: Validated, input: Input, shutdown: Shutdown) -> Result<i32, CliError> {
+        let (backend, owner) = (self.backend, self.owner);
+        let mut shutdown = shutdown;
+        let Input {
+            chunks: mut early,
+            mut closed,
+        } = input;
+        let caps = backend.capabilities();
+        let mut install = InstallConfig::new(self.data_dir.join("cache"));
+        install.timeout = self.install_timeout;
+        let installer = Installer::new(install);
+        let sandboxed = SandboxedInstalls::new(self.data_dir.join("docker-installs"));
+        let progress: Progress = Arc::new(|line: &str| note(line));
+        let acquirers = Acquirers {
+            installer: &installer,
+            sandboxed: &sandboxed,
+            install_timeout: self.install_timeout,
+        };
+        // Secrets first: a missing one fails before any download. Containers get
+        // their own home (a tmpfs).
+        let home = match caps.sandboxed_install {
+            true => None,
+            false => Some(prepare::server_home(self.data_dir, owner)?),
+        };
+        // Its user is the operator: secret files may be anywhere they can read.
+        let env = prepare::server_env(
+            &crate::environ::runner_path(),
+            home.as_deref().unwrap_or(std::path::Path::new("/tmp")),
+            &v.spec.env,
+            &crate::secrets::SecretPolicy::Anywhere,
+        )
+        .await?;
+
+        // Install, raced against the signal and the client going away: dropping
+        // the acquisition kills what it started.
+        let acquiring = prepare::acquire(backend, &acquirers, owner, &v, &progress);
+        let prepared = match unless_stopped(acquiring, &mut shutdown, &mut closed).await {
+            Ok(r) => r?,
+            Err(code) => return Ok(code),
+        };
+        let spec = prepare::server_sandbox(owner, &v.spec, &prepared, env, home);
+        let mut sandbox =
+            match unless_stopped(backend.spawn(spec), &mut shutdown, &mut closed).await {
+                Ok(r) => r?,
+                Err(code) => return Ok(code),
+            };
+
+        let mut stdin = sandbox.io.stdin;
+        let mut stdout = sandbox.io.stdout;
+        let mut stderr = sandbox.io.stderr;
+        // Client → server, early bytes first; the end of our stdin closes the server's.
+        let to_server = tokio::spawn(async move {
+            while let Some(chunk) = early.recv().await {
+                if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = stdin.shutdown().await;
+        });
+        let from_server = tokio::spawn(async move {
+            let mut ours = tokio::io::stdout();
+            let _ = tokio::io::copy(&mut stdout, &mut ours).await;
+            let _ = ours.flush().await;
+        });
+        let errors = tokio::spawn(async move {
+            let mut ours = tokio::io::stderr();
+            let _ = tokio::io::copy(&mut stderr, &mut ours).await;
+        });
+
+        let stop = tokio::select! {
+            r = wait_exit(&mut sandbox.exit) => Stop::Exited(r),
+            _ = &mut shutdown => Stop::Signal,
+            _ = Input::closed(&mut closed) => Stop::InputClosed,
+        };
+        let requested = !matches!(stop, Stop::Exited(_));
+        let reason = match stop {
+            Stop::Exited(r) => r,
+            Stop::Signal | Stop::InputClosed => {
+                // Closing the server's stdin is its cue; then SIGTERM, SIGKILL.
+                to_server.abort();
+                sandbox.handle.stop(STOP_GRACE).await
+            }
+        };
+        to_server.abort();
+        // Let the last replies reach the client.
+        let _ = tokio::time::timeout(Duration::from_millis(500), from_server).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), errors).await;
+        if reason.oom_killed {
+            note("server killed: out of memory (raise --memory)");
+        } else if let (Some(sig), false) = (reason.signal, requested) {
+            note(&format!("server killed by signal {sig}"));
+        }
+        // Asked to end, we killed it: that is how it should end, not a failure.
+        Ok(
+            if requested && reason.signal.is_some() && !reason.oom_killed {
+                0
+            } else {
+                exit_code(&reason)
+            },
+        )
+    }
 }
 
 #[cfg(test)]
