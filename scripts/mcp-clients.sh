@@ -4,6 +4,7 @@
 # Python venv). Idempotent; needs node/npm and python3 with venv.
 #   scripts/mcp-clients.sh            install
 #   cargo test --test gateway_clients -- --ignored
+#   cargo test --test run -- --ignored   (meshbox run under the same clients)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="$root/target/mcp-clients"
@@ -22,5 +23,6 @@ npm install --no-audit --no-fund --loglevel=error \
 if [ ! -x venv/bin/python ]; then
   python3 -m venv venv
 fi
-venv/bin/pip install --quiet --upgrade 'mcp>=2' mcp-proxy
+# uv gives `uvx`, the reference `meshbox run pypi:…` is compared with (tests/run.rs).
+venv/bin/pip install --quiet --upgrade 'mcp>=2' mcp-proxy uv
 echo "MCP clients installed in $dir"

@@ -600,41 +600,32 @@ fn backend_docker_runs_the_server_in_a_hardened_container() {
     }
 }
 
-// ---- real MCP clients (`needs clients`: tests/clients/setup.sh installs the
-// Python SDK, uv and the MCP Inspector under target/clients; the npm/PyPI
-// servers come from the registries) ----------------------------------------
+// ---- real MCP clients (`needs clients`: scripts/mcp-clients.sh installs the
+// Python SDK, uv and the MCP Inspector under target/mcp-clients; the npm/PyPI
+// servers come from the registries) ------------------------------------------
 
 struct Clients {
-    python: String,
-    uvx: String,
-    inspector: String,
+    python: PathBuf,
+    uvx: PathBuf,
+    inspector: PathBuf,
 }
 
-/// Runs the setup script (idempotent) and returns where the clients are.
+/// Where scripts/mcp-clients.sh installed the clients.
 fn clients() -> Clients {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/setup.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("needs bash");
-    assert!(
-        out.status.success(),
-        "needs clients: {} failed (python3, node/npm and the registries are required)",
-        script.display()
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("setup.sh said no {k}: {text}"))
-            .to_owned()
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mcp-clients");
+    let c = Clients {
+        python: dir.join("venv/bin/python"),
+        uvx: dir.join("venv/bin/uvx"),
+        inspector: dir.join("node_modules/.bin/mcp-inspector"),
     };
-    Clients {
-        python: get("PYTHON"),
-        uvx: get("UVX"),
-        inspector: get("INSPECTOR"),
+    for p in [&c.python, &c.uvx, &c.inspector] {
+        assert!(
+            p.is_file(),
+            "needs clients: {} is missing; run scripts/mcp-clients.sh first",
+            p.display()
+        );
     }
+    c
 }
 
 /// The CA-bundle variables of this environment: on a network that
@@ -660,7 +651,7 @@ fn client_config(dir: &Path, servers: Value) -> PathBuf {
 
 /// The Python SDK against one entry: `{"tools": [names], "call": …}`.
 fn python_sdk(c: &Clients, config: &Path, server: &str, call: Option<(&str, Value)>) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_client.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/stdio_client.py");
     let mut cmd = Command::new(&c.python);
     cmd.arg(script).arg(config).arg(server);
     if let Some((tool, args)) = call {
@@ -717,7 +708,7 @@ fn mcp_clients_use_meshbox_where_they_used_npx_and_uvx() {
         json!({
             "everything-npx": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-everything", "stdio"], "env": env},
             "everything": {"command": meshbox, "args": ["run", "npm:@modelcontextprotocol/server-everything", "stdio"], "env": ours},
-            "time-uvx": {"command": c.uvx, "args": ["mcp-server-time"], "env": env},
+            "time-uvx": {"command": c.uvx.display().to_string(), "args": ["mcp-server-time"], "env": env},
             "time": {"command": meshbox, "args": ["run", "pypi:mcp-server-time"], "env": ours},
         }),
     );

@@ -1,6 +1,6 @@
 """Drives one server of an MCP client config with the official Python SDK.
 
-usage: mcp_client.py CONFIG SERVER [TOOL JSON_ARGUMENTS]
+usage: stdio_client.py CONFIG SERVER [TOOL JSON_ARGUMENTS]
 
 CONFIG is a Claude Desktop style file ({"mcpServers": {name: {"command",
 "args", "env"}}}); the server is started exactly as a client would start it
