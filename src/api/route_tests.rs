@@ -47,6 +47,17 @@ async fn send(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (StatusCode, Value) {
+    send_raw(app, method, path, body.map(|b| b.to_string()), token).await
+}
+
+/// A request with a body sent verbatim (not JSON, or not an object).
+async fn send_raw(
+    app: &App,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -54,7 +65,7 @@ async fn send(
     let body = match body {
         Some(b) => {
             req = req.header("content-type", "application/json");
-            Body::from(b.to_string())
+            Body::from(b)
         }
         None => Body::empty(),
     };
@@ -404,4 +415,176 @@ async fn mesh_tokens_may_not_deploy_host_directories() {
     )
     .await;
     assert_eq!(code, StatusCode::OK, "{e}");
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_routes_answer_json() {
+    let a = app();
+    for (m, uri) in [
+        (Method::GET, "/load"),
+        (Method::POST, "/health"),
+        (Method::DELETE, "/list"),
+        (Method::POST, "/v1/health"),
+        (Method::PATCH, "/v1/meshes/m/services/s"),
+    ] {
+        let (code, v) = send(&a, m.clone(), uri, None, None).await;
+        assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED, "{m} {uri}");
+        assert!(v["error"].as_str().unwrap().contains(m.as_str()), "{v}");
+    }
+    let (code, v) = send(&a, Method::GET, "/nope", None, None).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(v["error"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn health_carries_the_operators_warning() {
+    let (_, v) = send(&app(), Method::GET, "/v1/health", None, None).await;
+    assert!(v.get("warning").is_none(), "{v}");
+    let warned = app_with(ApiConfig {
+        warning: Some("no authentication".into()),
+        ..Default::default()
+    });
+    let (code, v) = send(&warned, Method::GET, "/v1/health", None, None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        (&v["warning"], &v["ok"]),
+        (&json!("no authentication"), &json!(true))
+    );
+}
+
+#[tokio::test]
+async fn meshes_lists_every_mesh_for_the_admin_only() {
+    let a = app_with(ApiConfig {
+        token: Some("t0k".into()),
+        mesh_tokens: vec![("acme".into(), "acme-t0k".into())],
+        ..Default::default()
+    });
+    let (_, v) = send(&a, Method::GET, "/v1/meshes", None, Some("t0k")).await;
+    assert_eq!(v, json!({"meshes": []}));
+    for path in [
+        "/v1/meshes/acme/services/a",
+        "/v1/meshes/acme/services/b",
+        "/v1/meshes/beta/services/c",
+    ] {
+        let (code, st) = send(&a, Method::PUT, path, Some(spec(&a)), Some("t0k")).await;
+        assert_eq!(code, StatusCode::OK, "{st}");
+    }
+    let (code, v) = send(&a, Method::GET, "/v1/meshes", None, Some("t0k")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        v,
+        json!({"meshes": [{"name": "acme", "services": 2}, {"name": "beta", "services": 1}]})
+    );
+    let (code, _) = send(&a, Method::GET, "/v1/meshes", None, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    // A mesh-scoped token does not learn which other meshes exist.
+    let (code, _) = send(&a, Method::GET, "/v1/meshes", None, Some("acme-t0k")).await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    // Legacy routes need the admin token too when one is set.
+    let (code, _) = send(&a, Method::GET, "/health", None, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn legacy_routes_ignore_unknown_shape_but_not_bad_input() {
+    let a = app();
+    // Unknown query parameters and an empty name: everything, as the seed did.
+    let (code, v) = send(&a, Method::GET, "/list?name=&meshId=m", None, None).await;
+    assert_eq!((code, v), (StatusCode::OK, json!({})));
+    let (code, v) = send(&a, Method::GET, "/health?meshId=m", None, None).await;
+    assert_eq!(
+        (code, v),
+        (StatusCode::OK, json!({"ok": true, "services": []}))
+    );
+    let (code, _) = send(&a, Method::GET, "/logs?name=nope&x=1", None, None).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    // Unknown fields and null args are taken as the seed took them.
+    let (code, st) = send(
+        &a,
+        Method::POST,
+        "/load",
+        Some(
+            json!({"name": "svc", "sourcePath": a.dir.path(), "command": ["fake-server"],
+                    "env": {"N": 5, "B": true, "Z": null}, "env_extra": 1, "meshId": "m"}),
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{st}");
+    assert_eq!(st["status"], "running");
+    let (code, r) = send(
+        &a,
+        Method::POST,
+        "/call",
+        Some(json!({"name": "svc", "tool": "t", "args": null, "meshId": "m"})),
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    assert_eq!(r["result"]["content"][0]["text"], "ok");
+    let (code, r) = send(
+        &a,
+        Method::POST,
+        "/unload",
+        Some(json!({"name": "svc", "meshId": "m"})),
+        None,
+    )
+    .await;
+    assert_eq!((code, r), (StatusCode::OK, json!({"ok": true})));
+    // Safety stays strict, and every refusal names what is wrong.
+    let before = a.fake.count(|_| true);
+    for (uri, body, needle) in [
+        (
+            "/load",
+            r#"{"name":"../x","sourcePath":"/tmp"}"#,
+            "invalid service name",
+        ),
+        ("/load", r#"{"name":"x","sourcePath":"rel"}"#, "absolute"),
+        (
+            "/load",
+            r#"{"name":"x","sourcePath":"/tmp","env":{"A B":"v"}}"#,
+            "A B",
+        ),
+        (
+            "/load",
+            r#"{"name":"x","sourcePath":"/tmp","env":{"K":[1]}}"#,
+            "env `K`",
+        ),
+        (
+            "/load",
+            r#"{"name":"x","sourcePath":"/tmp","command":"sh -c x"}"#,
+            "command",
+        ),
+        (
+            "/load",
+            r#"{"name":"x","sourcePath":"/tmp","runtime":"ruby"}"#,
+            "runtime",
+        ),
+        (
+            "/load",
+            r#"{"name":"x","gitUrl":"ext::sh -c id"}"#,
+            "invalid source",
+        ),
+        (
+            "/load",
+            r#"{"name":"x","sourcePath":"/a","npxPackage":"b"}"#,
+            "only one",
+        ),
+        ("/load", r#"{"name":"x"}"#, "sourcePath"),
+        ("/load", r#"[1]"#, "object"),
+        ("/load", "not json", "invalid JSON"),
+        ("/call", r#"{"name":"x","tool":"t","args":"s"}"#, "args"),
+        ("/call", r#"{"name":"x","args":{}}"#, "`tool`"),
+        ("/unload", r#"{"name":7}"#, "`name`"),
+    ] {
+        let (code, v) = send_raw(&a, Method::POST, uri, Some(body.to_owned()), None).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} {body}: {v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains(needle), "{uri} {body}: {e}");
+    }
+    let (code, v) = send(&a, Method::GET, "/logs", None, None).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("`name`"), "{v}");
+    assert_eq!(a.fake.count(|_| true), before, "nothing was started");
+    assert!(a.sup.list(None).is_empty(), "nothing was registered");
 }
