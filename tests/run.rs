@@ -167,6 +167,10 @@ impl Run {
         code
     }
 
+    fn wait_exit_code(mut self) -> Option<i32> {
+        self.wait_exit(Duration::from_secs(30)).0
+    }
+
     /// Waits for the exit; its code and how long it took.
     fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
@@ -512,6 +516,59 @@ fn a_failed_install_ends_promptly_with_the_installers_last_lines() {
         err.contains("no-such.tgz"),
         "the installer's own words: {err}"
     );
+}
+
+#[test]
+fn install_env_reaches_the_install_step_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("seen");
+    std::fs::create_dir(dir.path().join("dep")).unwrap();
+    std::fs::write(
+        dir.path().join("dep/package.json"),
+        r#"{"name":"dep","version":"1.0.0"}"#,
+    )
+    .unwrap();
+    let record = "require('fs').writeFileSync(process.env.OUT, String(process.env.SKIP_DOWNLOAD))";
+    let pkg = json!({
+        "name": "records-install-env",
+        "version": "1.0.0",
+        "bin": {"records-install-env": "index.js"},
+        "dependencies": {"dep": "file:./dep"},
+        "scripts": {"preinstall": format!("node -e \"{record}\"")}
+    });
+    std::fs::write(dir.path().join("package.json"), pkg.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("index.js"),
+        "process.stderr.write('SKIP=' + process.env.SKIP_DOWNLOAD + '\\n'); process.stdin.resume();\n",
+    )
+    .unwrap();
+    let src = format!("path:{}", dir.path().display());
+    let out_kv = format!("OUT={}", out.display());
+    let mut run = Run::start(
+        &[
+            "--install-env",
+            "SKIP_DOWNLOAD=1",
+            "--install-env",
+            &out_kv,
+            &src,
+        ],
+        &[],
+    );
+    run.wait_stderr("SKIP=", Duration::from_secs(60));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "1",
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        run.stderr().contains("SKIP=undefined"),
+        "the server does not get it: {}",
+        run.stderr()
+    );
+    assert_eq!(run.stop_by("eof"), Some(0));
+    let bad = Run::start(&["--install-env", "NOEQUALS", &src], &[]).wait_exit_code();
+    assert_eq!(bad, Some(2));
 }
 
 #[test]

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// Seconds one install step may take.
     #[arg(long, default_value_t = 600)]
     pub install_timeout: u64,
+    /// Environment of the install step, as K=V (repeatable; literals, e.g.
+    /// PUPPETEER_SKIP_DOWNLOAD=1), as `serve --install-env`.
+    #[arg(long = "install-env", value_name = "K=V")]
+    pub install_env: Vec<String>,
     /// Do not use cgroups for limits.
     #[arg(long)]
     pub no_cgroups: bool,
@@ -159,6 +163,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         .data_dir
         .clone()
         .unwrap_or_else(super::serve::default_data_dir);
+    let install_env = super::serve::parse_install_env(&args.install_env)?;
     let input = Input::start();
     let owner = ServiceKey {
         mesh: "local".into(),
@@ -186,6 +191,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         owner: &owner,
         data_dir: &data_dir,
         install_timeout: Duration::from_secs(args.install_timeout.max(1)),
+        install_env,
     };
     let result = one.run(Validated { spec, source }, input, shutdown).await;
     if args.backend == RunBackend::Docker {
@@ -203,6 +209,7 @@ struct One<'a> {
     owner: &'a ServiceKey,
     data_dir: &'a std::path::Path,
     install_timeout: Duration,
+    install_env: std::collections::BTreeMap<String, String>,
 }
 
 impl One<'_> {
@@ -216,6 +223,7 @@ impl One<'_> {
         let caps = backend.capabilities();
         let mut install = InstallConfig::new(self.data_dir.join("cache"));
         install.timeout = self.install_timeout;
+        install.env = self.install_env.clone();
         let installer = Installer::new(install);
         let sandboxed = SandboxedInstalls::new(self.data_dir.join("docker-installs"));
         let progress: Progress = Arc::new(|line: &str| note(line));
