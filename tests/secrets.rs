@@ -132,9 +132,12 @@ async fn hostile_secret_files_are_refused_naming_the_key_and_store_nothing() {
     let (_, list) = d.get("/v1/meshes/sec/services").await;
     assert_eq!(list["services"], json!([]));
 
-    // Nothing was stored: a new daemon on the same data dir restores nothing.
+    // Nothing was stored: a new daemon on the same data dir restores nothing
+    // (the first one stopped, its data dir kept).
     let data = d.data.path().to_path_buf();
-    drop(d);
+    let mut d = d;
+    d.terminate();
+    assert!(data.join("meshbox.db").exists());
     let again = Daemon::start_on(&data, &[]);
     let (_, h) = again.get("/v1/health").await;
     assert_eq!(h["services"], 0, "{h}");

@@ -113,9 +113,12 @@ async fn npm_server_everything_installs_once() {
     );
     drop(d.delete("/v1/meshes/reg/services/everything").await);
 
-    // A second daemon on the same data dir with the registry unreachable:
-    // the deploy still works, so it downloaded nothing.
+    // A second daemon on the same data dir (the first gone: one daemon per
+    // data dir) with the registry unreachable: the deploy still works, so it
+    // downloaded nothing.
     let data = d.data.path().to_path_buf();
+    let mut d = d;
+    d.terminate();
     let offline = Daemon::start_on(&data, &[("npm_config_registry", "http://127.0.0.1:9/")]);
     let (code, st) = offline.put("/v1/meshes/reg/services/again", spec).await;
     assert_eq!(code, 200, "{st}");
