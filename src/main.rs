@@ -9,6 +9,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
+    // The process sandbox's init must stay single-threaded: no runtime, no tracing.
+    if let Command::SandboxInit = cli.command {
+        std::process::exit(meshbox::orchestrator::process::init::main());
+    }
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         _ => "warn",

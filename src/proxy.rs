@@ -2,13 +2,19 @@
 //! `host:port` patterns on an allowlist. It runs from the runner image on a
 //! mesh's networks, so sandboxes on an internal network reach exactly the
 //! allowed hosts and nothing else. Every denial is logged.
+//!
+//! The process backend serves the same proxy on a unix socket per sandbox
+//! ([`serve_unix`]), on the host: there it also refuses upstream addresses on
+//! the host itself (loopback, link-local, unspecified), whatever name an
+//! allowlist entry resolves to.
 
-use std::net::SocketAddr;
+use std::fmt::Display;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tracing::{info, warn};
 
 /// Longest request head accepted.
@@ -83,7 +89,7 @@ fn target(method: &str, uri: &str) -> Option<(String, u16)> {
     split(authority, 80).filter(|(h, _)| !h.is_empty())
 }
 
-async fn reply(stream: &mut TcpStream, status: &str) {
+async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, status: &str) {
     let _ = stream
         .write_all(
             format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -92,7 +98,63 @@ async fn reply(stream: &mut TcpStream, status: &str) {
         .await;
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, rules: Arc<Vec<Rule>>) {
+/// Which upstream addresses the proxy may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstreams {
+    /// Whatever an allowed name resolves to (the proxy runs in its own container).
+    Any,
+    /// Not the host's own addresses: loopback, link-local, unspecified,
+    /// multicast (the proxy runs on the host, beside meshbox).
+    NotLocal,
+}
+
+/// True for addresses that reach the host itself or its link.
+pub fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_local(IpAddr::V4(v4)),
+            None => {
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80
+            }
+        },
+    }
+}
+
+async fn connect_upstream(host: &str, port: u16, upstreams: Upstreams) -> Option<TcpStream> {
+    let attempt = async {
+        match upstreams {
+            Upstreams::Any => TcpStream::connect((host, port)).await.ok(),
+            Upstreams::NotLocal => {
+                let addrs = tokio::net::lookup_host((host, port)).await.ok()?;
+                for a in addrs.filter(|a| !is_local(a.ip())) {
+                    if let Ok(s) = TcpStream::connect(a).await {
+                        return Some(s);
+                    }
+                }
+                None
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn handle<S>(mut client: S, peer: impl Display, rules: Arc<Vec<Rule>>, upstreams: Upstreams)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 4096];
     let end = loop {
@@ -123,17 +185,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, rules: Arc<Vec<Rule>>) 
         reply(&mut client, "403 Forbidden").await;
         return;
     }
-    let mut upstream = match tokio::time::timeout(
-        Duration::from_secs(15),
-        TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => {
-            reply(&mut client, "502 Bad Gateway").await;
-            return;
-        }
+    let Some(mut upstream) = connect_upstream(&host, port, upstreams).await else {
+        warn!(%peer, %method, %host, port, "no reachable upstream");
+        reply(&mut client, "502 Bad Gateway").await;
+        return;
     };
     info!(%peer, %method, %host, port, "allowed");
     if method.eq_ignore_ascii_case("CONNECT") {
@@ -159,7 +214,34 @@ pub async fn serve(listener: TcpListener, rules: Vec<Rule>) -> std::io::Result<(
     let rules = Arc::new(rules);
     loop {
         let (stream, peer) = listener.accept().await?;
-        tokio::spawn(handle(stream, peer, rules.clone()));
+        tokio::spawn(handle(stream, peer, rules.clone(), Upstreams::Any));
+    }
+}
+
+/// Serves the proxy on a unix socket until the future is dropped; at most
+/// `max_conns` connections at once (more wait in the backlog).
+pub async fn serve_unix(
+    listener: UnixListener,
+    rules: Vec<Rule>,
+    upstreams: Upstreams,
+    max_conns: usize,
+    label: String,
+) -> std::io::Result<()> {
+    let rules = Arc::new(rules);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_conns.max(1)));
+    let label: Arc<str> = label.into();
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let (stream, _) = listener.accept().await?;
+        let (rules, label) = (rules.clone(), label.clone());
+        tokio::spawn(async move {
+            handle(stream, label, rules, upstreams).await;
+            drop(permit);
+        });
     }
 }
 
@@ -199,6 +281,35 @@ mod tests {
         assert_eq!(target("CONNECT", "[::1]:443"), Some(("::1".into(), 443)));
         assert_eq!(target("GET", "/relative"), None);
         assert_eq!(target("CONNECT", "nohost"), None);
+    }
+
+    #[test]
+    fn local_addresses() {
+        for a in ["127.0.0.1", "127.5.0.1", "0.0.0.0", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fe80::1", "224.0.0.1"] {
+            assert!(is_local(a.parse().unwrap()), "{a}");
+        }
+        for a in ["10.0.0.1", "93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(!is_local(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unix_proxy_refuses_the_host_itself() {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_port = up.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("egress.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let rules = vec![Rule::parse(&format!("localhost:{up_port}")).unwrap()];
+        tokio::spawn(serve_unix(listener, rules, Upstreams::NotLocal, 4, "t".into()));
+        let mut c = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        c.write_all(format!("CONNECT localhost:{up_port} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+        drop(up);
     }
 
     #[tokio::test]

@@ -274,7 +274,8 @@ pub async fn dispatch(cmd: Command, shutdown: Shutdown) -> Result<(), CliError> 
         | Command::Images(_)
         | Command::Doctor { .. }
         | Command::Install(_)
-        | Command::Proxy { .. } => unreachable!("handled in cli::run"),
+        | Command::Proxy { .. }
+        | Command::SandboxInit => unreachable!("handled in cli::run"),
     }
 }
 

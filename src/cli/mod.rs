@@ -192,6 +192,10 @@ pub enum Command {
     /// install containers).
     #[command(hide = true)]
     Install(admin::InstallArgs),
+    /// The process sandbox's init (meshbox re-executes itself with this;
+    /// its plan arrives on fd 3). Never run it by hand.
+    #[command(hide = true)]
+    SandboxInit,
 }
 
 /// Limits and environment, as docker spells them.
@@ -377,6 +381,10 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<i32, CliError> {
                 .map(|()| 0)
         }
         Command::Install(args) => admin::install(args).await.map(|()| 0),
+        // Dispatched by `main` before any runtime starts; never reached here.
+        Command::SandboxInit => Err(CliError::Usage(
+            "sandbox-init runs only as meshbox's own sandbox init".into(),
+        )),
         Command::Proxy { listen, allow } => {
             let rules = allow
                 .iter()

@@ -41,6 +41,10 @@ pub enum Unsupported {
     Isolation { layer: &'static str },
     #[error("the spec names no program to run")]
     EmptyCommand,
+    /// A mount that would show a server meshbox's data dir or the invoking
+    /// user's home.
+    #[error("mount `{}` would expose meshbox's own files", path.display())]
+    MountExposes { path: PathBuf },
     #[error("the spec names no image to run")]
     NoImage,
 }
@@ -81,6 +85,9 @@ pub enum OrchestratorError {
     },
     #[error("{what} did not finish within {}s", after.as_secs())]
     TimedOut { what: String, after: Duration },
+    /// A step of the process sandbox's init failed (reported across exec).
+    #[error("sandbox setup failed while {step}: {error}")]
+    SandboxInit { step: String, error: String },
 }
 
 /// What a backend can do, so callers ask instead of naming it.

@@ -1,0 +1,509 @@
+//! `meshbox sandbox-init`: the small init every process-mode server starts
+//! under. meshbox re-executes itself with this hidden subcommand (so this
+//! code runs single-threaded, before any async runtime) and hands it an
+//! [`InitPlan`] on fd 3. It then builds the sandbox in a fixed order:
+//!
+//! 1. user namespace (when meshbox is not root), then pid, mount, ipc, uts
+//!    and network namespaces;
+//! 2. forks the in-namespace init (pid 1: reaps orphans, forwards SIGTERM,
+//!    and when the server ends the kernel kills everything left);
+//! 3. mounts (covered data dir, home and /tmp, read-only source and mounts,
+//!    a fresh /proc), hostname, loopback and the egress forwarder;
+//! 4. forks the server, which switches to its own uid and gid, drops every
+//!    capability, sets no_new_privs, enforces Landlock, installs the seccomp
+//!    filter, reports the layers it got on fd 4 and execs.
+//!
+//! Without a pid namespace the outer init is a child subreaper instead and
+//! kills every descendant when the server ends. The exit status of the
+//! server (code or signal) is passed up unchanged.
+//!
+//! Owns every namespace, credential and filter syscall of the process
+//! backend; it never touches meshbox's state.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::stat::{umask, Mode};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+
+use super::plan::{InitPlan, Layers, Report, UserPlan, PLAN_FD, REPORT_FD};
+use super::{egress, fs, seccomp};
+
+/// A failed step of the sandbox setup.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}")]
+pub struct InitError {
+    step: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T, InitError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Step<T> for Result<T, E> {
+    fn step(self, step: &'static str) -> Result<T, InitError> {
+        self.map_err(|e| InitError {
+            step,
+            source: Box::new(e),
+        })
+    }
+}
+
+/// The signals the inits wait for instead of handling.
+fn waited() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        s.add(sig);
+    }
+    s
+}
+
+fn report(r: &Report) {
+    let mut line = serde_json::to_vec(r).unwrap_or_default();
+    line.push(b'\n');
+    // SAFETY: REPORT_FD is open for the whole setup (the parent put it
+    // there); ManuallyDrop keeps it open after this write.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(REPORT_FD) });
+    let _ = f.write_all(&line);
+}
+
+fn failed(e: &InitError) -> Report {
+    let error = e
+        .source
+        .to_string()
+        .chars()
+        .chain(
+            std::iter::successors(e.source.source(), |s| s.source())
+                .flat_map(|s| format!(": {s}").chars().collect::<Vec<_>>()),
+        )
+        .collect();
+    Report::Failed {
+        step: e.step.to_owned(),
+        error,
+    }
+}
+
+fn close_report_fd() {
+    let _ = nix::unistd::close(REPORT_FD);
+}
+
+/// Entry point of `meshbox sandbox-init`; returns the exit code when it
+/// cannot exec the server.
+pub fn main() -> i32 {
+    // The report channel must not leak into the server past its exec.
+    // SAFETY: fd 4 was placed by the parent and stays open while borrowed here.
+    let report_fd = unsafe { BorrowedFd::borrow_raw(REPORT_FD) };
+    let _ = fcntl(report_fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let plan = match read_plan() {
+        Ok(p) => p,
+        Err(e) => {
+            report(&failed(&e));
+            return 125;
+        }
+    };
+    match run(&plan) {
+        Ok(never) => match never {},
+        Err(e) => {
+            report(&failed(&e));
+            125
+        }
+    }
+}
+
+fn read_plan() -> Result<InitPlan, InitError> {
+    // SAFETY: fd 3 is the plan the parent placed for us; we own it from here.
+    let mut f = unsafe { File::from_raw_fd(PLAN_FD) };
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).step("reading the plan")?;
+    serde_json::from_slice(&buf).step("decoding the plan")
+}
+
+fn write_file(path: &str, content: &str) -> Result<(), std::io::Error> {
+    std::fs::write(path, content)
+}
+
+fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
+        .step("blocking signals")?;
+    let mut layers = Layers::default();
+    match plan.user {
+        UserPlan::Namespace { uid, gid } => {
+            unshare(CloneFlags::CLONE_NEWUSER).step("creating the user namespace")?;
+            write_file("/proc/self/setgroups", "deny").step("denying setgroups")?;
+            write_file("/proc/self/uid_map", &format!("{uid} {uid} 1")).step("mapping the uid")?;
+            write_file("/proc/self/gid_map", &format!("{gid} {gid} 1")).step("mapping the gid")?;
+            layers.userns = true;
+            layers.own_uid = true;
+        }
+        UserPlan::Switch { .. } => layers.own_uid = true,
+        UserPlan::Keep => {}
+    }
+    let ns = plan.namespaces;
+    let mut flags = CloneFlags::empty();
+    for (on, f) in [
+        (ns.pid, CloneFlags::CLONE_NEWPID),
+        (ns.mount, CloneFlags::CLONE_NEWNS),
+        (ns.ipc, CloneFlags::CLONE_NEWIPC),
+        (ns.uts, CloneFlags::CLONE_NEWUTS),
+        (ns.net, CloneFlags::CLONE_NEWNET),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    if !flags.is_empty() {
+        unshare(flags).step("creating namespaces")?;
+    }
+    layers.pid = ns.pid;
+    layers.mount = ns.mount;
+    layers.ipc = ns.ipc;
+    layers.uts = ns.uts;
+    layers.net = ns.net;
+    if ns.pid {
+        let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).step("creating a pipe")?;
+        // SAFETY: this process is single-threaded (no runtime was started).
+        match unsafe { fork() }.step("forking the namespace init")? {
+            ForkResult::Child => {
+                drop(status_r);
+                let e = match inner(plan, layers, Some(status_w), &old_mask) {
+                    Ok(never) => match never {},
+                    Err(e) => e,
+                };
+                report(&failed(&e));
+                std::process::exit(125);
+            }
+            ForkResult::Parent { child } => {
+                drop(status_w);
+                close_report_fd();
+                let own = supervise(child, Reaper::OnlyChild);
+                let mut relayed = String::new();
+                let _ = File::from(status_r).read_to_string(&mut relayed);
+                relay(parse_status(&relayed).unwrap_or(own))
+            }
+        }
+    } else {
+        nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
+        inner(plan, layers, None, &old_mask)
+    }
+}
+
+/// How a server ended, as the inits pass it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+fn parse_status(s: &str) -> Option<Ended> {
+    let (kind, n) = s.trim().split_once(' ')?;
+    let n = n.parse().ok()?;
+    match kind {
+        "exit" => Some(Ended::Code(n)),
+        "signal" => Some(Ended::Signal(n)),
+        _ => None,
+    }
+}
+
+/// Exits the way the server did.
+fn relay(ended: Ended) -> ! {
+    match ended {
+        Ended::Code(c) => std::process::exit(c),
+        Ended::Signal(n) => {
+            if let Ok(sig) = Signal::try_from(n) {
+                // SAFETY: restoring the default disposition of one signal.
+                let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+                let mut one = SigSet::empty();
+                one.add(sig);
+                let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&one), None);
+                let _ = kill(Pid::this(), sig);
+            }
+            std::process::exit(128 + n)
+        }
+    }
+}
+
+/// What the supervising init kills once the server is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaper {
+    /// Pid 1 of the sandbox's pid namespace: everything else in it.
+    Pid1,
+    /// A child subreaper without a pid namespace: every descendant.
+    Subreaper,
+    /// The outer init: its one child is the namespace's init.
+    OnlyChild,
+}
+
+/// Waits for `main` to end, reaping orphans and forwarding termination
+/// signals to it; then kills what is left.
+fn supervise(main: Pid, reaper: Reaper) -> Ended {
+    let set = waited();
+    let mut ended = None;
+    loop {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(WaitStatus::Exited(pid, code)) if pid == main => {
+                    ended = Some(Ended::Code(code))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                    ended = Some(Ended::Signal(sig as i32))
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(e) = ended {
+            kill_rest(reaper);
+            return e;
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(main, sig);
+            }
+        }
+    }
+}
+
+fn kill_rest(reaper: Reaper) {
+    match reaper {
+        Reaper::OnlyChild => {}
+        // Pid 1 sending to -1 reaches every process of its namespace but itself.
+        Reaper::Pid1 => {
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            while waitpid(Pid::from_raw(-1), None).is_ok() {}
+        }
+        Reaper::Subreaper => {
+            let me = std::process::id();
+            let children = format!("/proc/{me}/task/{me}/children");
+            for _ in 0..1000 {
+                let list = std::fs::read_to_string(&children).unwrap_or_default();
+                let pids: Vec<i32> = list
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for p in pids {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+                while let Ok(ws) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    if ws == WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cstring(s: &[u8], what: &'static str) -> Result<CString, InitError> {
+    CString::new(s).step(what)
+}
+
+/// Inside the namespaces: mounts, hostname, loopback, then the server.
+fn inner(
+    plan: &InitPlan,
+    mut layers: Layers,
+    status_out: Option<OwnedFd>,
+    old_mask: &SigSet,
+) -> Result<std::convert::Infallible, InitError> {
+    let pid1 = status_out.is_some();
+    if pid1 {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
+    }
+    umask(Mode::from_bits_truncate(0o022));
+    let ns = plan.namespaces;
+    if ns.mount {
+        let m = fs::setup_mounts(&plan.fs, ns.pid).step("mounting the filesystem")?;
+        layers.proc = m.proc;
+        layers.private_tmp = m.private_tmp;
+    }
+    if ns.uts {
+        nix::unistd::sethostname("meshbox").step("setting the hostname")?;
+    }
+    let mut forwarder = None;
+    if ns.net {
+        egress::loopback_up().step("bringing loopback up")?;
+        if let Some(e) = &plan.egress {
+            forwarder = Some((
+                egress::bind_forwarder(e.port).step("binding the egress forwarder")?,
+                e.socket.clone(),
+            ));
+            layers.egress = true;
+        }
+    }
+    let ruleset = if plan.landlock {
+        Some(fs::landlock_ruleset(&plan.fs).step("building the Landlock ruleset")?)
+    } else {
+        None
+    };
+    let filters = if plan.seccomp {
+        Some((
+            seccomp::program().step("building the seccomp filter")?,
+            seccomp::clone3_program().step("building the seccomp filter")?,
+        ))
+    } else {
+        None
+    };
+    let program = cstring(plan.program.as_os_str().as_bytes(), "encoding the program")?;
+    let argv = plan
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "encoding an argument"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "encoding the environment"))
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: still single-threaded: the forwarder's threads start after this fork.
+    match unsafe { fork() }.step("forking the server")? {
+        ForkResult::Child => {
+            drop(status_out);
+            let server = Server {
+                plan,
+                layers,
+                ruleset,
+                filters,
+                old_mask,
+            };
+            match server.prepare() {
+                Ok(layers) => {
+                    report(&Report::Ready(layers));
+                    if plan.probe {
+                        std::process::exit(0);
+                    }
+                    let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
+                    report(&Report::Failed {
+                        step: format!("starting `{}`", plan.program.display()),
+                        error: e.desc().to_owned(),
+                    });
+                    std::process::exit(127);
+                }
+                Err(e) => {
+                    report(&failed(&e));
+                    std::process::exit(126);
+                }
+            }
+        }
+        ForkResult::Parent { child } => {
+            close_report_fd();
+            if let Some((listener, socket)) = forwarder {
+                egress::forward(listener, socket).step("starting the egress forwarder")?;
+            }
+            let ended = supervise(
+                child,
+                if pid1 {
+                    Reaper::Pid1
+                } else {
+                    Reaper::Subreaper
+                },
+            );
+            if let Some(fd) = status_out {
+                let line = match ended {
+                    Ended::Code(c) => format!("exit {c}"),
+                    Ended::Signal(s) => format!("signal {s}"),
+                };
+                let _ = File::from(fd).write_all(line.as_bytes());
+                std::process::exit(0);
+            }
+            relay(ended)
+        }
+    }
+}
+
+/// The server's last steps before exec.
+struct Server<'a> {
+    plan: &'a InitPlan,
+    layers: Layers,
+    ruleset: Option<landlock::RulesetCreated>,
+    filters: Option<(seccompiler::BpfProgram, seccompiler::BpfProgram)>,
+    old_mask: &'a SigSet,
+}
+
+/// Empties the bounding set (needs CAP_SETPCAP: fine to fail without it,
+/// there is then nothing to drop) and the ambient set.
+fn drop_capabilities() {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+}
+
+impl Server<'_> {
+    fn prepare(mut self) -> Result<Layers, InitError> {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(self.old_mask), None)
+            .step("restoring the signal mask")?;
+        drop_capabilities();
+        if let UserPlan::Switch { uid, gid } = self.plan.user {
+            nix::unistd::setgroups(&[]).step("dropping supplementary groups")?;
+            let (g, u) = (Gid::from_raw(gid), Uid::from_raw(uid));
+            nix::unistd::setresgid(g, g, g).step("switching to the service's gid")?;
+            nix::unistd::setresuid(u, u, u).step("switching to the service's uid")?;
+        }
+        // A non-root uid with an empty ambient set keeps no capability past exec.
+        self.layers.no_caps = !nix::unistd::geteuid().is_root();
+        if let Some(dir) = &self.plan.workdir {
+            nix::unistd::chdir(dir.as_path()).step("entering the working directory")?;
+        }
+        nix::sys::prctl::set_no_new_privs().step("setting no_new_privs")?;
+        self.layers.no_new_privs = true;
+        if let Some(ruleset) = self.ruleset.take() {
+            let (abi, scoped) = fs::enforce(ruleset).step("enforcing Landlock")?;
+            self.layers.landlock_abi = abi;
+            self.layers.landlock_scoped = scoped;
+        }
+        if let Some((main, clone3)) = &self.filters {
+            seccomp::apply(main, clone3).step("installing the seccomp filter")?;
+            self.layers.seccomp = true;
+        }
+        Ok(self.layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip() {
+        assert_eq!(parse_status("exit 3"), Some(Ended::Code(3)));
+        assert_eq!(parse_status("signal 9\n"), Some(Ended::Signal(9)));
+        assert_eq!(parse_status(""), None);
+        assert_eq!(parse_status("exit x"), None);
+    }
+}

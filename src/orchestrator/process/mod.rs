@@ -1,0 +1,1110 @@
+//! The process backend: each server runs as a local process inside a
+//! sandbox built by `meshbox sandbox-init` (see [`init`]): its own uid (or a
+//! user namespace), pid/mount/ipc/uts namespaces, a network namespace when
+//! its network is `none` or an allowlist (then reached only through the
+//! egress proxy, [`egress`]), Landlock ([`fs`]) and seccomp ([`seccomp`]),
+//! in cgroups of its own ([`cgroups`]) with rlimits where cgroups are not
+//! writable. Which layers a host allows is probed once ([`host`]); the
+//! status reports exactly the layers each server got.
+//!
+//! This module owns every syscall the process backend makes; the `unsafe`
+//! is limited to the fork/exec hooks and raw syscalls, each with a SAFETY note.
+#![allow(unsafe_code)]
+
+pub mod cgroups;
+pub mod egress;
+pub mod fs;
+pub mod host;
+pub mod init;
+pub mod plan;
+pub mod seccomp;
+pub mod uid;
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{
+    Capabilities, Completed, Enforced, ExitReason, Limits, MountSource, Orchestrator,
+    OrchestratorError, Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey, Unsupported,
+    MAX_COMPLETED_OUTPUT,
+};
+use crate::model::{NetworkMode, NetworkPolicy};
+use cgroups::{Cgroups, Hierarchy};
+use host::Support;
+use plan::{EgressPlan, FsPlan, InitPlan, Layers, Namespaces, Report, UserPlan, Visible};
+
+/// Options of the process backend.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Use cgroups when the host lets us write them.
+    pub cgroups: bool,
+    /// Name of the cgroup directory meshbox creates its sandboxes under.
+    pub cgroup_parent: String,
+    /// The meshbox binary that runs `sandbox-init`. `None`: servers run as
+    /// plain child processes (limits only; status says no isolation).
+    pub init_program: Option<PathBuf>,
+    /// meshbox's data dir: hidden from servers; holds the uid table and the
+    /// egress sockets.
+    pub data_dir: Option<PathBuf>,
+    /// Refuse to start a server with less than every isolation layer.
+    pub require_isolation: bool,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            cgroups: true,
+            cgroup_parent: "meshbox".into(),
+            init_program: std::env::current_exe().ok(),
+            data_dir: None,
+            require_isolation: false,
+        }
+    }
+}
+
+/// Read-only system directories every server may read.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
+    "/sys", "/nix/store",
+];
+/// Device files every server may read and write.
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+];
+/// Shared scratch directories replaced by private tmpfs mounts.
+const SCRATCH: &[&str] = &["/tmp", "/var/tmp", "/dev/shm"];
+/// Default size of each private scratch tmpfs.
+const SCRATCH_MB: u64 = 256;
+/// How long the sandbox may take to report its layers.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ProcessBackend {
+    config: ProcessConfig,
+    hierarchy: Hierarchy,
+    support: Support,
+    uids: uid::Uids,
+    /// The invoking user's home: hidden from servers.
+    user_home: Option<PathBuf>,
+    is_root: bool,
+    seq: AtomicU64,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+impl ProcessBackend {
+    pub fn new(config: ProcessConfig) -> Self {
+        let hierarchy = if config.cgroups {
+            cgroups::detect_hierarchy(&config.cgroup_parent)
+        } else {
+            Hierarchy::None
+        };
+        let root = is_root();
+        let user_home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty() && h != "/")
+            .map(PathBuf::from)
+            .and_then(|h| h.canonicalize().ok());
+        let mut backend = ProcessBackend {
+            uids: uid::Uids::open(config.data_dir.as_deref()),
+            hierarchy,
+            support: Support::default(),
+            user_home,
+            is_root: root,
+            seq: AtomicU64::new(0),
+            config,
+        };
+        backend.support = backend.probe();
+        debug!(hierarchy = ?backend.hierarchy, support = ?backend.support, root, "process backend");
+        backend
+    }
+
+    /// What this host supports, for `meshbox doctor`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}; {}",
+            self.hierarchy.describe(),
+            self.support.describe()
+        )
+    }
+
+    /// The layers a sandbox gets on this host.
+    pub fn support(&self) -> &Support {
+        &self.support
+    }
+
+    /// Tries the strongest configuration, then weaker ones, in probe mode.
+    fn probe(&self) -> Support {
+        let mut support = Support {
+            root: self.is_root,
+            ..Default::default()
+        };
+        let Some(program) = self.config.init_program.clone() else {
+            support.notes.push("no init program configured".into());
+            return support;
+        };
+        let all = Namespaces {
+            pid: true,
+            mount: true,
+            ipc: true,
+            uts: true,
+            net: true,
+        };
+        let user = if self.is_root {
+            UserPlan::Switch {
+                uid: uid::UID_BASE,
+                gid: uid::UID_BASE,
+            }
+        } else {
+            UserPlan::Namespace {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }
+        };
+        let no_net = Namespaces { net: false, ..all };
+        let attempts = [
+            (user, all),
+            (user, no_net),
+            (UserPlan::Keep, Namespaces::default()),
+        ];
+        for (user, namespaces) in attempts {
+            let plan = InitPlan {
+                program: PathBuf::from("/bin/true"),
+                argv: vec!["true".into()],
+                env: Vec::new(),
+                workdir: None,
+                user,
+                namespaces,
+                fs: FsPlan {
+                    visible: vec![Visible {
+                        path: "/usr".into(),
+                        write: false,
+                    }],
+                    ..Default::default()
+                },
+                landlock: true,
+                seccomp: true,
+                egress: None,
+                probe: true,
+            };
+            match probe_once(&program, &plan) {
+                Ok(layers) => {
+                    support.init = true;
+                    support.layers = layers;
+                    return support;
+                }
+                Err(e) => support.notes.push(e),
+            }
+        }
+        support
+    }
+
+    /// The layers (and limits) `spec` would get, before starting it.
+    fn predict(&self, spec: &SandboxSpec) -> Enforced {
+        let limits = &spec.limits;
+        let by_cgroup = self.hierarchy.predict(limits);
+        let l = &self.support.layers;
+        let init = self.support.init;
+        Enforced {
+            // RLIMIT_DATA bounds the heap when no memory cgroup is at hand.
+            memory: limits.memory_mb.is_some(),
+            cpus: by_cgroup.cpus,
+            // RLIMIT_NPROC does not bind root, so without cgroups root has no pids limit.
+            pids: limits.pids.is_some() && (by_cgroup.pids || !self.is_root),
+            network: match spec.network.effective() {
+                NetworkPolicy::Mode(NetworkMode::None) => init && l.net,
+                NetworkPolicy::Allow { .. } => init && l.net,
+                _ => true,
+            },
+            filesystem: init && l.landlock_abi >= fs::MIN_LANDLOCK_ABI,
+        }
+    }
+
+    /// The first isolation layer `layers` lacks, by name.
+    fn missing(&self, layers: &Layers, spec: &SandboxSpec) -> Option<&'static str> {
+        let needs_net = !matches!(
+            spec.network.effective(),
+            NetworkPolicy::Mode(NetworkMode::Full)
+        );
+        [
+            (layers.own_uid, "own uid"),
+            (layers.pid, "pid namespace"),
+            (layers.mount, "mount namespace"),
+            (layers.ipc, "ipc namespace"),
+            (layers.uts, "uts namespace"),
+            (layers.net || !needs_net, "network namespace"),
+            (layers.no_new_privs, "no_new_privs"),
+            (layers.no_caps, "capabilities dropped"),
+            (layers.landlock_abi >= fs::MIN_LANDLOCK_ABI, "landlock"),
+            (layers.seccomp, "seccomp"),
+        ]
+        .into_iter()
+        .find(|(ok, _)| !ok)
+        .map(|(_, name)| name)
+    }
+
+    /// Directories no server may see: meshbox's data dir and the invoking
+    /// user's home.
+    fn protected(&self) -> Vec<PathBuf> {
+        self.config
+            .data_dir
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .chain(self.user_home.clone())
+            .collect()
+    }
+
+    /// Where the egress sockets of sandboxes live.
+    fn run_dir(&self) -> PathBuf {
+        match &self.config.data_dir {
+            Some(d) => d.join("run"),
+            None => std::env::temp_dir().join(format!("meshbox-run-{}", std::process::id())),
+        }
+    }
+}
+
+/// Runs the init in probe mode; the layers it got, or why it failed.
+fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
+    let channel = Channel::new(plan).map_err(|e| format!("probe setup: {e}"))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg("sandbox-init")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let (plan_fd, report_fd) = (channel.plan_raw(), channel.report_w_raw());
+    // SAFETY: the hook only calls dup2/fcntl (async-signal-safe) on fds
+    // opened before the fork.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            place_fds(plan_fd, report_fd)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run the init: {e}"))?;
+    let report_r = channel.into_reader();
+    let mut bytes = Vec::new();
+    let f = std::fs::File::from(report_r);
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(f, plan::MAX_REPORT as u64),
+        &mut bytes,
+    );
+    let _ = child.wait();
+    match Report::parse_last(&bytes) {
+        Some(Report::Ready(layers)) => Ok(layers),
+        Some(Report::Failed { step, error }) => Err(format!("{step}: {error}")),
+        None => Err("the init program did not answer".into()),
+    }
+}
+
+/// The plan (a memfd) and the report pipe handed to an init.
+struct Channel {
+    plan: OwnedFd,
+    report_r: OwnedFd,
+    report_w: OwnedFd,
+}
+
+/// Moves `fd` to at least 10, close-on-exec, so the child's dup2 onto
+/// 3 and 4 can never clobber it.
+fn high_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+impl Channel {
+    fn new(plan: &InitPlan) -> io::Result<Channel> {
+        use std::io::{Seek, Write};
+        let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
+        let memfd = nix::sys::memfd::memfd_create(
+            c"meshbox-plan",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
+        let mut f = std::fs::File::from(high_fd(memfd)?);
+        f.write_all(&bytes)?;
+        f.seek(io::SeekFrom::Start(0))?;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Channel {
+            plan: OwnedFd::from(f),
+            report_r: high_fd(r)?,
+            report_w: high_fd(w)?,
+        })
+    }
+
+    fn plan_raw(&self) -> i32 {
+        self.plan.as_raw_fd()
+    }
+
+    fn report_w_raw(&self) -> i32 {
+        self.report_w.as_raw_fd()
+    }
+
+    /// After the spawn: the parent keeps only the report's read end.
+    fn into_reader(self) -> OwnedFd {
+        self.report_r
+    }
+}
+
+/// In the child, before exec: the plan on fd 3, the report pipe on fd 4.
+/// Async-signal-safe (dup2 only).
+fn place_fds(plan_fd: i32, report_fd: i32) -> io::Result<()> {
+    // SAFETY: dup2 on fds that are open in this child; both sources are >= 10.
+    unsafe {
+        if libc::dup2(plan_fd, plan::PLAN_FD) < 0 || libc::dup2(report_fd, plan::REPORT_FD) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// What the child does before exec, besides placing fds: join its cgroups,
+/// set rlimits, die with meshbox. Async-signal-safe.
+#[derive(Clone)]
+struct ChildSetup {
+    procs: Vec<CString>,
+    rlimit_data: Option<u64>,
+    rlimit_nproc: Option<u64>,
+    /// `(plan, report)` raw fds, for an init.
+    fds: Option<(i32, i32)>,
+}
+
+impl ChildSetup {
+    /// SAFETY (for the caller): runs between fork and exec, so it makes only
+    /// async-signal-safe calls on memory prepared before the fork.
+    fn run(&self) -> io::Result<()> {
+        // SAFETY: see above; every call is a plain syscall wrapper.
+        unsafe {
+            for path in &self.procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (res, limit) in [
+                (libc::RLIMIT_DATA, self.rlimit_data),
+                (libc::RLIMIT_NPROC, self.rlimit_nproc),
+                (libc::RLIMIT_CORE, Some(0)),
+            ] {
+                if let Some(n) = limit {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(res, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
+            // The sandbox dies with meshbox rather than linger unsupervised.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        if let Some((p, r)) = self.fds {
+            place_fds(p, r)?;
+        }
+        Ok(())
+    }
+}
+
+fn killpg(pgid: i32, sig: nix::sys::signal::Signal) {
+    if pgid > 0 {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+    }
+}
+
+struct ProcessHandle {
+    pgid: i32,
+    exit: watch::Receiver<Option<ExitReason>>,
+    cgroups: Arc<Cgroups>,
+}
+
+impl ProcessHandle {
+    async fn wait_for(&self, d: Duration) -> Option<ExitReason> {
+        let mut rx = self.exit.clone();
+        let res = tokio::time::timeout(d, rx.wait_for(Option::is_some)).await;
+        res.ok().and_then(|r| r.ok().and_then(|v| v.clone()))
+    }
+}
+
+#[async_trait]
+impl SandboxHandle for ProcessHandle {
+    async fn stop(&self, grace: Duration) -> ExitReason {
+        if let Some(r) = self.wait_for(grace).await {
+            return r;
+        }
+        killpg(self.pgid, nix::sys::signal::Signal::SIGTERM);
+        if let Some(r) = self.wait_for(grace).await {
+            return r;
+        }
+        self.kill();
+        self.wait_for(Duration::from_secs(10))
+            .await
+            .unwrap_or_default()
+    }
+
+    fn kill(&self) {
+        killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+        self.cgroups.kill_all();
+    }
+}
+
+impl Drop for ProcessHandle {
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// Reads the init's report until the server's exec closes it.
+async fn read_report(fd: OwnedFd) -> io::Result<Option<Report>> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let mut bytes = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) if bytes.len() + n <= plan::MAX_REPORT => bytes.extend_from_slice(&buf[..n]),
+                Ok(_) => break,
+            }
+        }
+    };
+    if tokio::time::timeout(SETUP_TIMEOUT, read).await.is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the sandbox did not report within 30s",
+        ));
+    }
+    Ok(Report::parse_last(&bytes))
+}
+
+/// Everything the parent set up for one sandbox besides the process.
+struct Prepared {
+    plan: InitPlan,
+    proxy: Option<egress::HostProxy>,
+}
+
+impl ProcessBackend {
+    /// The init plan for `spec`, with the host-side egress proxy it needs.
+    fn prepare(
+        &self,
+        spec: &SandboxSpec,
+        name: &str,
+        program: PathBuf,
+    ) -> Result<Prepared, OrchestratorError> {
+        let l = &self.support.layers;
+        let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
+        let user = if self.is_root {
+            let uid = self.uids.get(&spec.owner).map_err(setup("allocating a uid"))?;
+            UserPlan::Switch { uid, gid: uid }
+        } else if l.userns {
+            UserPlan::Namespace {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }
+        } else {
+            UserPlan::Keep
+        };
+        let owner_ids = match user {
+            UserPlan::Switch { uid, gid } => Some((uid, gid)),
+            _ => None,
+        };
+        if let (Some(home), Some((uid, gid))) = (&spec.home, owner_ids) {
+            own_home(home, uid, gid).map_err(setup("giving the home to the service"))?;
+        }
+        let needs_net = !matches!(
+            spec.network.effective(),
+            NetworkPolicy::Mode(NetworkMode::Full)
+        );
+        let namespaces = Namespaces {
+            pid: l.pid,
+            mount: l.mount,
+            ipc: l.ipc,
+            uts: l.uts,
+            net: needs_net && l.net,
+        };
+        let protected = self.protected();
+        let mut visible: Vec<Visible> = SYSTEM_DIRS
+            .iter()
+            .map(|d| Visible {
+                path: d.into(),
+                write: false,
+            })
+            .collect();
+        if let Some(dir) = std::fs::canonicalize("/etc/resolv.conf")
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .filter(|d| !d.starts_with("/etc"))
+        {
+            visible.push(Visible {
+                path: dir,
+                write: false,
+            });
+        }
+        let path_env = spec
+            .env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(crate::environ::runner_path);
+        let mut hidden = protected.clone();
+        hidden.extend(["/root", "/home"].map(PathBuf::from));
+        for dir in host::runtime_dirs(&program, &path_env, &hidden, &protected) {
+            visible.push(Visible {
+                path: dir,
+                write: false,
+            });
+        }
+        for m in &spec.mounts {
+            if let MountSource::Host(src) = &m.source {
+                let src = src.canonicalize().unwrap_or_else(|_| src.clone());
+                if protected.iter().any(|p| p.starts_with(&src)) {
+                    return Err(Unsupported::MountExposes { path: src }.into());
+                }
+                visible.push(Visible {
+                    path: src,
+                    write: !m.read_only,
+                });
+            }
+        }
+        if let Some(home) = &spec.home {
+            visible.push(Visible {
+                path: home.canonicalize().unwrap_or_else(|_| home.clone()),
+                write: true,
+            });
+        }
+        let mut env: Vec<(String, String)> =
+            spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut proxy = None;
+        let mut egress = None;
+        if let (NetworkPolicy::Allow { allow }, true) = (spec.network.effective(), namespaces.net) {
+            let rules = allow
+                .iter()
+                .filter_map(|a| crate::proxy::Rule::parse(a))
+                .collect();
+            let p = egress::HostProxy::start(
+                self.run_dir().join(name),
+                rules,
+                owner_ids,
+                spec.owner.to_string(),
+            )
+            .map_err(setup("starting the egress proxy"))?;
+            visible.push(Visible {
+                path: p.dir().to_path_buf(),
+                write: false,
+            });
+            egress = Some(EgressPlan {
+                socket: p.socket.clone(),
+                port: egress::FORWARD_PORT,
+            });
+            env.retain(|(k, _)| !k.to_ascii_lowercase().ends_with("_proxy"));
+            env.extend(egress::proxy_env(egress::FORWARD_PORT));
+            proxy = Some(p);
+        }
+        let scratch: Vec<PathBuf> = if namespaces.mount {
+            SCRATCH.iter().map(PathBuf::from).collect()
+        } else {
+            Vec::new()
+        };
+        for s in &scratch {
+            visible.push(Visible {
+                path: s.clone(),
+                write: true,
+            });
+        }
+        if !namespaces.mount {
+            // No private /tmp: temporary files go to the home.
+            if let Some(home) = &spec.home {
+                let tmp = home.join(".tmp");
+                let _ = std::fs::create_dir_all(&tmp);
+                env.push(("TMPDIR".into(), tmp.to_string_lossy().into_owned()));
+            }
+        }
+        let mut cover: Vec<PathBuf> = protected;
+        cover.extend(scratch.iter().cloned());
+        let plan = InitPlan {
+            program,
+            argv: spec.argv.clone(),
+            env,
+            workdir: spec.workdir.clone(),
+            user,
+            namespaces,
+            fs: FsPlan {
+                visible,
+                devices: DEVICES.iter().map(PathBuf::from).collect(),
+                cover,
+                scratch,
+                scratch_mb: spec
+                    .limits
+                    .memory_mb
+                    .map_or(SCRATCH_MB, |m| m.min(SCRATCH_MB)),
+            },
+            landlock: l.landlock_abi > 0,
+            seccomp: l.seccomp,
+            egress,
+            probe: false,
+        };
+        Ok(Prepared { plan, proxy })
+    }
+}
+
+/// Makes the service's uid own its home (recursively when it did not yet).
+fn own_home(home: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(home)?;
+    if meta.uid() != uid || meta.gid() != gid {
+        let mut stack = vec![home.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+            if std::fs::symlink_metadata(&p)?.is_dir() {
+                for e in std::fs::read_dir(&p)? {
+                    stack.push(e?.path());
+                }
+            }
+        }
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Orchestrator for ProcessBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "process",
+            images: false,
+            sandboxed_install: false,
+            detach: false,
+        }
+    }
+
+    fn check(&self, spec: &SandboxSpec) -> Result<Enforced, OrchestratorError> {
+        if spec.image.is_some() {
+            return Err(Unsupported::Images.into());
+        }
+        let e = self.predict(spec);
+        match spec.network.effective() {
+            NetworkPolicy::Allow { allow } => {
+                if !e.network {
+                    return Err(Unsupported::Allowlist {
+                        reason: "this host lets meshbox create no network namespace; use the docker backend",
+                    }
+                    .into());
+                }
+                if let Some(bad) = allow.iter().find(|a| crate::proxy::Rule::parse(a).is_none()) {
+                    let _ = bad;
+                    return Err(Unsupported::Allowlist {
+                        reason: "an entry is not host:port or *.domain:port",
+                    }
+                    .into());
+                }
+            }
+            NetworkPolicy::Mode(NetworkMode::None) if !e.network => {
+                return Err(Unsupported::NetworkNone {
+                    reason: "this host lets meshbox create no network namespace; use the docker backend",
+                }
+                .into())
+            }
+            _ => {}
+        }
+        if self.config.require_isolation {
+            if !self.support.init {
+                return Err(Unsupported::Isolation {
+                    layer: "sandbox init",
+                }
+                .into());
+            }
+            let mut layers = self.support.layers;
+            layers.own_uid |= self.is_root;
+            if let Some(layer) = self.missing(&layers, spec) {
+                return Err(Unsupported::Isolation { layer }.into());
+            }
+        }
+        Ok(e)
+    }
+
+    async fn run_to_completion(
+        &self,
+        spec: SandboxSpec,
+        timeout: Duration,
+    ) -> Result<Completed, OrchestratorError> {
+        use tokio::io::AsyncWriteExt;
+        let what = spec.argv.first().cloned().unwrap_or_default();
+        let mut sandbox = self.spawn(spec).await?;
+        let _ = sandbox.io.stdin.shutdown().await;
+        let mut stdout = sandbox.io.stdout;
+        let mut stderr = sandbox.io.stderr;
+        let handle = sandbox.handle;
+        let mut exit = sandbox.exit;
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let read_out = async {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match stdout.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let room = MAX_COMPLETED_OUTPUT.saturating_sub(out.len());
+                            out.extend_from_slice(&buf[..n.min(room)]);
+                        }
+                    }
+                }
+            };
+            let read_err = async {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match stderr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            err.extend_from_slice(&buf[..n]);
+                            if err.len() > 2 * MAX_COMPLETED_OUTPUT {
+                                err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+                            }
+                        }
+                    }
+                }
+            };
+            let ((), (), reason) = tokio::join!(read_out, read_err, super::wait_exit(&mut exit));
+            if err.len() > MAX_COMPLETED_OUTPUT {
+                err.drain(..err.len() - MAX_COMPLETED_OUTPUT);
+            }
+            Completed {
+                exit: reason,
+                stdout: out,
+                stderr: err,
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(done) => Ok(done),
+            Err(_) => {
+                handle.kill();
+                Err(OrchestratorError::TimedOut {
+                    what,
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    async fn sweep(&self, _keep: &[ServiceKey]) {
+        // Nothing of a process sandbox survives its meshbox to be re-adopted:
+        // every directory of a dead owner goes, with whatever runs in it.
+        let n = cgroups::sweep(&self.hierarchy).await;
+        if n > 0 {
+            warn!(cgroups = n, "removed sandbox cgroups left by an earlier meshbox");
+        }
+        if let Some(d) = &self.config.data_dir {
+            let _ = std::fs::remove_dir_all(d.join("run"));
+        }
+    }
+
+    async fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, OrchestratorError> {
+        let mut enforced = self.check(&spec)?;
+        let program = spec
+            .argv
+            .first()
+            .cloned()
+            .ok_or(Unsupported::EmptyCommand)?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let name = Cgroups::name(seq, &spec.owner.mesh, &spec.owner.name);
+        let path_env = spec
+            .env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(crate::environ::runner_path);
+        let resolved = host::resolve_program(&program, &path_env, spec.workdir.as_deref())
+            .ok_or_else(|| OrchestratorError::Spawn {
+                program: program.clone(),
+                source: io::ErrorKind::NotFound.into(),
+            })?;
+        let prepared = if self.support.init {
+            Some(self.prepare(&spec, &name, resolved.clone())?)
+        } else {
+            None
+        };
+        let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits);
+        let procs: Vec<CString> = cgroups
+            .procs_files()
+            .iter()
+            .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+            .collect();
+        let cgroups = Arc::new(cgroups);
+
+        // rlimits where no cgroup took the limit.
+        let rlimit_data = (spec.limits.memory_mb.is_some() && !by_cgroup.memory)
+            .then(|| spec.limits.memory_mb.unwrap_or(0) * 1024 * 1024);
+        let rlimit_nproc = (spec.limits.pids.is_some() && !by_cgroup.pids && !self.is_root)
+            .then(|| spec.limits.pids.unwrap_or(0) + cgroups::INIT_PIDS);
+        enforced.memory =
+            spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimit_data.is_some());
+        enforced.cpus = by_cgroup.cpus;
+        enforced.pids = by_cgroup.pids || rlimit_nproc.is_some();
+
+        let channel = match &prepared {
+            Some(p) => Some(Channel::new(&p.plan).map_err(|source| OrchestratorError::Setup {
+                step: "handing the plan to the sandbox",
+                source,
+            })?),
+            None => None,
+        };
+        let setup = ChildSetup {
+            procs,
+            rlimit_data,
+            rlimit_nproc,
+            fds: channel.as_ref().map(|c| (c.plan_raw(), c.report_w_raw())),
+        };
+        let mut cmd = match (&prepared, &self.config.init_program) {
+            (Some(_), Some(init)) => {
+                let mut c = Command::new(init);
+                c.arg("sandbox-init").env_clear();
+                c
+            }
+            _ => {
+                // Bare: the program itself (check() refused what needs the init).
+                let mut c = Command::new(&resolved);
+                c.arg0(&program)
+                    .args(&spec.argv[1..])
+                    .env_clear()
+                    .envs(&spec.env);
+                if let Some(dir) = &spec.workdir {
+                    c.current_dir(dir);
+                }
+                c
+            }
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: ChildSetup::run makes only async-signal-safe calls on memory
+        // prepared before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || setup.run());
+        }
+        let spawned = cmd.spawn();
+        let report_r = channel.map(Channel::into_reader);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                cgroups.remove().await;
+                return Err(OrchestratorError::Spawn { program, source });
+            }
+        };
+        let pid = child.id();
+        let pgid = pid.map(|p| p as i32).unwrap_or(0);
+        let mut proxy = None;
+        if let (Some(p), Some(r)) = (prepared, report_r) {
+            let fail = |e: OrchestratorError| {
+                killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                cgroups.kill_all();
+                e
+            };
+            let report = read_report(r).await.map_err(|source| {
+                fail(OrchestratorError::Setup {
+                    step: "waiting for the sandbox",
+                    source,
+                })
+            });
+            let layers = match report {
+                Ok(Some(Report::Ready(layers))) => layers,
+                Ok(Some(Report::Failed { step, error })) => {
+                    let _ = child.wait().await;
+                    cgroups.remove().await;
+                    if step.starts_with("starting") {
+                        return Err(OrchestratorError::Spawn {
+                            program,
+                            source: io::Error::other(error),
+                        });
+                    }
+                    return Err(OrchestratorError::SandboxInit { step, error });
+                }
+                Ok(None) => {
+                    let status = child.wait().await.ok();
+                    cgroups.remove().await;
+                    return Err(OrchestratorError::SandboxInit {
+                        step: "starting the sandbox init".into(),
+                        error: format!(
+                            "it ended without a report ({})",
+                            status.map(|s| s.to_string()).unwrap_or_default()
+                        ),
+                    });
+                }
+                Err(e) => {
+                    let _ = child.wait().await;
+                    cgroups.remove().await;
+                    return Err(e);
+                }
+            };
+            enforced.filesystem = layers.landlock_abi >= fs::MIN_LANDLOCK_ABI;
+            enforced.network = match spec.network.effective() {
+                NetworkPolicy::Mode(NetworkMode::None) => layers.net,
+                NetworkPolicy::Allow { .. } => layers.net && layers.egress,
+                _ => true,
+            };
+            if self.config.require_isolation {
+                if let Some(layer) = self.missing(&layers, &spec) {
+                    fail(OrchestratorError::Unsupported(Unsupported::Isolation {
+                        layer,
+                    }));
+                    let _ = child.wait().await;
+                    cgroups.remove().await;
+                    return Err(Unsupported::Isolation { layer }.into());
+                }
+            }
+            debug!(service = %spec.owner, ?layers, "sandbox ready");
+            proxy = p.proxy;
+        }
+        let io = SandboxIo {
+            stdin: Box::pin(child.stdin.take().expect("stdin piped")),
+            stdout: Box::pin(child.stdout.take().expect("stdout piped")),
+            stderr: Box::pin(child.stderr.take().expect("stderr piped")),
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        {
+            let cgroups = cgroups.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                // The leader is gone: nothing of its tree may outlive it.
+                killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                cgroups.kill_all();
+                let oom = cgroups.oom_killed();
+                let reason = match status {
+                    Ok(st) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        ExitReason {
+                            code: st.code(),
+                            signal: st.signal(),
+                            oom_killed: oom,
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "waiting for server failed");
+                        ExitReason::default()
+                    }
+                };
+                exit_tx.send_replace(Some(reason));
+                cgroups.remove().await;
+                drop(proxy);
+            });
+        }
+        Ok(Sandbox {
+            io,
+            exit: exit_rx.clone(),
+            handle: Box::new(ProcessHandle {
+                pgid,
+                exit: exit_rx,
+                cgroups,
+            }),
+            pid,
+            container_id: None,
+            enforced,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bare(cgroups: bool) -> ProcessBackend {
+        ProcessBackend::new(ProcessConfig {
+            cgroups,
+            init_program: None,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn without_an_init_allowlists_and_none_are_refused_not_ignored() {
+        let b = bare(false);
+        for network in [
+            NetworkPolicy::Allow {
+                allow: vec!["example.com:443".into()],
+            },
+            NetworkPolicy::Mode(NetworkMode::None),
+        ] {
+            let spec = SandboxSpec {
+                argv: vec!["true".into()],
+                network,
+                ..Default::default()
+            };
+            let err = b.check(&spec).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    OrchestratorError::Unsupported(
+                        Unsupported::Allowlist { .. } | Unsupported::NetworkNone { .. }
+                    )
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_claimed_when_nothing_requested() {
+        let e = bare(false).check(&SandboxSpec::default()).unwrap();
+        assert!(!e.memory && !e.cpus && !e.pids && !e.filesystem);
+        assert!(e.network, "full network needs no enforcement");
+    }
+
+    #[test]
+    fn cpus_without_cgroups_not_claimed() {
+        let spec = SandboxSpec {
+            limits: Limits {
+                memory_mb: Some(64),
+                cpus: Some(0.5),
+                pids: Some(64),
+            },
+            ..Default::default()
+        };
+        let e = bare(false).check(&spec).unwrap();
+        assert!(e.memory, "RLIMIT_DATA bounds memory");
+        assert!(!e.cpus, "no rlimit bounds a cpu share");
+        assert_eq!(e.pids, !is_root(), "RLIMIT_NPROC does not bind root");
+    }
+
+    #[test]
+    fn require_isolation_refuses_a_host_without_the_init() {
+        let b = ProcessBackend::new(ProcessConfig {
+            cgroups: false,
+            init_program: None,
+            require_isolation: true,
+            ..Default::default()
+        });
+        let err = b.check(&SandboxSpec::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OrchestratorError::Unsupported(Unsupported::Isolation { .. })
+            ),
+            "{err}"
+        );
+        assert!(b.describe().contains("no sandbox init"), "{}", b.describe());
+    }
+}

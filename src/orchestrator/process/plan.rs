@@ -1,0 +1,166 @@
+//! What the parent tells `meshbox sandbox-init` (the plan, over fd 3) and
+//! what the sandbox tells the parent back (the report, over fd 4).
+//!
+//! Both sides of the exec boundary share these types; nothing here makes a
+//! syscall.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The file descriptor the plan arrives on (a sealed memfd, read to EOF).
+pub const PLAN_FD: i32 = 3;
+/// The file descriptor the report is written to (close-on-exec in the
+/// server, so the parent sees EOF exactly when the server's exec happened).
+pub const REPORT_FD: i32 = 4;
+/// Longest report the parent reads.
+pub const MAX_REPORT: usize = 64 * 1024;
+
+/// Whose uid the server runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserPlan {
+    /// meshbox is root: switch to this service's own uid and gid.
+    Switch { uid: u32, gid: u32 },
+    /// Not root: a user namespace mapping our own ids onto themselves, which
+    /// lets the init create the other namespaces; the server keeps no
+    /// capability in it.
+    Namespace { uid: u32, gid: u32 },
+    /// Neither: the server runs as meshbox's user (Landlock and seccomp still apply).
+    Keep,
+}
+
+/// The namespaces to create besides the user namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespaces {
+    pub pid: bool,
+    pub mount: bool,
+    pub ipc: bool,
+    pub uts: bool,
+    pub net: bool,
+}
+
+/// A path the server sees, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Visible {
+    pub path: PathBuf,
+    pub write: bool,
+}
+
+/// The server's view of the filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsPlan {
+    /// Directories (system ones, the installed source, mounts, the runtime,
+    /// the home) the server may read, or read and write.
+    pub visible: Vec<Visible>,
+    /// Device files the server may read and write (`/dev/null`, …).
+    pub devices: Vec<PathBuf>,
+    /// Directories replaced by an empty tmpfs in the mount namespace (the data
+    /// dir, the invoking user's home, `/tmp`); visible paths under them are
+    /// carried over.
+    pub cover: Vec<PathBuf>,
+    /// Covered directories the server may write (a private `/tmp`).
+    pub scratch: Vec<PathBuf>,
+    /// Size of each scratch tmpfs, in MiB.
+    pub scratch_mb: u64,
+}
+
+/// The egress of an allowlisted sandbox: a forwarder on the sandbox's own
+/// loopback to the host-side proxy's unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressPlan {
+    pub socket: PathBuf,
+    pub port: u16,
+}
+
+/// Everything the init needs to build one sandbox and start its server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitPlan {
+    /// The program, resolved to an absolute path on the host.
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<PathBuf>,
+    pub user: UserPlan,
+    pub namespaces: Namespaces,
+    pub fs: FsPlan,
+    pub landlock: bool,
+    pub seccomp: bool,
+    pub egress: Option<EgressPlan>,
+    /// Only probe: build every layer, report, and exit 0 instead of exec.
+    #[serde(default)]
+    pub probe: bool,
+}
+
+/// The layers that really got applied, as the server's last step before exec
+/// saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layers {
+    /// Runs under a uid of its own (root) or in a user namespace.
+    pub own_uid: bool,
+    pub userns: bool,
+    pub pid: bool,
+    pub mount: bool,
+    pub ipc: bool,
+    pub uts: bool,
+    pub net: bool,
+    /// A fresh `/proc` showing only the sandbox's processes.
+    pub proc: bool,
+    /// A private tmpfs `/tmp`.
+    pub private_tmp: bool,
+    pub no_new_privs: bool,
+    /// No capability survives into the server.
+    pub no_caps: bool,
+    /// The Landlock ABI whose filesystem rights are enforced (0: none).
+    pub landlock_abi: u8,
+    /// Landlock stops signals and abstract-socket connections leaving the sandbox.
+    pub landlock_scoped: bool,
+    pub seccomp: bool,
+    /// A per-sandbox loopback forwarder to the egress proxy is listening.
+    pub egress: bool,
+}
+
+/// One line of the report channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Report {
+    /// Every layer is in place; the server is being exec'd.
+    Ready(Layers),
+    /// A step failed; the sandbox exits without running the server.
+    Failed { step: String, error: String },
+}
+
+impl Report {
+    /// The last complete report line of `bytes`, if any.
+    pub fn parse_last(bytes: &[u8]) -> Option<Report> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .last()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_report_wins() {
+        let ok = serde_json::to_vec(&Report::Ready(Layers::default())).unwrap();
+        let bad = serde_json::to_vec(&Report::Failed {
+            step: "exec".into(),
+            error: "no such file".into(),
+        })
+        .unwrap();
+        let mut both = ok.clone();
+        both.push(b'\n');
+        both.extend_from_slice(&bad);
+        both.push(b'\n');
+        assert!(matches!(Report::parse_last(&both), Some(Report::Failed { .. })));
+        assert_eq!(
+            Report::parse_last(&ok),
+            Some(Report::Ready(Layers::default()))
+        );
+        assert_eq!(Report::parse_last(b"garbage"), None);
+    }
+}
