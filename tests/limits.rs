@@ -57,7 +57,7 @@ async fn cgroup_limits_are_enforced_and_reported() {
     let enforced = &st["limits"]["enforced"];
     assert_eq!(
         enforced,
-        &json!({"memory": true, "cpus": true, "pids": true, "network": true, "filesystem": false}),
+        &json!({"memory": true, "cpus": true, "pids": true, "network": true, "filesystem": true}),
         "{st}"
     );
     assert_eq!(st["limits"]["memory_mb"], 64);

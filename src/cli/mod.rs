@@ -228,6 +228,36 @@ pub struct SpecArgs {
     /// Program to run instead of the detected entry (arguments go after --).
     #[arg(long)]
     pub command: Option<String>,
+    /// A host directory the server sees at the same path, PATH or PATH:ro
+    /// (repeatable).
+    #[arg(long = "mount", value_name = "PATH[:ro]")]
+    pub mounts: Vec<String>,
+}
+
+/// `PATH` or `PATH:ro` as a mount; a relative path is made absolute.
+pub fn parse_mount(s: &str) -> Result<crate::model::HostMount, CliError> {
+    let (path, read_only) = match s.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (s.strip_suffix(":rw").unwrap_or(s), false),
+    };
+    if path.is_empty() {
+        return Err(CliError::Usage(format!("--mount `{s}`: expected PATH or PATH:ro")));
+    }
+    let p = PathBuf::from(path);
+    let p = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()
+            .map_err(|source| CliError::Io {
+                context: "failed to read the current directory".into(),
+                source,
+            })?
+            .join(p)
+    };
+    Ok(crate::model::HostMount {
+        path: p.canonicalize().unwrap_or(p),
+        read_only,
+    })
 }
 
 #[derive(Debug, Args)]
@@ -349,8 +379,14 @@ impl SpecArgs {
             Some(c) => (Some(std::iter::once(c).chain(args).collect()), Vec::new()),
             None => (None, args),
         };
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| parse_mount(m))
+            .collect::<Result<Vec<_>, _>>()?;
         let spec = ServiceSpec {
             source: absolutize_source(source)?,
+            mounts,
             args,
             command,
             env,
@@ -513,5 +549,24 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(missing.env_map(&lookup), Err(CliError::Io { .. })));
+    }
+
+    #[test]
+    fn mounts_parse_like_docker() {
+        let m = parse_mount("/srv/data:ro").unwrap();
+        assert_eq!((m.path.as_path(), m.read_only), (std::path::Path::new("/srv/data"), true));
+        let m = parse_mount("/srv/data").unwrap();
+        assert!(!m.read_only);
+        assert!(parse_mount(":ro").is_err());
+        let rel = parse_mount("some/dir").unwrap();
+        assert!(rel.path.is_absolute());
+        let s = SpecArgs {
+            mounts: vec!["/srv/a:ro".into(), "/srv/b".into()],
+            ..Default::default()
+        }
+        .into_spec("path:/x", vec![])
+        .unwrap();
+        assert_eq!(s.mounts.len(), 2);
+        assert!(s.mounts[0].read_only && !s.mounts[1].read_only);
     }
 }

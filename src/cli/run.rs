@@ -176,6 +176,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     let backend: Box<dyn Orchestrator> = match args.backend {
         RunBackend::Process => Box::new(ProcessBackend::new(ProcessConfig {
             cgroups: !args.no_cgroups,
+            data_dir: Some(data_dir.clone()),
             ..Default::default()
         })),
         RunBackend::Docker => Box::new(

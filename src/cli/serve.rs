@@ -106,6 +106,14 @@ pub struct ServeArgs {
     /// `git:file://` sources (repeatable; the admin token may use any).
     #[arg(long = "source-root", value_name = "DIR")]
     pub source_roots: Vec<PathBuf>,
+    /// A directory specs may mount from (repeatable); without one, specs
+    /// may not mount anything.
+    #[arg(long = "mount-root", value_name = "DIR")]
+    pub mount_roots: Vec<PathBuf>,
+    /// Refuse to start a process-mode server that would run with less than
+    /// every isolation layer (own uid, namespaces, Landlock, seccomp).
+    #[arg(long)]
+    pub require_isolation: bool,
 }
 
 /// The token from `--token-file` or `MESHBOX_TOKEN`, if any.
@@ -252,6 +260,8 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     let process = || -> Arc<dyn Orchestrator> {
         Arc::new(ProcessBackend::new(ProcessConfig {
             cgroups: !args.no_cgroups,
+            data_dir: Some(data_dir.clone()),
+            require_isolation: args.require_isolation,
             ..Default::default()
         }))
     };
@@ -271,6 +281,7 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         },
     };
     let mut config = SupervisorConfig::new(data_dir.clone());
+    config.mount_roots = args.mount_roots.clone();
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.install.timeout = Duration::from_secs(args.install_timeout.max(1));
     config.install.env = parse_install_env(&args.install_env)?;

@@ -123,6 +123,9 @@ pub enum SupervisorError {
     Unsupported(#[source] OrchestratorError),
     #[error("service {key} not found")]
     NotFound { key: ServiceKey },
+    /// A spec mount outside every `--mount-root` (or one that does not exist).
+    #[error("mount `{}` {reason}", path.display())]
+    Mount { path: PathBuf, reason: &'static str },
     #[error("service {key} is {status}{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     NotRunning {
         key: ServiceKey,
@@ -158,7 +161,8 @@ impl SupervisorError {
         match self {
             SupervisorError::Spec(_)
             | SupervisorError::Source(_)
-            | SupervisorError::Unsupported(_) => ErrorKind::Invalid,
+            | SupervisorError::Unsupported(_)
+            | SupervisorError::Mount { .. } => ErrorKind::Invalid,
             SupervisorError::NotFound { .. } => ErrorKind::NotFound,
             SupervisorError::NotRunning { .. } => ErrorKind::Unavailable,
             SupervisorError::StartFailed { .. } => ErrorKind::BadGateway,
@@ -224,6 +228,9 @@ pub struct SupervisorConfig {
     /// Host directories mesh-scoped callers may use as `path:` (and
     /// `git:file://`) sources; the admin may use any.
     pub source_roots: Vec<PathBuf>,
+    /// Directories spec mounts must lie in (`serve --mount-root`); none: no
+    /// spec may mount anything.
+    pub mount_roots: Vec<PathBuf>,
 }
 
 impl SupervisorConfig {
@@ -241,6 +248,7 @@ impl SupervisorConfig {
             failed_retry: FailedRetry::default(),
             secrets: crate::secrets::SecretPolicy::Dirs(vec![data_dir.join("secrets")]),
             source_roots: Vec::new(),
+            mount_roots: Vec::new(),
             data_dir,
         }
     }
@@ -374,6 +382,7 @@ impl Supervisor {
         // Secret files: only from the operator's secret directories, only
         // small regular files (checked, not read; read again at start).
         crate::secrets::check_env(&v.spec.env, &self.config().secrets).map_err(SpecError::from)?;
+        self.check_mounts(&v.spec, true)?;
         if let Source::Path(dir) = &v.source {
             crate::acquire::check_dir(dir, v.spec.runtime, v.spec.command.as_deref())?;
         }
@@ -390,6 +399,7 @@ impl Supervisor {
         if matches!(source, Source::Image(_)) && !self.capabilities().images {
             return Err(AcquireError::Unsupported { kind: "image" }.into());
         }
+        self.check_mounts(&spec, false)?;
         let probe = SandboxSpec {
             argv: vec!["probe".into()],
             image: matches!(source, Source::Image(_)).then(|| "probe".to_owned()),
@@ -406,6 +416,35 @@ impl Supervisor {
             .check(&probe)
             .map_err(SupervisorError::Unsupported)?;
         Ok(Validated { spec, source })
+    }
+
+    /// Every spec mount must lie inside a mount root (symlinks followed
+    /// where the path exists). `exist`: the mount must exist now (a deploy);
+    /// a stored spec whose directory is gone for now fails its start instead.
+    fn check_mounts(&self, spec: &ServiceSpec, exist: bool) -> Result<(), SupervisorError> {
+        for m in &spec.mounts {
+            let refuse = |reason| SupervisorError::Mount {
+                path: m.path.clone(),
+                reason,
+            };
+            let real = match m.path.canonicalize() {
+                Ok(real) if !real.is_dir() => return Err(refuse("is not a directory")),
+                Ok(real) => real,
+                Err(_) if exist => return Err(refuse("does not exist")),
+                Err(_) => m.path.clone(),
+            };
+            let inside = self
+                .ctx
+                .config
+                .mount_roots
+                .iter()
+                .filter_map(|r| r.canonicalize().ok())
+                .any(|root| real.starts_with(root));
+            if !inside {
+                return Err(refuse("is outside every --mount-root"));
+            }
+        }
+        Ok(())
     }
 
     fn launch(&self, key: ServiceKey, v: Validated, opts: LaunchOptions) -> Arc<Service> {

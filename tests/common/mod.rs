@@ -79,6 +79,18 @@ impl Daemon {
         Self::spawn(data, &["--backend", "process"], env)
     }
 
+    /// A daemon on an existing data dir with extra serve arguments (after
+    /// `--backend process`) and environment.
+    pub fn start_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let data = DataDir {
+            path: dir.to_path_buf(),
+            _tmp: None,
+        };
+        let mut all = vec!["--backend", "process"];
+        all.extend_from_slice(args);
+        Self::spawn(data, &all, env)
+    }
+
     /// A daemon on an existing data dir with explicit serve arguments.
     pub fn start_on_with(dir: &Path, args: &[&str]) -> Daemon {
         let data = DataDir {
@@ -98,6 +110,23 @@ impl Daemon {
         let mut all = vec!["--backend", "process"];
         all.extend_from_slice(args);
         Self::spawn_via(wrapper, data, &all, &[])
+    }
+
+    /// A process-backend daemon started through `wrapper` (e.g. `setpriv
+    /// --reuid=…`), on an existing data dir, with extra environment.
+    pub fn start_wrapped_in(
+        wrapper: &[&str],
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let data = DataDir {
+            path: dir.to_path_buf(),
+            _tmp: None,
+        };
+        let mut all = vec!["--backend", "process"];
+        all.extend_from_slice(args);
+        Self::spawn_via(wrapper, data, &all, env)
     }
 
     fn spawn(data: DataDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {

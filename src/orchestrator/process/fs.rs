@@ -152,7 +152,7 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
     let mut visible: Vec<&Visible> = plan
         .visible
         .iter()
-        .filter(|v| !v.write || covers.iter().any(|c| v.path.starts_with(c)))
+        .filter(|v| v.bind && (!v.write || covers.iter().any(|c| v.path.starts_with(c))))
         .filter(|v| v.path.exists())
         .collect();
     visible.sort_by_key(|v| v.path.as_os_str().len());

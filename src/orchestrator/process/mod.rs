@@ -91,6 +91,8 @@ const DEVICES: &[&str] = &[
 ];
 /// Shared scratch directories replaced by private tmpfs mounts.
 const SCRATCH: &[&str] = &["/tmp", "/var/tmp", "/dev/shm"];
+/// Where users' homes live: covered, carrying over only what a server needs.
+const HOMES: &[&str] = &["/root", "/home"];
 /// Default size of each private scratch tmpfs.
 const SCRATCH_MB: u64 = 256;
 /// How long the sandbox may take to report its layers.
@@ -197,6 +199,7 @@ impl ProcessBackend {
                     visible: vec![Visible {
                         path: "/usr".into(),
                         write: false,
+                        bind: true,
                     }],
                     ..Default::default()
                 },
@@ -551,6 +554,7 @@ impl ProcessBackend {
             .map(|d| Visible {
                 path: d.into(),
                 write: false,
+                bind: false,
             })
             .collect();
         if let Some(dir) = std::fs::canonicalize("/etc/resolv.conf")
@@ -561,6 +565,7 @@ impl ProcessBackend {
             visible.push(Visible {
                 path: dir,
                 write: false,
+                bind: false,
             });
         }
         let path_env = spec
@@ -569,11 +574,12 @@ impl ProcessBackend {
             .cloned()
             .unwrap_or_else(crate::environ::runner_path);
         let mut hidden = protected.clone();
-        hidden.extend(["/root", "/home"].map(PathBuf::from));
+        hidden.extend(HOMES.iter().map(PathBuf::from));
         for dir in host::runtime_dirs(&program, &path_env, &hidden, &protected) {
             visible.push(Visible {
                 path: dir,
                 write: false,
+                bind: true,
             });
         }
         for m in &spec.mounts {
@@ -585,6 +591,7 @@ impl ProcessBackend {
                 visible.push(Visible {
                     path: src,
                     write: !m.read_only,
+                    bind: true,
                 });
             }
         }
@@ -592,6 +599,7 @@ impl ProcessBackend {
             visible.push(Visible {
                 path: home.canonicalize().unwrap_or_else(|_| home.clone()),
                 write: true,
+                bind: true,
             });
         }
         let mut env: Vec<(String, String)> =
@@ -613,6 +621,7 @@ impl ProcessBackend {
             visible.push(Visible {
                 path: p.dir().to_path_buf(),
                 write: false,
+                bind: true,
             });
             egress = Some(EgressPlan {
                 socket: p.socket.clone(),
@@ -631,6 +640,7 @@ impl ProcessBackend {
             visible.push(Visible {
                 path: s.clone(),
                 write: true,
+                bind: false,
             });
         }
         if !namespaces.mount {
@@ -641,7 +651,10 @@ impl ProcessBackend {
                 env.push(("TMPDIR".into(), tmp.to_string_lossy().into_owned()));
             }
         }
+        // Homes are covered too: what is carried over from them (a runtime, a
+        // mount) stays reachable for a uid that could not walk the real ones.
         let mut cover: Vec<PathBuf> = protected;
+        cover.extend(HOMES.iter().map(PathBuf::from));
         cover.extend(scratch.iter().cloned());
         let plan = InitPlan {
             program,

@@ -44,6 +44,10 @@ pub struct Namespaces {
 pub struct Visible {
     pub path: PathBuf,
     pub write: bool,
+    /// Bound into the mount namespace (read-only unless `write`): the
+    /// source, mounts, home, runtime; system directories are not.
+    #[serde(default)]
+    pub bind: bool,
 }
 
 /// The server's view of the filesystem.
