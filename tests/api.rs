@@ -401,24 +401,55 @@ async fn servers_get_a_curated_environment() {
     assert_eq!(d.status("m", "nosecret").await["status"], "failed");
 }
 
+/// Host pids of `root`'s descendants whose command line contains `needle`
+/// (a server in a pid namespace only knows its own pids).
+fn descendants_running(root: u32, needle: &str) -> Vec<u32> {
+    let ppid = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .filter(|pid| {
+            let mut cur = *pid;
+            for _ in 0..64 {
+                match ppid(cur) {
+                    Some(p) if p == root => return true,
+                    Some(p) if p > 1 => cur = p,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .filter(|pid| pid_alive(*pid))
+        .collect()
+}
+
 #[tokio::test]
 async fn wrapper_children_are_killed_with_the_group() {
-    let d = Daemon::start();
+    // The wrapper runs a server outside its own source: it is mounted in.
+    let fixtures = fixture("");
+    let d = Daemon::start_with(&["--mount-root", fixtures.to_str().unwrap()], &[]);
     let (code, st) = d
         .put(
             "/v1/meshes/m/services/wrapped",
-            json!({"source": format!("path:{}", fixture("wrapper").display())}),
+            json!({"source": format!("path:{}", fixture("wrapper").display()),
+                   "mounts": [{"path": fixture("py_server"), "read_only": true}]}),
         )
         .await;
     assert_eq!(code, 200, "{st}");
     let wrapper_pid = st["pid"].as_u64().unwrap() as u32;
     let (_, r) = d.call("m", "wrapped", "pid", json!({})).await;
-    let child_pid: u32 = text_of(&r).parse().unwrap_or_else(|_| panic!("{r}"));
-    assert_ne!(
-        child_pid, wrapper_pid,
-        "the tool ran in the wrapper's child"
-    );
-    assert!(pid_alive(child_pid));
+    let _: u32 = text_of(&r).parse().unwrap_or_else(|_| panic!("{r}"));
+    let children = descendants_running(wrapper_pid, "py_server/server.py");
+    assert_eq!(children.len(), 1, "the tool did not run in the wrapper's child");
+    let child_pid = children[0];
     let (code, _) = d.delete("/v1/meshes/m/services/wrapped").await;
     assert_eq!(code, 204);
     assert!(!pid_alive(wrapper_pid), "wrapper left behind");
@@ -628,8 +659,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (
             "PUT",
             "/v1/meshes/acme/services/x".into(),
-            json!({"source": py, "network": {"allow": ["example.com:443"]}}),
-            "allowlists",
+            json!({"source": py, "network": {"allow": ["not a host"]}}),
+            "network.allow",
+        ),
+        (
+            "PUT",
+            "/v1/meshes/acme/services/x".into(),
+            json!({"source": py, "mounts": [{"path": "/etc"}]}),
+            "mount-root",
         ),
         (
             "PUT",
