@@ -620,3 +620,78 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     );
     assert_denied("ptrace", &call("ptrace", json!({})).await);
 }
+
+#[tokio::test]
+#[ignore = "needs root"]
+async fn mounts_are_visible_writable_or_read_only_as_asked() {
+    require_root();
+    use std::os::unix::fs::MetadataExt;
+    let roots = tempfile::tempdir().unwrap();
+    let (rw, ro) = (roots.path().join("rw"), roots.path().join("ro"));
+    for d in [&rw, &ro] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("existing.txt"), "host data").unwrap();
+    }
+    let root_arg = roots.path().to_string_lossy().into_owned();
+    let h = Host::start(&["--mount-root", &root_arg]);
+    h.deploy(
+        "acme",
+        "mnt",
+        json!({"mounts": [{"path": rw}, {"path": ro, "read_only": true}]}),
+    )
+    .await;
+    for d in [&rw, &ro] {
+        assert_eq!(
+            h.attack("acme", "mnt", "read", json!({"path": d.join("existing.txt")}))
+                .await,
+            "ok 9 bytes"
+        );
+    }
+    // The service's own uid writes the operator's directory as its owner would.
+    assert_eq!(
+        h.attack("acme", "mnt", "write", json!({"path": rw.join("new.txt")}))
+            .await,
+        "ok"
+    );
+    let meta = std::fs::metadata(rw.join("new.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "lands as the directory's owner");
+    assert_denied(
+        "writing a read-only mount",
+        &h.attack("acme", "mnt", "write", json!({"path": ro.join("new.txt")}))
+            .await,
+    );
+    assert!(!ro.join("new.txt").exists());
+}
+
+/// Fast lane: specs may mount only inside `--mount-root`; the 400 names the path.
+#[tokio::test]
+async fn spec_mounts_outside_every_mount_root_are_refused() {
+    let roots = tempfile::tempdir().unwrap();
+    let inside = roots.path().join("ok");
+    std::fs::create_dir(&inside).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    // A symlink inside the root that leads out of it does not count as inside.
+    let sneaky = roots.path().join("sneaky");
+    std::os::unix::fs::symlink(outside.path(), &sneaky).unwrap();
+    let d = Daemon::start_with(&["--mount-root", roots.path().to_str().unwrap()], &[]);
+    let py = format!("path:{}", fixture("py_server").display());
+    for bad in [outside.path().to_path_buf(), sneaky, roots.path().join("missing")] {
+        let (code, r) = d
+            .put(
+                "/v1/meshes/m/services/x",
+                json!({"source": py, "mounts": [{"path": bad}]}),
+            )
+            .await;
+        assert_eq!(code, 400, "{r}");
+        let msg = r["error"].as_str().unwrap();
+        assert!(msg.contains(bad.to_str().unwrap()), "{msg}");
+    }
+    assert_eq!(d.get("/v1/meshes/m/services/x").await.0, 404, "something was created");
+    let (code, r) = d
+        .put(
+            "/v1/meshes/m/services/x",
+            json!({"source": py, "mounts": [{"path": inside, "read_only": true}]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{r}");
+}

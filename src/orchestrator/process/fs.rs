@@ -77,6 +77,71 @@ fn make_read_only(tree: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A user namespace mapping `from` (an owner on disk) onto `to` (the
+/// service), held by a short-lived helper child; its fd idmaps mounts.
+fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> io::Result<OwnedFd> {
+    use nix::unistd::{fork, ForkResult};
+    use std::io::{Read, Write};
+    let (ready_r, ready_w) = std::os::unix::net::UnixStream::pair()?;
+    // SAFETY: called from the single-threaded sandbox init, before any thread starts.
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Child => {
+            drop(ready_r);
+            let mut w = ready_w;
+            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
+            let _ = w.write_all(&[u8::from(ok)]);
+            // Wait until the parent has taken the namespace (it closes its end).
+            let _ = w.read(&mut [0u8; 1]);
+            std::process::exit(0);
+        }
+        ForkResult::Parent { child } => {
+            drop(ready_w);
+            let mut r = ready_r;
+            let mut ok = [0u8; 1];
+            let res = (|| {
+                r.read_exact(&mut ok)?;
+                if ok[0] != 1 {
+                    return Err(io::Error::other("the helper could not create a user namespace"));
+                }
+                let pid = child.as_raw();
+                std::fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1", from.0, to.0))?;
+                std::fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1", from.1, to.1))?;
+                let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+                Ok(OwnedFd::from(f))
+            })();
+            drop(r);
+            let _ = nix::sys::wait::waitpid(child, None);
+            res
+        }
+    }
+}
+
+/// Idmaps a detached tree through `userns`.
+fn idmap(tree: &OwnedFd, userns: &OwnedFd) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    let empty = c"";
+    // SAFETY: mount_setattr reads `attr` (its size is passed) and the empty path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Attaches a detached tree at `path`.
 fn attach(tree: &OwnedFd, path: &Path) -> io::Result<()> {
     let c = cstr(path)?;
@@ -146,6 +211,20 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
         None::<&str>,
     )
     .map_err(|e| at("making the root a slave", root)(e.into()))?;
+    let mut out = Mounted::default();
+    // The pid namespace's own /proc first: helpers forked below are found
+    // there by the pids this namespace gives them.
+    if new_proc {
+        let proc_ = Path::new("/proc");
+        out.proc = mount(
+            Some("proc"),
+            proc_,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .is_ok();
+    }
     let covers = outermost(&plan.cover);
     // Visible paths are cloned before anything is covered: shortest first,
     // so an inner one is attached on top of an outer one.
@@ -161,10 +240,17 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
         let tree = clone_tree(&v.path).map_err(at("cloning", &v.path))?;
         if !v.write {
             make_read_only(&tree).map_err(at("making read-only", &v.path))?;
+        } else if let Some(to) = plan.idmap_to {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&v.path).map_err(at("inspecting", &v.path))?;
+            let owner = (meta.uid(), meta.gid());
+            if owner != to {
+                let ns = idmap_userns(owner, to).map_err(at("idmapping", &v.path))?;
+                idmap(&tree, &ns).map_err(at("idmapping", &v.path))?;
+            }
         }
         trees.push((v, tree, v.path.is_dir()));
     }
-    let mut out = Mounted::default();
     for c in &covers {
         let scratch = plan.scratch.iter().any(|s| s == c);
         let opts = if scratch {
@@ -196,17 +282,6 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
             }
         }
         attach(tree, &v.path).map_err(at("attaching", &v.path))?;
-    }
-    if new_proc {
-        let proc_ = Path::new("/proc");
-        out.proc = mount(
-            Some("proc"),
-            proc_,
-            Some("proc"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .is_ok();
     }
     Ok(out)
 }

@@ -672,6 +672,7 @@ impl ProcessBackend {
                     .limits
                     .memory_mb
                     .map_or(SCRATCH_MB, |m| m.min(SCRATCH_MB)),
+                idmap_to: owner_ids,
             },
             landlock: l.landlock_abi > 0,
             seccomp: l.seccomp,

@@ -66,6 +66,11 @@ pub struct FsPlan {
     pub scratch: Vec<PathBuf>,
     /// Size of each scratch tmpfs, in MiB.
     pub scratch_mb: u64,
+    /// The service's own uid and gid (meshbox is root): writable binds of
+    /// host directories are idmapped so their owner's files appear as the
+    /// service's, and what it creates lands as their owner's.
+    #[serde(default)]
+    pub idmap_to: Option<(u32, u32)>,
 }
 
 /// The egress of an allowlisted sandbox: a forwarder on the sandbox's own
