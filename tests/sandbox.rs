@@ -695,3 +695,80 @@ async fn spec_mounts_outside_every_mount_root_are_refused() {
         .await;
     assert_eq!(code, 200, "{r}");
 }
+
+/// The MCP Python SDK in `target/mcp-venv`, installed from PyPI when missing.
+fn mcp_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mcp-venv");
+    let python = venv.join("bin/python");
+    let has_mcp = |p: &Path| {
+        std::process::Command::new(p)
+            .args(["-c", "import mcp.client.stdio"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_mcp(&python) {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "mcp"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && has_mcp(&python),
+            "cannot install the MCP Python SDK (`pip install mcp`) into {}",
+            venv.display()
+        );
+    }
+    python
+}
+
+/// Issue 11 item 4: a real MCP client runs the filesystem server through
+/// `meshbox run --mount DIR -- DIR`: it lists and writes there, and cannot
+/// read a planted file in the user's home.
+#[tokio::test]
+#[ignore = "needs registry"]
+async fn meshbox_run_filesystem_server_with_a_mount() {
+    let python = mcp_python();
+    let home = tempfile::tempdir().unwrap();
+    let secret = home.path().join("secret.txt");
+    std::fs::write(&secret, SECRET).unwrap();
+    let allowed = tempfile::tempdir().unwrap();
+    std::fs::write(allowed.path().join("existing.txt"), "x").unwrap();
+    // The npm install is cached across runs here.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sandbox-run-data");
+    let out = tokio::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fs_client.py"))
+        .arg(common::meshbox_bin())
+        .arg(allowed.path())
+        .arg(&secret)
+        .env("HOME", home.path())
+        .env("XDG_DATA_HOME", &data)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("the client did not finish within 300s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["write"]["error"], false, "{r}");
+    assert_eq!(
+        std::fs::read_to_string(allowed.path().join("written.txt")).unwrap(),
+        "hello from the sandbox"
+    );
+    let listing = r["list"]["text"].as_str().unwrap();
+    assert!(
+        listing.contains("existing.txt") && listing.contains("written.txt"),
+        "{r}"
+    );
+    assert_eq!(r["secret"]["error"], true, "{r}");
+    assert!(!r.to_string().contains(SECRET), "the secret leaked: {r}");
+}

@@ -89,9 +89,10 @@ pub async fn acquire(
         return acquire_sandboxed(orchestrator, acquirers, owner, &req, progress).await;
     }
     let launch = acquirers.installer.acquire(&req, None, progress).await?;
+    let root = install_root(acquirers.installer.cache_dir(), &launch.workdir);
     let source_mount = Some(Mount {
-        source: MountSource::Host(launch.workdir.clone()),
-        target: launch.workdir.clone(),
+        source: MountSource::Host(root.clone()),
+        target: root,
         read_only: true,
     });
     let deps_mount = launch.deps.clone().map(|d| Mount {
@@ -105,6 +106,18 @@ pub async fn acquire(
         source_mount,
         deps_mount,
     })
+}
+
+/// What a server must see of its installed source: the whole cache entry
+/// (`<cache>/npm/<pkg@version>`, whose `node_modules` hold the entry's
+/// dependencies beside it), or the directory itself when it is not cached.
+fn install_root(cache: &Path, workdir: &Path) -> PathBuf {
+    match workdir.strip_prefix(cache) {
+        Ok(rel) if rel.components().count() >= 2 => {
+            cache.join(rel.components().take(2).collect::<PathBuf>())
+        }
+        _ => workdir.to_path_buf(),
+    }
 }
 
 async fn acquire_sandboxed(
@@ -408,5 +421,21 @@ mod tests {
             None,
         );
         assert_eq!(s.env["SSL_CERT_FILE"], "/host/ca.pem");
+    }
+
+    #[test]
+    fn a_cached_source_is_mounted_with_its_dependencies() {
+        let cache = Path::new("/data/cache");
+        assert_eq!(
+            install_root(
+                cache,
+                Path::new("/data/cache/npm/x@1/node_modules/x")
+            ),
+            Path::new("/data/cache/npm/x@1")
+        );
+        assert_eq!(
+            install_root(cache, Path::new("/home/me/server")),
+            Path::new("/home/me/server")
+        );
     }
 }
