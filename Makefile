@@ -39,6 +39,7 @@ bench:
 	$(CARGO) bench --bench calls
 	$(CARGO) bench --bench sources
 	$(CARGO) bench --bench docker
+	$(CARGO) bench --bench sandbox
 
 # Runner images from the official base images (needs a registry of images).
 images: build

@@ -285,7 +285,16 @@ mod tests {
 
     #[test]
     fn local_addresses() {
-        for a in ["127.0.0.1", "127.5.0.1", "0.0.0.0", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fe80::1", "224.0.0.1"] {
+        for a in [
+            "127.0.0.1",
+            "127.5.0.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+            "224.0.0.1",
+        ] {
             assert!(is_local(a.parse().unwrap()), "{a}");
         }
         for a in ["10.0.0.1", "93.184.216.34", "2606:2800:220:1::1"] {
@@ -301,7 +310,13 @@ mod tests {
         let sock = dir.path().join("egress.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let rules = vec![Rule::parse(&format!("localhost:{up_port}")).unwrap()];
-        tokio::spawn(serve_unix(listener, rules, Upstreams::NotLocal, 4, "t".into()));
+        tokio::spawn(serve_unix(
+            listener,
+            rules,
+            Upstreams::NotLocal,
+            4,
+            "t".into(),
+        ));
         let mut c = tokio::net::UnixStream::connect(&sock).await.unwrap();
         c.write_all(format!("CONNECT localhost:{up_port} HTTP/1.1\r\n\r\n").as_bytes())
             .await

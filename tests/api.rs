@@ -448,7 +448,11 @@ async fn wrapper_children_are_killed_with_the_group() {
     let (_, r) = d.call("m", "wrapped", "pid", json!({})).await;
     let _: u32 = text_of(&r).parse().unwrap_or_else(|_| panic!("{r}"));
     let children = descendants_running(wrapper_pid, "py_server/server.py");
-    assert_eq!(children.len(), 1, "the tool did not run in the wrapper's child");
+    assert_eq!(
+        children.len(),
+        1,
+        "the tool did not run in the wrapper's child"
+    );
     let child_pid = children[0];
     let (code, _) = d.delete("/v1/meshes/m/services/wrapped").await;
     assert_eq!(code, 204);

@@ -89,7 +89,11 @@ fn assert_hidden(path: &Path, got: &str) {
         path.display()
     );
     for leak in ["meshbox.db", "token", "secret", "uids", "private", "victim"] {
-        assert!(!got.contains(leak), "{} shows {leak}: {got}", path.display());
+        assert!(
+            !got.contains(leak),
+            "{} shows {leak}: {got}",
+            path.display()
+        );
     }
 }
 
@@ -107,13 +111,10 @@ async fn runs_as_its_own_uid_without_capabilities_in_namespaces() {
         st["limits"]["enforced"]["filesystem"], true,
         "Landlock not reported: {st}"
     );
-    let me: Value = serde_json::from_str(&h.attack("acme", "evil", "whoami", json!({})).await)
-        .unwrap();
+    let me: Value =
+        serde_json::from_str(&h.attack("acme", "evil", "whoami", json!({})).await).unwrap();
     let uid = me["uid"].as_u64().unwrap();
-    assert!(
-        uid >= 1_800_000_000,
-        "not a per-service uid: {me}"
-    );
+    assert!(uid >= 1_800_000_000, "not a per-service uid: {me}");
     assert_eq!(me["gid"], me["uid"], "{me}");
     assert_eq!(me["groups"], json!([]), "supplementary groups kept: {me}");
     assert_eq!(me["CapEff"], "0000000000000000", "{me}");
@@ -128,10 +129,9 @@ async fn runs_as_its_own_uid_without_capabilities_in_namespaces() {
     assert!(procs.contains(&json!(1)), "{me}");
     assert!(procs.len() < 10, "sees the host's processes: {me}");
     // The same service keeps its uid across a restart.
-    let (code, _) = h
-        .d
-        .post("/v1/meshes/acme/services/evil/restart", json!({}))
-        .await;
+    let (code, _) =
+        h.d.post("/v1/meshes/acme/services/evil/restart", json!({}))
+            .await;
     assert_eq!(code, 200);
     let again: Value =
         serde_json::from_str(&h.attack("acme", "evil", "whoami", json!({})).await).unwrap();
@@ -156,15 +156,14 @@ async fn cannot_read_the_runner_home_data_dir_database_or_token() {
         PathBuf::from("/root"),
     ];
     for t in targets {
-        let got = h
-            .attack("acme", "evil", "read", json!({"path": t}))
-            .await;
+        let got = h.attack("acme", "evil", "read", json!({"path": t})).await;
         assert_hidden(&t, &got);
     }
     // Its own home is readable and writable.
     let own = h.home_of("acme", "evil").join("note");
     assert_eq!(
-        h.attack("acme", "evil", "write", json!({"path": own})).await,
+        h.attack("acme", "evil", "write", json!({"path": own}))
+            .await,
         "ok"
     );
     assert_eq!(
@@ -188,7 +187,9 @@ async fn writes_only_its_home_and_a_private_tmp() {
         h.data.path().join("meshbox-evil"),
         h.home.path().join("meshbox-evil"),
     ] {
-        let got = h.attack("acme", "evil", "write", json!({"path": path})).await;
+        let got = h
+            .attack("acme", "evil", "write", json!({"path": path}))
+            .await;
         assert_denied(&format!("writing {}", path.display()), &got);
         assert!(!path.exists(), "{} was written", path.display());
     }
@@ -196,7 +197,8 @@ async fn writes_only_its_home_and_a_private_tmp() {
     let name = format!("meshbox-sandbox-{}", std::process::id());
     let tmp = Path::new("/tmp").join(&name);
     assert_eq!(
-        h.attack("acme", "evil", "write", json!({"path": tmp})).await,
+        h.attack("acme", "evil", "write", json!({"path": tmp}))
+            .await,
         "ok"
     );
     assert!(!tmp.exists(), "/tmp is the host's");
@@ -275,14 +277,10 @@ async fn limits_hold_against_the_server() {
     assert_eq!(st["limits"]["enforced"]["memory"], true, "{st}");
     assert_eq!(st["limits"]["enforced"]["pids"], true, "{st}");
     // Past the memory limit the server dies (OOM) and is restarted.
-    let (code, r) = h
-        .d
-        .call("acme", "evil", "alloc", json!({"mb": 400}))
-        .await;
+    let (code, r) = h.d.call("acme", "evil", "alloc", json!({"mb": 400})).await;
     assert!(code == 503 || text_of(&r).starts_with("denied"), "{r}");
-    let st = h
-        .d
-        .wait_status("acme", "evil", Duration::from_secs(30), |s| {
+    let st =
+        h.d.wait_status("acme", "evil", Duration::from_secs(30), |s| {
             s["status"] == "running" && s["restarts"].as_u64() >= Some(1)
         })
         .await;
@@ -370,7 +368,10 @@ async fn leave_grandchild(h: &Host, mesh: &str, name: &str, marker: &str) {
 fn limits_cases() -> [(&'static str, Value); 2] {
     [
         ("bare", json!({})),
-        ("limited", json!({"memory_mb": 128, "pids": 64, "cpus": 0.5})),
+        (
+            "limited",
+            json!({"memory_mb": 128, "pids": 64, "cpus": 0.5}),
+        ),
     ]
 }
 
@@ -383,10 +384,9 @@ async fn a_double_forked_grandchild_dies_on_undeploy_and_crash() {
         h.deploy("tree", label, limits).await;
         let marker = format!("meshbox-tree-undeploy-{label}-{}", std::process::id());
         leave_grandchild(&h, "tree", label, &marker).await;
-        let (code, _) = h
-            .d
-            .delete(&format!("/v1/meshes/tree/services/{label}"))
-            .await;
+        let (code, _) =
+            h.d.delete(&format!("/v1/meshes/tree/services/{label}"))
+                .await;
         assert_eq!(code, 204);
         gone_within(&marker, Duration::from_secs(5)).await;
 
@@ -500,8 +500,13 @@ async fn allowlisted_sandbox_cannot_reach_the_host_loopback() {
     assert_eq!(st["limits"]["enforced"]["network"], true, "{st}");
     assert_denied(
         "a direct connection to the host's loopback",
-        &h.attack("net", "allow", "connect", json!({"host": "127.0.0.1", "port": port}))
-            .await,
+        &h.attack(
+            "net",
+            "allow",
+            "connect",
+            json!({"host": "127.0.0.1", "port": port}),
+        )
+        .await,
     );
     // Through the proxy, even an allowlisted name for the host is refused.
     assert_denied(
@@ -516,7 +521,12 @@ async fn allowlisted_sandbox_cannot_reach_the_host_loopback() {
     );
     // Not on the list: refused by the proxy.
     let got = h
-        .attack("net", "allow", "http_get", json!({"url": "http://example.com/"}))
+        .attack(
+            "net",
+            "allow",
+            "http_get",
+            json!({"url": "http://example.com/"}),
+        )
         .await;
     assert!(got.contains("403"), "{got}");
 }
@@ -542,9 +552,17 @@ async fn allowlisted_sandbox_reaches_an_allowed_registry() {
         .await;
     assert!(got.starts_with("ok 200"), "allowed host unreachable: {got}");
     let got = h
-        .attack("net", "reg", "http_get", json!({"url": "https://pypi.org/simple/"}))
+        .attack(
+            "net",
+            "reg",
+            "http_get",
+            json!({"url": "https://pypi.org/simple/"}),
+        )
         .await;
-    assert!(got.contains("403"), "a host not on the list was reached: {got}");
+    assert!(
+        got.contains("403"),
+        "a host not on the list was reached: {got}"
+    );
 }
 
 #[tokio::test]
@@ -642,8 +660,13 @@ async fn mounts_are_visible_writable_or_read_only_as_asked() {
     .await;
     for d in [&rw, &ro] {
         assert_eq!(
-            h.attack("acme", "mnt", "read", json!({"path": d.join("existing.txt")}))
-                .await,
+            h.attack(
+                "acme",
+                "mnt",
+                "read",
+                json!({"path": d.join("existing.txt")})
+            )
+            .await,
             "ok 9 bytes"
         );
     }
@@ -654,7 +677,11 @@ async fn mounts_are_visible_writable_or_read_only_as_asked() {
         "ok"
     );
     let meta = std::fs::metadata(rw.join("new.txt")).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (0, 0), "lands as the directory's owner");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (0, 0),
+        "lands as the directory's owner"
+    );
     assert_denied(
         "writing a read-only mount",
         &h.attack("acme", "mnt", "write", json!({"path": ro.join("new.txt")}))
@@ -675,7 +702,11 @@ async fn spec_mounts_outside_every_mount_root_are_refused() {
     std::os::unix::fs::symlink(outside.path(), &sneaky).unwrap();
     let d = Daemon::start_with(&["--mount-root", roots.path().to_str().unwrap()], &[]);
     let py = format!("path:{}", fixture("py_server").display());
-    for bad in [outside.path().to_path_buf(), sneaky, roots.path().join("missing")] {
+    for bad in [
+        outside.path().to_path_buf(),
+        sneaky,
+        roots.path().join("missing"),
+    ] {
         let (code, r) = d
             .put(
                 "/v1/meshes/m/services/x",
@@ -686,7 +717,11 @@ async fn spec_mounts_outside_every_mount_root_are_refused() {
         let msg = r["error"].as_str().unwrap();
         assert!(msg.contains(bad.to_str().unwrap()), "{msg}");
     }
-    assert_eq!(d.get("/v1/meshes/m/services/x").await.0, 404, "something was created");
+    assert_eq!(
+        d.get("/v1/meshes/m/services/x").await.0,
+        404,
+        "something was created"
+    );
     let (code, r) = d
         .put(
             "/v1/meshes/m/services/x",

@@ -294,7 +294,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(data_dir: PathBuf, path: Option<String>) -> Daemon {
-        let backend = Arc::new(ProcessBackend::new(ProcessConfig::default()));
+        let backend = Arc::new(ProcessBackend::new(sandboxed_config()));
         let mut config = SupervisorConfig::new(data_dir);
         if let Some(p) = path {
             config.server_path = p.clone();
@@ -329,6 +329,15 @@ impl Daemon {
         if let Some(s) = self.server.take() {
             let _ = s.await;
         }
+    }
+}
+
+/// The process backend as `meshbox serve` runs it: sandboxed by the real
+/// meshbox binary's `sandbox-init` (not this benchmark's own executable).
+pub fn sandboxed_config() -> ProcessConfig {
+    ProcessConfig {
+        init_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_meshbox"))),
+        ..Default::default()
     }
 }
 

@@ -241,7 +241,9 @@ pub fn parse_mount(s: &str) -> Result<crate::model::HostMount, CliError> {
         None => (s.strip_suffix(":rw").unwrap_or(s), false),
     };
     if path.is_empty() {
-        return Err(CliError::Usage(format!("--mount `{s}`: expected PATH or PATH:ro")));
+        return Err(CliError::Usage(format!(
+            "--mount `{s}`: expected PATH or PATH:ro"
+        )));
     }
     let p = PathBuf::from(path);
     let p = if p.is_absolute() {
@@ -554,7 +556,10 @@ mod tests {
     #[test]
     fn mounts_parse_like_docker() {
         let m = parse_mount("/srv/data:ro").unwrap();
-        assert_eq!((m.path.as_path(), m.read_only), (std::path::Path::new("/srv/data"), true));
+        assert_eq!(
+            (m.path.as_path(), m.read_only),
+            (std::path::Path::new("/srv/data"), true)
+        );
         let m = parse_mount("/srv/data").unwrap();
         assert!(!m.read_only);
         assert!(parse_mount(":ro").is_err());

@@ -427,10 +427,7 @@ mod tests {
     fn a_cached_source_is_mounted_with_its_dependencies() {
         let cache = Path::new("/data/cache");
         assert_eq!(
-            install_root(
-                cache,
-                Path::new("/data/cache/npm/x@1/node_modules/x")
-            ),
+            install_root(cache, Path::new("/data/cache/npm/x@1/node_modules/x")),
             Path::new("/data/cache/npm/x@1")
         );
         assert_eq!(

@@ -21,7 +21,9 @@ pub const INIT_PIDS: u64 = 2;
 #[derive(Debug, Clone)]
 pub enum Hierarchy {
     /// cgroup v2: one directory (ours), with controllers delegated to children.
-    V2 { base: PathBuf },
+    V2 {
+        base: PathBuf,
+    },
     /// cgroup v1: one directory (ours) per controller mount.
     V1 {
         memory: Option<PathBuf>,
@@ -140,9 +142,7 @@ pub fn detect_hierarchy(parent: &str) -> Hierarchy {
     let try_v1 = |m: Option<PathBuf>, controller: &str| {
         let m = m?;
         let dir = m.join(own_v1(controller)).join(parent);
-        let writable = |p: &Path| {
-            nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok()
-        };
+        let writable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
         (fs::create_dir_all(&dir).is_ok() && writable(&dir) && writable(&dir.join("cgroup.procs")))
             .then_some(dir)
     };
@@ -183,12 +183,7 @@ fn prepare_v2(mount: &Path, own: &str, parent: &str) -> Option<PathBuf> {
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Field 22, counted after the command's closing parenthesis.
-    stat.rsplit_once(") ")?
-        .1
-        .split(' ')
-        .nth(19)?
-        .parse()
-        .ok()
+    stat.rsplit_once(") ")?.1.split(' ').nth(19)?.parse().ok()
 }
 
 /// The owner a cgroup directory's name records, if it is one of ours.

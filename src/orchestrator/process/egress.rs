@@ -172,13 +172,20 @@ impl Drop for HostProxy {
 /// The proxy variables a server in an allowlisted sandbox gets.
 pub fn proxy_env(port: u16) -> Vec<(String, String)> {
     let url = format!("http://127.0.0.1:{port}");
-    ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"]
-        .into_iter()
-        .map(|k| (k.to_owned(), url.clone()))
-        .chain(
-            ["NO_PROXY", "no_proxy"]
-                .into_iter()
-                .map(|k| (k.to_owned(), String::new())),
-        )
-        .collect()
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k.to_owned(), url.clone()))
+    .chain(
+        ["NO_PROXY", "no_proxy"]
+            .into_iter()
+            .map(|k| (k.to_owned(), String::new())),
+    )
+    .collect()
 }

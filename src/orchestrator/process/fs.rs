@@ -101,11 +101,19 @@ fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> io::Result<OwnedFd> {
             let res = (|| {
                 r.read_exact(&mut ok)?;
                 if ok[0] != 1 {
-                    return Err(io::Error::other("the helper could not create a user namespace"));
+                    return Err(io::Error::other(
+                        "the helper could not create a user namespace",
+                    ));
                 }
                 let pid = child.as_raw();
-                std::fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1", from.0, to.0))?;
-                std::fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1", from.1, to.1))?;
+                std::fs::write(
+                    format!("/proc/{pid}/uid_map"),
+                    format!("{} {} 1", from.0, to.0),
+                )?;
+                std::fs::write(
+                    format!("/proc/{pid}/gid_map"),
+                    format!("{} {} 1", from.1, to.1),
+                )?;
                 let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
                 Ok(OwnedFd::from(f))
             })();

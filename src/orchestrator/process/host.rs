@@ -143,8 +143,7 @@ pub fn runtime_dirs(
             continue;
         }
         let prefix = bin.parent().filter(|p| {
-            !hidden.iter().any(|h| h.starts_with(p))
-                && !protect.iter().any(|d| d.starts_with(p))
+            !hidden.iter().any(|h| h.starts_with(p)) && !protect.iter().any(|d| d.starts_with(p))
         });
         let dir = prefix.unwrap_or(bin).to_path_buf();
         if !out.iter().any(|o| dir.starts_with(o)) {
@@ -188,10 +187,7 @@ mod tests {
             &[home.clone(), data.clone()],
             &[data.clone()],
         );
-        assert!(
-            got.contains(&home.join(".pyenv/versions/3.11")),
-            "{got:?}"
-        );
+        assert!(got.contains(&home.join(".pyenv/versions/3.11")), "{got:?}");
         assert!(
             !got.iter().any(|g| data.starts_with(g)),
             "the data dir leaks: {got:?}"
@@ -215,6 +211,9 @@ mod tests {
             resolve_program("./bin/tool", "", Some(d.path())),
             Some(d.path().join("./bin/tool"))
         );
-        assert_eq!(shebang(&bin.join("tool"), ""), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(
+            shebang(&bin.join("tool"), ""),
+            Some(PathBuf::from("/bin/sh"))
+        );
     }
 }

@@ -259,9 +259,7 @@ fn supervise(main: Pid, reaper: Reaper) -> Ended {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(WaitStatus::Exited(pid, code)) if pid == main => {
-                    ended = Some(Ended::Code(code))
-                }
+                Ok(WaitStatus::Exited(pid, code)) if pid == main => ended = Some(Ended::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
                     ended = Some(Ended::Signal(sig as i32))
                 }

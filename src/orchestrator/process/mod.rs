@@ -77,8 +77,18 @@ impl Default for ProcessConfig {
 
 /// Read-only system directories every server may read.
 const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
-    "/sys", "/nix/store",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/opt",
+    "/proc",
+    "/sys",
+    "/nix/store",
 ];
 /// Device files every server may read and write.
 const DEVICES: &[&str] = &[
@@ -141,11 +151,7 @@ impl ProcessBackend {
 
     /// What this host supports, for `meshbox doctor`.
     pub fn describe(&self) -> String {
-        format!(
-            "{}; {}",
-            self.hierarchy.describe(),
-            self.support.describe()
-        )
+        format!("{}; {}", self.hierarchy.describe(), self.support.describe())
     }
 
     /// The layers a sandbox gets on this host.
@@ -301,7 +307,9 @@ fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
             place_fds(plan_fd, report_fd)
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run the init: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run the init: {e}"))?;
     let report_r = channel.into_reader();
     let mut bytes = Vec::new();
     let f = std::fs::File::from(report_r);
@@ -336,10 +344,8 @@ impl Channel {
     fn new(plan: &InitPlan) -> io::Result<Channel> {
         use std::io::{Seek, Write};
         let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
-        let memfd = nix::sys::memfd::memfd_create(
-            c"meshbox-plan",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?;
+        let memfd =
+            nix::sys::memfd::memfd_create(c"meshbox-plan", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
         let mut f = std::fs::File::from(high_fd(memfd)?);
         f.write_all(&bytes)?;
         f.seek(io::SeekFrom::Start(0))?;
@@ -520,7 +526,10 @@ impl ProcessBackend {
         let l = &self.support.layers;
         let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
         let user = if self.is_root {
-            let uid = self.uids.get(&spec.owner).map_err(setup("allocating a uid"))?;
+            let uid = self
+                .uids
+                .get(&spec.owner)
+                .map_err(setup("allocating a uid"))?;
             UserPlan::Switch { uid, gid: uid }
         } else if l.userns {
             UserPlan::Namespace {
@@ -602,8 +611,11 @@ impl ProcessBackend {
                 bind: true,
             });
         }
-        let mut env: Vec<(String, String)> =
-            spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut proxy = None;
         let mut egress = None;
         if let (NetworkPolicy::Allow { allow }, true) = (spec.network.effective(), namespaces.net) {
@@ -829,7 +841,10 @@ impl Orchestrator for ProcessBackend {
         // every directory of a dead owner goes, with whatever runs in it.
         let n = cgroups::sweep(&self.hierarchy).await;
         if n > 0 {
-            warn!(cgroups = n, "removed sandbox cgroups left by an earlier meshbox");
+            warn!(
+                cgroups = n,
+                "removed sandbox cgroups left by an earlier meshbox"
+            );
         }
         if let Some(d) = &self.config.data_dir {
             let _ = std::fs::remove_dir_all(d.join("run"));
@@ -879,10 +894,12 @@ impl Orchestrator for ProcessBackend {
         enforced.pids = by_cgroup.pids || rlimit_nproc.is_some();
 
         let channel = match &prepared {
-            Some(p) => Some(Channel::new(&p.plan).map_err(|source| OrchestratorError::Setup {
-                step: "handing the plan to the sandbox",
-                source,
-            })?),
+            Some(p) => Some(
+                Channel::new(&p.plan).map_err(|source| OrchestratorError::Setup {
+                    step: "handing the plan to the sandbox",
+                    source,
+                })?,
+            ),
             None => None,
         };
         let setup = ChildSetup {

@@ -165,7 +165,10 @@ mod tests {
         both.push(b'\n');
         both.extend_from_slice(&bad);
         both.push(b'\n');
-        assert!(matches!(Report::parse_last(&both), Some(Report::Failed { .. })));
+        assert!(matches!(
+            Report::parse_last(&both),
+            Some(Report::Failed { .. })
+        ));
         assert_eq!(
             Report::parse_last(&ok),
             Some(Report::Ready(Layers::default()))

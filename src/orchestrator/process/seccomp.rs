@@ -100,8 +100,13 @@ pub fn program() -> Result<BpfProgram, SeccompError> {
     .into_iter()
     .map(|flag| {
         let flag = flag as u64;
-        SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
-            .and_then(|c| SeccompRule::new(vec![c]))
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
     })
     .collect::<Result<_, _>>()
     .map_err(SeccompError::Build)?;

@@ -1,0 +1,275 @@
+//! The process sandbox's cost, one run (issue 11 item 10), on the node echo
+//! fixture (`tests/fixtures/node_server`), all through meshbox's own MCP
+//! session so only the sandbox differs:
+//!
+//! - start-to-running: spawn + MCP handshake (initialize, initialized,
+//!   tools/list), bare (the process backend without its init: a plain child
+//!   process) vs sandboxed (namespaces, own uid, Landlock, seccomp; network
+//!   none), median of `STARTS`, interleaved (target ≤ 1.1×);
+//! - call p50 of `CALLS` sequential `echo` calls, bare vs sandboxed (target
+//!   ≤ 1.05×);
+//! - the same server wrapped by Anthropic's sandbox runtime (`srt`, npm
+//!   `@anthropic-ai/sandbox-runtime`: bubblewrap + proxies; install it with
+//!   `npm install --prefix target/srt @anthropic-ai/sandbox-runtime` and
+//!   `apt-get install bubblewrap socat`), measured beside it when it can run
+//!   here; otherwise the bench says exactly why not.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{median, sandboxed_config};
+use meshbox::mcp::{Session, SessionConfig};
+use meshbox::model::{NetworkMode, NetworkPolicy, Protocol, ServiceKey};
+use meshbox::orchestrator::process::host::resolve_program;
+use meshbox::orchestrator::process::{ProcessBackend, ProcessConfig};
+use meshbox::orchestrator::{Mount, MountSource, Orchestrator, SandboxHandle, SandboxSpec};
+use serde_json::json;
+
+const STARTS: usize = 21;
+const CALLS: usize = 2000;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_server")
+}
+
+fn path_env() -> String {
+    std::env::var("PATH").unwrap_or_default()
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    resolve_program(program, &path_env(), None)
+}
+
+fn spec(argv: Vec<String>, home: &Path, i: usize, network: NetworkPolicy) -> SandboxSpec {
+    let env = BTreeMap::from([
+        ("PATH".to_owned(), path_env()),
+        ("HOME".to_owned(), home.to_string_lossy().into_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    SandboxSpec {
+        owner: ServiceKey {
+            mesh: "bench".into(),
+            name: format!("s{i}"),
+        },
+        argv,
+        env,
+        workdir: Some(fixture()),
+        home: Some(home.to_path_buf()),
+        network,
+        mounts: vec![Mount {
+            source: MountSource::Host(fixture()),
+            target: fixture(),
+            read_only: true,
+        }],
+        ..Default::default()
+    }
+}
+
+/// A started server and meshbox's session on it.
+struct Running {
+    session: Session,
+    handle: Box<dyn SandboxHandle>,
+}
+
+/// Spawns `spec` and handshakes; the time it took.
+async fn start(backend: &ProcessBackend, spec: SandboxSpec) -> (Running, Duration) {
+    let t = Instant::now();
+    let sandbox = backend.spawn(spec).await.expect("spawn");
+    let mut stderr = sandbox.io.stderr;
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
+    });
+    let session = Session::start(
+        sandbox.io.stdout,
+        sandbox.io.stdin,
+        sandbox.exit,
+        Arc::new(|_, _| {}),
+        SessionConfig::default(),
+    );
+    session
+        .connect(Some(Protocol::Handshake), TIMEOUT)
+        .await
+        .expect("handshake");
+    let took = t.elapsed();
+    (
+        Running {
+            session,
+            handle: sandbox.handle,
+        },
+        took,
+    )
+}
+
+async fn call_p50(s: &Session) -> Duration {
+    let args = json!({"text": "hi"});
+    // Warm up the JIT and the pipes first.
+    for _ in 0..200 {
+        s.call_tool("echo", args.clone(), TIMEOUT)
+            .await
+            .expect("call");
+    }
+    let mut lat = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        s.call_tool("echo", args.clone(), TIMEOUT)
+            .await
+            .expect("call");
+        lat.push(t.elapsed());
+    }
+    median(lat)
+}
+
+/// `srt`'s argv prefix, or exactly why it cannot run here.
+fn srt(settings: &Path) -> Result<Vec<String>, String> {
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/srt/node_modules/.bin/srt");
+    let srt = if local.exists() {
+        local
+    } else {
+        which("srt").ok_or(
+            "`srt` is not installed (npm install --prefix target/srt @anthropic-ai/sandbox-runtime)",
+        )?
+    };
+    for tool in ["bwrap", "socat"] {
+        if which(tool).is_none() {
+            return Err(format!(
+                "srt needs `{tool}` on Linux, which is not installed (apt-get install bubblewrap socat)"
+            ));
+        }
+    }
+    Ok(vec![
+        srt.to_string_lossy().into_owned(),
+        "-s".into(),
+        settings.to_string_lossy().into_owned(),
+    ])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[tokio::main]
+async fn main() {
+    let node = which("node")
+        .expect("node on PATH")
+        .to_string_lossy()
+        .into_owned();
+    let server = vec![node.clone(), "server.js".to_owned()];
+    let bare = ProcessBackend::new(ProcessConfig {
+        init_program: None,
+        ..Default::default()
+    });
+    let boxed = ProcessBackend::new(sandboxed_config());
+    let homes = tempfile::tempdir().unwrap();
+    let home = |name: &str| {
+        let h = homes.path().join(name);
+        std::fs::create_dir_all(&h).unwrap();
+        h
+    };
+    let none = NetworkPolicy::Mode(NetworkMode::None);
+    println!("meshbox sandbox bench — fixture: tests/fixtures/node_server (node), one run");
+    println!("process backend: {}", boxed.describe());
+    println!();
+
+    let (mut b, mut s) = (Vec::new(), Vec::new());
+    for i in 0..STARTS {
+        let (r, took) = start(
+            &bare,
+            spec(server.clone(), &home("bare"), i, NetworkPolicy::Unset),
+        )
+        .await;
+        b.push(took);
+        r.handle.kill();
+        let (r, took) = start(
+            &boxed,
+            spec(server.clone(), &home(&format!("s{i}")), i, none.clone()),
+        )
+        .await;
+        s.push(took);
+        r.handle.kill();
+    }
+    let (b, s) = (median(b), median(s));
+    println!("== start-to-running: spawn + handshake (median of {STARTS}) ==");
+    println!(
+        "bare {:>7.1} ms | sandboxed {:>7.1} ms | ratio {:.2}x (target ≤ 1.10x)",
+        ms(b),
+        ms(s),
+        ms(s) / ms(b)
+    );
+
+    println!();
+    println!("== call p50, 1 caller, {CALLS} echo calls ==");
+    let (r, _) = start(
+        &bare,
+        spec(server.clone(), &home("bare"), 0, NetworkPolicy::Unset),
+    )
+    .await;
+    let bare_p50 = call_p50(&r.session).await;
+    r.handle.kill();
+    let (r, _) = start(
+        &boxed,
+        spec(server.clone(), &home("calls"), 999, none.clone()),
+    )
+    .await;
+    let boxed_p50 = call_p50(&r.session).await;
+    r.handle.kill();
+    println!(
+        "bare {:>7.1} µs | sandboxed {:>7.1} µs | ratio {:.2}x (target ≤ 1.05x)",
+        us(bare_p50),
+        us(boxed_p50),
+        us(boxed_p50) / us(bare_p50)
+    );
+
+    println!();
+    println!("== the same server under Anthropic's sandbox runtime (srt) ==");
+    let settings = homes.path().join("srt-settings.json");
+    std::fs::write(
+        &settings,
+        json!({
+            "network": {"allowedDomains": [], "deniedDomains": []},
+            "filesystem": {"denyRead": [], "allowWrite": [], "denyWrite": []}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    match srt(&settings) {
+        Err(why) => println!("srt not measured: {why}"),
+        Ok(prefix) => {
+            let argv: Vec<String> = prefix.into_iter().chain(server.iter().cloned()).collect();
+            let mut w = Vec::new();
+            for i in 0..STARTS {
+                let (r, took) = start(
+                    &bare,
+                    spec(argv.clone(), &home("srt"), i, NetworkPolicy::Unset),
+                )
+                .await;
+                w.push(took);
+                r.handle.kill();
+            }
+            let w = median(w);
+            let (r, _) = start(
+                &bare,
+                spec(argv.clone(), &home("srt"), 0, NetworkPolicy::Unset),
+            )
+            .await;
+            let w_p50 = call_p50(&r.session).await;
+            r.handle.kill();
+            println!(
+                "srt start-to-running {:>7.1} ms ({:.2}x bare) | call p50 {:>7.1} µs ({:.2}x bare)",
+                ms(w),
+                ms(w) / ms(b),
+                us(w_p50),
+                us(w_p50) / us(bare_p50)
+            );
+        }
+    }
+}
