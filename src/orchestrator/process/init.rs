@@ -1,7 +1,9 @@
 //! `meshbox sandbox-init`: the small init every process-mode server starts
 //! under. meshbox re-executes itself with this hidden subcommand (so this
 //! code runs single-threaded, before any async runtime) and hands it an
-//! [`InitPlan`] on fd 3. It then builds the sandbox in a fixed order:
+//! [`InitPlan`] at the head of its stdin. It joins the sandbox's cgroups,
+//! sets its rlimits and its parent-death signal, then builds the sandbox
+//! in a fixed order:
 //!
 //! 1. user namespace (when meshbox is not root), then pid, mount, ipc, uts
 //!    and network namespaces;
@@ -11,7 +13,7 @@
 //!    a fresh /proc), hostname, loopback and the egress forwarder;
 //! 4. forks the server, which switches to its own uid and gid, drops every
 //!    capability, sets no_new_privs, enforces Landlock, installs the seccomp
-//!    filter, reports the layers it got on fd 4 and execs.
+//!    filter, reports the layers it got on stderr and execs.
 //!
 //! Without a pid namespace the outer init is a child subreaper instead and
 //! kills every descendant when the server ends. The exit status of the
@@ -23,18 +25,18 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::OFlag;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
-use super::plan::{InitPlan, Layers, Report, UserPlan, PLAN_FD, REPORT_FD};
+use super::plan::{InitPlan, Layers, Report, UserPlan, MAX_PLAN};
 use super::{egress, fs, seccomp};
 
 /// A failed step of the sandbox setup.
@@ -74,13 +76,18 @@ fn waited() -> SigSet {
     s
 }
 
+/// A standard stream as an unbuffered file that is never closed here.
+fn stdio(fd: i32) -> std::mem::ManuallyDrop<File> {
+    // SAFETY: fds 0-2 stay open for the life of the process; ManuallyDrop
+    // keeps this handle from closing them.
+    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// One report line on stderr (the server has not started writing there).
 fn report(r: &Report) {
     let mut line = serde_json::to_vec(r).unwrap_or_default();
     line.push(b'\n');
-    // SAFETY: REPORT_FD is open for the whole setup (the parent put it
-    // there); ManuallyDrop keeps it open after this write.
-    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(REPORT_FD) });
-    let _ = f.write_all(&line);
+    let _ = stdio(2).write_all(&line);
 }
 
 fn failed(e: &InitError) -> Report {
@@ -99,17 +106,9 @@ fn failed(e: &InitError) -> Report {
     }
 }
 
-fn close_report_fd() {
-    let _ = nix::unistd::close(REPORT_FD);
-}
-
 /// Entry point of `meshbox sandbox-init`; returns the exit code when it
 /// cannot exec the server.
 pub fn main() -> i32 {
-    // The report channel must not leak into the server past its exec.
-    // SAFETY: fd 4 was placed by the parent and stays open while borrowed here.
-    let report_fd = unsafe { BorrowedFd::borrow_raw(REPORT_FD) };
-    let _ = fcntl(report_fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     let plan = match read_plan() {
         Ok(p) => p,
         Err(e) => {
@@ -126,12 +125,48 @@ pub fn main() -> i32 {
     }
 }
 
+/// The plan at the head of stdin, read exactly (the rest is the server's).
 fn read_plan() -> Result<InitPlan, InitError> {
-    // SAFETY: fd 3 is the plan the parent placed for us; we own it from here.
-    let mut f = unsafe { File::from_raw_fd(PLAN_FD) };
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).step("reading the plan")?;
+    let mut stdin = stdio(0);
+    let mut len = [0u8; 4];
+    stdin.read_exact(&mut len).step("reading the plan")?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_PLAN {
+        return Err(InitError {
+            step: "reading the plan",
+            source: "the plan is too large".into(),
+        });
+    }
+    let mut buf = vec![0u8; len];
+    stdin.read_exact(&mut buf).step("reading the plan")?;
     serde_json::from_slice(&buf).step("decoding the plan")
+}
+
+/// What the parent used to do between fork and exec: die with meshbox,
+/// join the cgroups, set the rlimits.
+fn adopt_limits(plan: &InitPlan) -> Result<(), InitError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
+    if plan.parent != 0 && nix::unistd::getppid().as_raw() as u32 != plan.parent {
+        return Err(InitError {
+            step: "checking the parent",
+            source: "meshbox is gone".into(),
+        });
+    }
+    for procs in &plan.cgroups {
+        std::fs::write(procs, "0").step("joining the sandbox's cgroups")?;
+    }
+    use nix::sys::resource::{setrlimit, Resource};
+    let limits = [
+        (Resource::RLIMIT_DATA, plan.rlimits.data),
+        (Resource::RLIMIT_NPROC, plan.rlimits.nproc),
+        (Resource::RLIMIT_CORE, Some(0)),
+    ];
+    for (res, limit) in limits {
+        if let Some(n) = limit {
+            setrlimit(res, n, n).step("setting a resource limit")?;
+        }
+    }
+    Ok(())
 }
 
 fn write_file(path: &str, content: &str) -> Result<(), std::io::Error> {
@@ -139,6 +174,7 @@ fn write_file(path: &str, content: &str) -> Result<(), std::io::Error> {
 }
 
 fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
+    adopt_limits(plan)?;
     let mut old_mask = SigSet::empty();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
         .step("blocking signals")?;
@@ -191,7 +227,6 @@ fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
             }
             ForkResult::Parent { child } => {
                 drop(status_w);
-                close_report_fd();
                 let own = supervise(child, Reaper::OnlyChild);
                 let mut relayed = String::new();
                 let _ = File::from(status_r).read_to_string(&mut relayed);
@@ -404,7 +439,6 @@ fn inner(
             }
         }
         ForkResult::Parent { child } => {
-            close_report_fd();
             if let Some((listener, socket)) = forwarder {
                 egress::forward(listener, socket).step("starting the egress forwarder")?;
             }

@@ -22,7 +22,6 @@ pub mod uid;
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -77,18 +76,8 @@ impl Default for ProcessConfig {
 
 /// Read-only system directories every server may read.
 const SYSTEM_DIRS: &[&str] = &[
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/etc",
-    "/opt",
-    "/proc",
-    "/sys",
-    "/nix/store",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
+    "/sys", "/nix/store",
 ];
 /// Device files every server may read and write.
 const DEVICES: &[&str] = &[
@@ -151,7 +140,11 @@ impl ProcessBackend {
 
     /// What this host supports, for `meshbox doctor`.
     pub fn describe(&self) -> String {
-        format!("{}; {}", self.hierarchy.describe(), self.support.describe())
+        format!(
+            "{}; {}",
+            self.hierarchy.describe(),
+            self.support.describe()
+        )
     }
 
     /// The layers a sandbox gets on this host.
@@ -195,6 +188,9 @@ impl ProcessBackend {
         ];
         for (user, namespaces) in attempts {
             let plan = InitPlan {
+                parent: 0,
+                cgroups: Vec::new(),
+                rlimits: Default::default(),
                 program: PathBuf::from("/bin/true"),
                 argv: vec!["true".into()],
                 env: Vec::new(),
@@ -292,106 +288,46 @@ impl ProcessBackend {
 
 /// Runs the init in probe mode; the layers it got, or why it failed.
 fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
-    let channel = Channel::new(plan).map_err(|e| format!("probe setup: {e}"))?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.arg("sandbox-init")
+    use std::io::{BufRead, Write};
+    let mut child = std::process::Command::new(program)
+        .arg("sandbox-init")
         .env_clear()
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let (plan_fd, report_fd) = (channel.plan_raw(), channel.report_w_raw());
-    // SAFETY: the hook only calls dup2/fcntl (async-signal-safe) on fds
-    // opened before the fork.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            place_fds(plan_fd, report_fd)
-        });
-    }
-    let mut child = cmd
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run the init: {e}"))?;
-    let report_r = channel.into_reader();
-    let mut bytes = Vec::new();
-    let f = std::fs::File::from(report_r);
-    let _ = std::io::Read::read_to_end(
-        &mut std::io::Read::take(f, plan::MAX_REPORT as u64),
-        &mut bytes,
-    );
-    let _ = child.wait();
-    match Report::parse_last(&bytes) {
-        Some(Report::Ready(layers)) => Ok(layers),
-        Some(Report::Failed { step, error }) => Err(format!("{step}: {error}")),
-        None => Err("the init program did not answer".into()),
-    }
-}
-
-/// The plan (a memfd) and the report pipe handed to an init.
-struct Channel {
-    plan: OwnedFd,
-    report_r: OwnedFd,
-    report_w: OwnedFd,
-}
-
-/// Moves `fd` to at least 10, close-on-exec, so the child's dup2 onto
-/// 3 and 4 can never clobber it.
-fn high_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
-    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-impl Channel {
-    fn new(plan: &InitPlan) -> io::Result<Channel> {
-        use std::io::{Seek, Write};
-        let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
-        let memfd =
-            nix::sys::memfd::memfd_create(c"meshbox-plan", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-        let mut f = std::fs::File::from(high_fd(memfd)?);
-        f.write_all(&bytes)?;
-        f.seek(io::SeekFrom::Start(0))?;
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        Ok(Channel {
-            plan: OwnedFd::from(f),
-            report_r: high_fd(r)?,
-            report_w: high_fd(w)?,
-        })
-    }
-
-    fn plan_raw(&self) -> i32 {
-        self.plan.as_raw_fd()
-    }
-
-    fn report_w_raw(&self) -> i32 {
-        self.report_w.as_raw_fd()
-    }
-
-    /// After the spawn: the parent keeps only the report's read end.
-    fn into_reader(self) -> OwnedFd {
-        self.report_r
-    }
-}
-
-/// In the child, before exec: the plan on fd 3, the report pipe on fd 4.
-/// Async-signal-safe (dup2 only).
-fn place_fds(plan_fd: i32, report_fd: i32) -> io::Result<()> {
-    // SAFETY: dup2 on fds that are open in this child; both sources are >= 10.
-    unsafe {
-        if libc::dup2(plan_fd, plan::PLAN_FD) < 0 || libc::dup2(report_fd, plan::REPORT_FD) < 0 {
-            return Err(io::Error::last_os_error());
+    let written = child
+        .stdin
+        .take()
+        .map(|mut w| w.write_all(&plan.encode()));
+    let mut report = None;
+    if let Some(err) = child.stderr.take() {
+        for line in std::io::BufReader::new(err).split(b'\n').take(64) {
+            let Ok(line) = line else { break };
+            if let Some(r) = Report::parse(&line) {
+                report = Some(r);
+                break;
+            }
         }
     }
-    Ok(())
+    let _ = child.wait();
+    match (report, written) {
+        (Some(Report::Ready(layers)), _) => Ok(layers),
+        (Some(Report::Failed { step, error }), _) => Err(format!("{step}: {error}")),
+        (None, Some(Err(e))) => Err(format!("cannot hand the plan to the init: {e}")),
+        (None, _) => Err("the init program did not answer".into()),
+    }
 }
 
-/// What the child does before exec, besides placing fds: join its cgroups,
-/// set rlimits, die with meshbox. Async-signal-safe.
+/// What a bare child (no sandbox init) does before exec: join its cgroups,
+/// set rlimits, die with meshbox. Async-signal-safe. (A sandboxed child's
+/// init does the same itself, so it needs no hook and no fork.)
 #[derive(Clone)]
 struct ChildSetup {
     procs: Vec<CString>,
     rlimit_data: Option<u64>,
     rlimit_nproc: Option<u64>,
-    /// `(plan, report)` raw fds, for an init.
-    fds: Option<(i32, i32)>,
 }
 
 impl ChildSetup {
@@ -426,11 +362,8 @@ impl ChildSetup {
                     }
                 }
             }
-            // The sandbox dies with meshbox rather than linger unsupervised.
+            // The server dies with meshbox rather than linger unsupervised.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        }
-        if let Some((p, r)) = self.fds {
-            place_fds(p, r)?;
         }
         Ok(())
     }
@@ -486,27 +419,37 @@ impl Drop for ProcessHandle {
     }
 }
 
-/// Reads the init's report until the server's exec closes it.
-async fn read_report(fd: OwnedFd) -> io::Result<Option<Report>> {
-    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
-    let mut bytes = Vec::new();
+/// Reads the init's report: the first report line on its stderr. The rest
+/// of the stream (the server's own stderr) stays in the returned reader.
+async fn read_report<R>(stderr: R) -> io::Result<(Option<Report>, BufReader<R>)>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut reader = BufReader::with_capacity(plan::MAX_REPORT, stderr);
     let read = async {
-        let mut buf = [0u8; 4096];
+        let mut line = Vec::new();
         loop {
-            match rx.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) if bytes.len() + n <= plan::MAX_REPORT => bytes.extend_from_slice(&buf[..n]),
-                Ok(_) => break,
+            line.clear();
+            let n = (&mut reader)
+                .take(plan::MAX_REPORT as u64)
+                .read_until(b'\n', &mut line)
+                .await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if let Some(r) = Report::parse(&line) {
+                return Ok(Some(r));
             }
         }
     };
-    if tokio::time::timeout(SETUP_TIMEOUT, read).await.is_err() {
-        return Err(io::Error::new(
+    match tokio::time::timeout(SETUP_TIMEOUT, read).await {
+        Ok(Ok(r)) => Ok((r, reader)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "the sandbox did not report within 30s",
-        ));
+        )),
     }
-    Ok(Report::parse_last(&bytes))
 }
 
 /// Everything the parent set up for one sandbox besides the process.
@@ -526,10 +469,7 @@ impl ProcessBackend {
         let l = &self.support.layers;
         let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
         let user = if self.is_root {
-            let uid = self
-                .uids
-                .get(&spec.owner)
-                .map_err(setup("allocating a uid"))?;
+            let uid = self.uids.get(&spec.owner).map_err(setup("allocating a uid"))?;
             UserPlan::Switch { uid, gid: uid }
         } else if l.userns {
             UserPlan::Namespace {
@@ -611,11 +551,8 @@ impl ProcessBackend {
                 bind: true,
             });
         }
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut env: Vec<(String, String)> =
+            spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut proxy = None;
         let mut egress = None;
         if let (NetworkPolicy::Allow { allow }, true) = (spec.network.effective(), namespaces.net) {
@@ -669,6 +606,9 @@ impl ProcessBackend {
         cover.extend(HOMES.iter().map(PathBuf::from));
         cover.extend(scratch.iter().cloned());
         let plan = InitPlan {
+            parent: 0,
+            cgroups: Vec::new(),
+            rlimits: Default::default(),
             program,
             argv: spec.argv.clone(),
             env,
@@ -841,10 +781,7 @@ impl Orchestrator for ProcessBackend {
         // every directory of a dead owner goes, with whatever runs in it.
         let n = cgroups::sweep(&self.hierarchy).await;
         if n > 0 {
-            warn!(
-                cgroups = n,
-                "removed sandbox cgroups left by an earlier meshbox"
-            );
+            warn!(cgroups = n, "removed sandbox cgroups left by an earlier meshbox");
         }
         if let Some(d) = &self.config.data_dir {
             let _ = std::fs::remove_dir_all(d.join("run"));
@@ -870,52 +807,55 @@ impl Orchestrator for ProcessBackend {
                 program: program.clone(),
                 source: io::ErrorKind::NotFound.into(),
             })?;
-        let prepared = if self.support.init {
-            Some(self.prepare(&spec, &name, resolved.clone())?)
-        } else {
-            None
-        };
         let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits);
-        let procs: Vec<CString> = cgroups
-            .procs_files()
-            .iter()
-            .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
-            .collect();
         let cgroups = Arc::new(cgroups);
 
         // rlimits where no cgroup took the limit.
-        let rlimit_data = (spec.limits.memory_mb.is_some() && !by_cgroup.memory)
-            .then(|| spec.limits.memory_mb.unwrap_or(0) * 1024 * 1024);
-        let rlimit_nproc = (spec.limits.pids.is_some() && !by_cgroup.pids && !self.is_root)
-            .then(|| spec.limits.pids.unwrap_or(0) + cgroups::INIT_PIDS);
+        let rlimits = plan::Rlimits {
+            data: (spec.limits.memory_mb.is_some() && !by_cgroup.memory)
+                .then(|| spec.limits.memory_mb.unwrap_or(0) * 1024 * 1024),
+            nproc: (spec.limits.pids.is_some() && !by_cgroup.pids && !self.is_root)
+                .then(|| spec.limits.pids.unwrap_or(0) + cgroups::INIT_PIDS),
+        };
         enforced.memory =
-            spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimit_data.is_some());
+            spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimits.data.is_some());
         enforced.cpus = by_cgroup.cpus;
-        enforced.pids = by_cgroup.pids || rlimit_nproc.is_some();
+        enforced.pids = by_cgroup.pids || rlimits.nproc.is_some();
 
-        let channel = match &prepared {
-            Some(p) => Some(
-                Channel::new(&p.plan).map_err(|source| OrchestratorError::Setup {
-                    step: "handing the plan to the sandbox",
-                    source,
-                })?,
-            ),
-            None => None,
+        let prepared = match (self.support.init, &self.config.init_program) {
+            (true, Some(init)) => match self.prepare(&spec, &name, resolved.clone()) {
+                Ok(mut p) => {
+                    p.plan.parent = std::process::id();
+                    p.plan.cgroups = cgroups.procs_files();
+                    p.plan.rlimits = rlimits;
+                    Some((p, init.clone()))
+                }
+                Err(e) => {
+                    cgroups.remove().await;
+                    return Err(e);
+                }
+            },
+            _ => None,
         };
-        let setup = ChildSetup {
-            procs,
-            rlimit_data,
-            rlimit_nproc,
-            fds: channel.as_ref().map(|c| (c.plan_raw(), c.report_w_raw())),
-        };
-        let mut cmd = match (&prepared, &self.config.init_program) {
-            (Some(_), Some(init)) => {
+        let mut cmd = match &prepared {
+            // The init joins the cgroups and sets the limits itself: no
+            // pre_exec hook, so no fork of this (large, threaded) process.
+            Some((_, init)) => {
                 let mut c = Command::new(init);
                 c.arg("sandbox-init").env_clear();
                 c
             }
-            _ => {
+            None => {
                 // Bare: the program itself (check() refused what needs the init).
+                let setup = ChildSetup {
+                    procs: cgroups
+                        .procs_files()
+                        .iter()
+                        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+                        .collect(),
+                    rlimit_data: rlimits.data,
+                    rlimit_nproc: rlimits.nproc,
+                };
                 let mut c = Command::new(&resolved);
                 c.arg0(&program)
                     .args(&spec.argv[1..])
@@ -923,6 +863,11 @@ impl Orchestrator for ProcessBackend {
                     .envs(&spec.env);
                 if let Some(dir) = &spec.workdir {
                     c.current_dir(dir);
+                }
+                // SAFETY: ChildSetup::run makes only async-signal-safe calls on
+                // memory prepared before the fork; it allocates nothing.
+                unsafe {
+                    c.pre_exec(move || setup.run());
                 }
                 c
             }
@@ -932,14 +877,7 @@ impl Orchestrator for ProcessBackend {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: ChildSetup::run makes only async-signal-safe calls on memory
-        // prepared before the fork; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || setup.run());
-        }
-        let spawned = cmd.spawn();
-        let report_r = channel.map(Channel::into_reader);
-        let mut child = match spawned {
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
                 cgroups.remove().await;
@@ -948,72 +886,62 @@ impl Orchestrator for ProcessBackend {
         };
         let pid = child.id();
         let pgid = pid.map(|p| p as i32).unwrap_or(0);
+        let mut stdin = child.stdin.take().expect("stdin piped");
+        let stderr = child.stderr.take().expect("stderr piped");
         let mut proxy = None;
-        if let (Some(p), Some(r)) = (prepared, report_r) {
-            let fail = |e: OrchestratorError| {
-                killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                cgroups.kill_all();
-                e
-            };
-            let report = read_report(r).await.map_err(|source| {
-                fail(OrchestratorError::Setup {
-                    step: "waiting for the sandbox",
-                    source,
-                })
-            });
-            let layers = match report {
-                Ok(Some(Report::Ready(layers))) => layers,
-                Ok(Some(Report::Failed { step, error })) => {
-                    let _ = child.wait().await;
-                    cgroups.remove().await;
-                    if step.starts_with("starting") {
-                        return Err(OrchestratorError::Spawn {
-                            program,
-                            source: io::Error::other(error),
-                        });
+        let stderr: crate::model::BoxRead = match prepared {
+            None => Box::pin(stderr),
+            Some((p, _)) => {
+                let handed = stdin.write_all(&p.plan.encode()).await;
+                let report = match handed {
+                    Ok(()) => read_report(stderr).await,
+                    Err(e) => Err(e),
+                };
+                let outcome = match report {
+                    Ok((Some(Report::Ready(layers)), rest)) => match self.config.require_isolation {
+                        true => match self.missing(&layers, &spec) {
+                            Some(layer) => Err(Unsupported::Isolation { layer }.into()),
+                            None => Ok((layers, rest)),
+                        },
+                        false => Ok((layers, rest)),
+                    },
+                    Ok((Some(Report::Failed { step, error }), _)) => {
+                        Err(OrchestratorError::SandboxInit { step, error })
                     }
-                    return Err(OrchestratorError::SandboxInit { step, error });
-                }
-                Ok(None) => {
-                    let status = child.wait().await.ok();
-                    cgroups.remove().await;
-                    return Err(OrchestratorError::SandboxInit {
+                    Ok((None, _)) => Err(OrchestratorError::SandboxInit {
                         step: "starting the sandbox init".into(),
-                        error: format!(
-                            "it ended without a report ({})",
-                            status.map(|s| s.to_string()).unwrap_or_default()
-                        ),
-                    });
-                }
-                Err(e) => {
-                    let _ = child.wait().await;
-                    cgroups.remove().await;
-                    return Err(e);
-                }
-            };
-            enforced.filesystem = layers.landlock_abi >= fs::MIN_LANDLOCK_ABI;
-            enforced.network = match spec.network.effective() {
-                NetworkPolicy::Mode(NetworkMode::None) => layers.net,
-                NetworkPolicy::Allow { .. } => layers.net && layers.egress,
-                _ => true,
-            };
-            if self.config.require_isolation {
-                if let Some(layer) = self.missing(&layers, &spec) {
-                    fail(OrchestratorError::Unsupported(Unsupported::Isolation {
-                        layer,
-                    }));
-                    let _ = child.wait().await;
-                    cgroups.remove().await;
-                    return Err(Unsupported::Isolation { layer }.into());
-                }
+                        error: "it ended without a report".into(),
+                    }),
+                    Err(source) => Err(OrchestratorError::Setup {
+                        step: "waiting for the sandbox",
+                        source,
+                    }),
+                };
+                let (layers, rest) = match outcome {
+                    Ok(x) => x,
+                    Err(e) => {
+                        killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                        cgroups.kill_all();
+                        let _ = child.wait().await;
+                        cgroups.remove().await;
+                        return Err(e);
+                    }
+                };
+                enforced.filesystem = layers.landlock_abi >= fs::MIN_LANDLOCK_ABI;
+                enforced.network = match spec.network.effective() {
+                    NetworkPolicy::Mode(NetworkMode::None) => layers.net,
+                    NetworkPolicy::Allow { .. } => layers.net && layers.egress,
+                    _ => true,
+                };
+                debug!(service = %spec.owner, ?layers, "sandbox ready");
+                proxy = p.proxy;
+                Box::pin(rest)
             }
-            debug!(service = %spec.owner, ?layers, "sandbox ready");
-            proxy = p.proxy;
-        }
+        };
         let io = SandboxIo {
-            stdin: Box::pin(child.stdin.take().expect("stdin piped")),
+            stdin: Box::pin(stdin),
             stdout: Box::pin(child.stdout.take().expect("stdout piped")),
-            stderr: Box::pin(child.stderr.take().expect("stderr piped")),
+            stderr,
         };
         let (exit_tx, exit_rx) = watch::channel(None);
         {

@@ -1,19 +1,20 @@
-//! What the parent tells `meshbox sandbox-init` (the plan, over fd 3) and
-//! what the sandbox tells the parent back (the report, over fd 4).
+//! What the parent tells `meshbox sandbox-init` (the plan: a little-endian
+//! `u32` length then JSON, first on the init's stdin, before any byte of the
+//! server's own input) and what the sandbox tells the parent back (the
+//! report: JSON lines on its stderr, before the server writes anything).
 //!
-//! Both sides of the exec boundary share these types; nothing here makes a
-//! syscall.
+//! Passing both over the standard streams lets meshbox spawn the init
+//! without a `pre_exec` hook (so with `posix_spawn`, not a fork of a large
+//! multi-threaded parent). Both sides of the exec boundary share these
+//! types; nothing here makes a syscall.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The file descriptor the plan arrives on (a sealed memfd, read to EOF).
-pub const PLAN_FD: i32 = 3;
-/// The file descriptor the report is written to (close-on-exec in the
-/// server, so the parent sees EOF exactly when the server's exec happened).
-pub const REPORT_FD: i32 = 4;
-/// Longest report the parent reads.
+/// Longest plan the init accepts.
+pub const MAX_PLAN: usize = 16 << 20;
+/// Longest report line the parent reads.
 pub const MAX_REPORT: usize = 64 * 1024;
 
 /// Whose uid the server runs under.
@@ -81,9 +82,26 @@ pub struct EgressPlan {
     pub port: u16,
 }
 
+/// Resource limits the init sets on itself before anything else (inherited
+/// by the server): where no cgroup takes a limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimits {
+    pub data: Option<u64>,
+    pub nproc: Option<u64>,
+}
+
 /// Everything the init needs to build one sandbox and start its server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitPlan {
+    /// meshbox's pid: the init dies with it (and exits at once if it is
+    /// already gone).
+    #[serde(default)]
+    pub parent: u32,
+    /// `cgroup.procs` files the init joins first (the whole tree follows).
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+    #[serde(default)]
+    pub rlimits: Rlimits,
     /// The program, resolved to an absolute path on the host.
     pub program: PathBuf,
     pub argv: Vec<String>,
@@ -138,7 +156,23 @@ pub enum Report {
     Failed { step: String, error: String },
 }
 
+impl InitPlan {
+    /// The plan as the init reads it: length, then JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(json.len() + 4);
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        out
+    }
+}
+
 impl Report {
+    /// The report in `line`, when it is one.
+    pub fn parse(line: &[u8]) -> Option<Report> {
+        serde_json::from_slice(line).ok()
+    }
+
     /// The last complete report line of `bytes`, if any.
     pub fn parse_last(bytes: &[u8]) -> Option<Report> {
         bytes
