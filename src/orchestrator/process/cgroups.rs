@@ -1,7 +1,11 @@
 //! cgroups of process sandboxes (v2 where delegable, else v1): one cgroup
-//! per sandbox in every controller we can write, created even without
-//! limits so the whole tree can be found and killed (a `setsid` double fork
-//! included) and swept after a meshbox that died without cleaning up.
+//! per sandbox in each controller that carries one of its limits, and a
+//! tracking one (pids) when the sandbox has no pid namespace, so the whole
+//! tree can be found and killed (a `setsid` double fork included) and swept
+//! after a meshbox that died without cleaning up. With a pid namespace the
+//! kernel already kills the whole tree with its init, and a sandbox without
+//! limits joins no cgroup at all: on cgroup v1 the first migration of a
+//! process costs ~10 ms, more than the rest of the sandbox setup.
 //!
 //! Each directory is named `<pid>.<start>.<seq>.<mesh>.<name>` after the
 //! meshbox process that made it (pid and start time), so a later meshbox
@@ -211,14 +215,19 @@ impl Cgroups {
         format!("{pid}.{start}.{seq}.{mesh}.{service}")
     }
 
-    /// Creates the sandbox's directories (every controller we have, limits
-    /// or not) and writes its limits: what cgroups enforce.
-    pub fn create(h: &Hierarchy, name: &str, limits: &Limits) -> (Cgroups, Enforced) {
+    /// Creates the sandbox's directories (the controllers of its limits, and
+    /// pids when `track`) and writes its limits: what cgroups enforce.
+    pub fn create(h: &Hierarchy, name: &str, limits: &Limits, track: bool) -> (Cgroups, Enforced) {
         let mut cg = Cgroups::default();
         let mut enforced = Enforced::default();
         let quota = |c: f64| ((c * 100_000.0).round() as u64).max(1000);
         match h {
             Hierarchy::None => {}
+            Hierarchy::V2 { .. }
+                if !track
+                    && limits.memory_mb.is_none()
+                    && limits.cpus.is_none()
+                    && limits.pids.is_none() => {}
             Hierarchy::V2 { base } => {
                 let dir = base.join(name);
                 if fs::create_dir(&dir).is_err() {
@@ -241,7 +250,7 @@ impl Cgroups {
                 }
             }
             Hierarchy::V1 { memory, cpu, pids } => {
-                if let Some(root) = memory {
+                if let (Some(root), true) = (memory, limits.memory_mb.is_some()) {
                     let dir = root.join(name);
                     if fs::create_dir(&dir).is_ok() {
                         cg.dirs.push(dir.clone());
@@ -255,7 +264,7 @@ impl Cgroups {
                         cg.memory = Some((dir, false));
                     }
                 }
-                if let Some(root) = cpu {
+                if let (Some(root), true) = (cpu, limits.cpus.is_some()) {
                     let dir = root.join(name);
                     if fs::create_dir(&dir).is_ok() {
                         cg.dirs.push(dir.clone());
@@ -267,7 +276,7 @@ impl Cgroups {
                         }
                     }
                 }
-                if let Some(root) = pids {
+                if let (Some(root), true) = (pids, limits.pids.is_some() || track) {
                     let dir = root.join(name);
                     if fs::create_dir(&dir).is_ok() {
                         cg.dirs.push(dir.clone());

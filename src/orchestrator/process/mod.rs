@@ -807,7 +807,10 @@ impl Orchestrator for ProcessBackend {
                 program: program.clone(),
                 source: io::ErrorKind::NotFound.into(),
             })?;
-        let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits);
+        // A pid namespace kills the whole tree with its init; without one a
+        // tracking cgroup finds what left the process group.
+        let track = !(self.support.init && self.support.layers.pid);
+        let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits, track);
         let cgroups = Arc::new(cgroups);
 
         // rlimits where no cgroup took the limit.
