@@ -185,7 +185,7 @@ mod tests {
             &venv.join("tool"),
             "/usr/bin",
             &[home.clone(), data.clone()],
-            &[data.clone()],
+            std::slice::from_ref(&data),
         );
         assert!(got.contains(&home.join(".pyenv/versions/3.11")), "{got:?}");
         assert!(
@@ -195,7 +195,12 @@ mod tests {
         // ~/.local/bin/x must not open ~/.local (the data dir is in it).
         let local = home.join(".local/bin/node");
         exe(&local, "\x7fELF");
-        let got = runtime_dirs(&local, "", &[home.clone()], &[data.clone()]);
+        let got = runtime_dirs(
+            &local,
+            "",
+            std::slice::from_ref(&home),
+            std::slice::from_ref(&data),
+        );
         assert_eq!(got, vec![home.join(".local/bin")]);
     }
 

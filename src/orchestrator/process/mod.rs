@@ -76,8 +76,18 @@ impl Default for ProcessConfig {
 
 /// Read-only system directories every server may read.
 const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
-    "/sys", "/nix/store",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/opt",
+    "/proc",
+    "/sys",
+    "/nix/store",
 ];
 /// Device files every server may read and write.
 const DEVICES: &[&str] = &[
@@ -140,11 +150,7 @@ impl ProcessBackend {
 
     /// What this host supports, for `meshbox doctor`.
     pub fn describe(&self) -> String {
-        format!(
-            "{}; {}",
-            self.hierarchy.describe(),
-            self.support.describe()
-        )
+        format!("{}; {}", self.hierarchy.describe(), self.support.describe())
     }
 
     /// The layers a sandbox gets on this host.
@@ -297,10 +303,7 @@ fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run the init: {e}"))?;
-    let written = child
-        .stdin
-        .take()
-        .map(|mut w| w.write_all(&plan.encode()));
+    let written = child.stdin.take().map(|mut w| w.write_all(&plan.encode()));
     let mut report = None;
     if let Some(err) = child.stderr.take() {
         for line in std::io::BufReader::new(err).split(b'\n').take(64) {
@@ -469,7 +472,10 @@ impl ProcessBackend {
         let l = &self.support.layers;
         let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
         let user = if self.is_root {
-            let uid = self.uids.get(&spec.owner).map_err(setup("allocating a uid"))?;
+            let uid = self
+                .uids
+                .get(&spec.owner)
+                .map_err(setup("allocating a uid"))?;
             UserPlan::Switch { uid, gid: uid }
         } else if l.userns {
             UserPlan::Namespace {
@@ -551,8 +557,11 @@ impl ProcessBackend {
                 bind: true,
             });
         }
-        let mut env: Vec<(String, String)> =
-            spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut proxy = None;
         let mut egress = None;
         if let (NetworkPolicy::Allow { allow }, true) = (spec.network.effective(), namespaces.net) {
@@ -781,7 +790,10 @@ impl Orchestrator for ProcessBackend {
         // every directory of a dead owner goes, with whatever runs in it.
         let n = cgroups::sweep(&self.hierarchy).await;
         if n > 0 {
-            warn!(cgroups = n, "removed sandbox cgroups left by an earlier meshbox");
+            warn!(
+                cgroups = n,
+                "removed sandbox cgroups left by an earlier meshbox"
+            );
         }
         if let Some(d) = &self.config.data_dir {
             let _ = std::fs::remove_dir_all(d.join("run"));
@@ -901,13 +913,15 @@ impl Orchestrator for ProcessBackend {
                     Err(e) => Err(e),
                 };
                 let outcome = match report {
-                    Ok((Some(Report::Ready(layers)), rest)) => match self.config.require_isolation {
-                        true => match self.missing(&layers, &spec) {
-                            Some(layer) => Err(Unsupported::Isolation { layer }.into()),
-                            None => Ok((layers, rest)),
-                        },
-                        false => Ok((layers, rest)),
-                    },
+                    Ok((Some(Report::Ready(layers)), rest)) => {
+                        match self.config.require_isolation {
+                            true => match self.missing(&layers, &spec) {
+                                Some(layer) => Err(Unsupported::Isolation { layer }.into()),
+                                None => Ok((layers, rest)),
+                            },
+                            false => Ok((layers, rest)),
+                        }
+                    }
                     Ok((Some(Report::Failed { step, error }), _)) => {
                         Err(OrchestratorError::SandboxInit { step, error })
                     }

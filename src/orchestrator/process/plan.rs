@@ -172,15 +172,6 @@ impl Report {
     pub fn parse(line: &[u8]) -> Option<Report> {
         serde_json::from_slice(line).ok()
     }
-
-    /// The last complete report line of `bytes`, if any.
-    pub fn parse_last(bytes: &[u8]) -> Option<Report> {
-        bytes
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| serde_json::from_slice(l).ok())
-            .last()
-    }
 }
 
 #[cfg(test)]
@@ -188,25 +179,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn last_report_wins() {
+    fn reports_and_plans_round_trip() {
         let ok = serde_json::to_vec(&Report::Ready(Layers::default())).unwrap();
-        let bad = serde_json::to_vec(&Report::Failed {
+        assert_eq!(Report::parse(&ok), Some(Report::Ready(Layers::default())));
+        let bad = Report::Failed {
             step: "exec".into(),
             error: "no such file".into(),
-        })
-        .unwrap();
-        let mut both = ok.clone();
-        both.push(b'\n');
-        both.extend_from_slice(&bad);
-        both.push(b'\n');
-        assert!(matches!(
-            Report::parse_last(&both),
-            Some(Report::Failed { .. })
-        ));
-        assert_eq!(
-            Report::parse_last(&ok),
-            Some(Report::Ready(Layers::default()))
-        );
-        assert_eq!(Report::parse_last(b"garbage"), None);
+        };
+        let line = serde_json::to_vec(&bad).unwrap();
+        assert_eq!(Report::parse(&line), Some(bad));
+        assert_eq!(Report::parse(b"a log line"), None);
+        let plan = InitPlan {
+            parent: 1,
+            cgroups: vec![],
+            rlimits: Rlimits::default(),
+            program: "/bin/true".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            workdir: None,
+            user: UserPlan::Keep,
+            namespaces: Namespaces::default(),
+            fs: FsPlan::default(),
+            landlock: true,
+            seccomp: true,
+            egress: None,
+            probe: false,
+        };
+        let bytes = plan.encode();
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        let back: InitPlan = serde_json::from_slice(&bytes[4..]).unwrap();
+        assert_eq!(back, plan);
     }
 }
