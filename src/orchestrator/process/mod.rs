@@ -950,7 +950,15 @@ impl Orchestrator for ProcessBackend {
                     NetworkPolicy::Allow { .. } => layers.net && layers.egress,
                     _ => true,
                 };
-                debug!(service = %spec.owner, ?layers, "sandbox ready");
+                match self.missing(&layers, &spec) {
+                    Some(layer) => warn!(
+                        service = %spec.owner,
+                        missing = layer,
+                        ?layers,
+                        "sandbox ready without every isolation layer (see `meshbox doctor`)"
+                    ),
+                    None => debug!(service = %spec.owner, ?layers, "sandbox ready"),
+                }
                 proxy = p.proxy;
                 Box::pin(rest)
             }
