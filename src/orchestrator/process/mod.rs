@@ -67,7 +67,10 @@ impl Default for ProcessConfig {
         ProcessConfig {
             cgroups: true,
             cgroup_parent: "meshbox".into(),
-            init_program: std::env::current_exe().ok(),
+            // /proc/self/exe still runs this binary after an upgrade replaced it on disk.
+            init_program: Some(PathBuf::from("/proc/self/exe"))
+                .filter(|p| p.exists())
+                .or_else(|| std::env::current_exe().ok()),
             data_dir: None,
             require_isolation: false,
         }
