@@ -83,6 +83,22 @@ fn stdio(fd: i32) -> std::mem::ManuallyDrop<File> {
     std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Lets go of the server's stdio: the inits must not hold its pipes, or
+/// meshbox would never see the server close its stdout.
+fn release_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard fds, which this process owns.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
 /// One report line on stderr (the server has not started writing there).
 fn report(r: &Report) {
     let mut line = serde_json::to_vec(r).unwrap_or_default();
@@ -227,6 +243,7 @@ fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
             }
             ForkResult::Parent { child } => {
                 drop(status_w);
+                release_stdio();
                 let own = supervise(child, Reaper::OnlyChild);
                 let mut relayed = String::new();
                 let _ = File::from(status_r).read_to_string(&mut relayed);
@@ -439,6 +456,7 @@ fn inner(
             }
         }
         ForkResult::Parent { child } => {
+            release_stdio();
             if let Some((listener, socket)) = forwarder {
                 egress::forward(listener, socket).step("starting the egress forwarder")?;
             }
