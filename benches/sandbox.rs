@@ -3,9 +3,9 @@
 //! session so only the sandbox differs:
 //!
 //! - start-to-running: spawn + MCP handshake (initialize, initialized,
-//!   tools/list), bare (the process backend without its init: a plain child
-//!   process) vs sandboxed (namespaces, own uid, Landlock, seccomp; network
-//!   none), median of `STARTS`, interleaved (target ≤ 1.1×);
+//!   tools/list), bare (a plain child process on pipes, same environment)
+//!   vs sandboxed (the process backend: namespaces, own uid, Landlock,
+//!   seccomp; network none), median of `STARTS`, interleaved (target ≤ 1.1×);
 //! - call p50 of `CALLS` sequential `echo` calls, bare vs sandboxed (target
 //!   ≤ 1.05×);
 //! - the same server wrapped by Anthropic's sandbox runtime (`srt`, npm
@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use common::{median, sandboxed_config};
 use meshbox::mcp::{Session, SessionConfig};
-use meshbox::model::{NetworkMode, NetworkPolicy, Protocol, ServiceKey};
+use meshbox::model::{ExitReason, ExitWatch, NetworkMode, NetworkPolicy, Protocol, ServiceKey};
 use meshbox::orchestrator::process::host::resolve_program;
-use meshbox::orchestrator::process::{ProcessBackend, ProcessConfig};
+use meshbox::orchestrator::process::ProcessBackend;
 use meshbox::orchestrator::{Mount, MountSource, Orchestrator, SandboxHandle, SandboxSpec};
 use serde_json::json;
 
@@ -74,7 +74,74 @@ fn spec(argv: Vec<String>, home: &Path, i: usize, network: NetworkPolicy) -> San
 /// A started server and meshbox's session on it.
 struct Running {
     session: Session,
-    handle: Box<dyn SandboxHandle>,
+    stop: Stop,
+}
+
+enum Stop {
+    Sandbox(Box<dyn SandboxHandle>),
+    Child(tokio::task::JoinHandle<()>),
+}
+
+impl Running {
+    fn kill(self) {
+        match self.stop {
+            Stop::Sandbox(h) => h.kill(),
+            Stop::Child(t) => t.abort(),
+        }
+    }
+}
+
+async fn connect(
+    stdout: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    stdin: impl tokio::io::AsyncWrite + Send + Unpin + 'static,
+    exit: ExitWatch,
+) -> Session {
+    let session = Session::start(
+        stdout,
+        stdin,
+        exit,
+        Arc::new(|_, _| {}),
+        SessionConfig::default(),
+    );
+    session
+        .connect(Some(Protocol::Handshake), TIMEOUT)
+        .await
+        .expect("handshake");
+    session
+}
+
+/// Starts `argv` as a plain child process (no meshbox backend) and handshakes.
+async fn start_plain(argv: &[String], home: &Path) -> (Running, Duration) {
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(fixture())
+        .env_clear()
+        .env("PATH", path_env())
+        .env("HOME", home)
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    // Owns the child: aborting the task drops (and so kills) it.
+    let waiter = tokio::spawn(async move {
+        let _ = child.wait().await;
+        tx.send_replace(Some(ExitReason::default()));
+    });
+    let session = connect(stdout, stdin, rx).await;
+    let took = t.elapsed();
+    (
+        Running {
+            session,
+            stop: Stop::Child(waiter),
+        },
+        took,
+    )
 }
 
 /// Spawns `spec` and handshakes; the time it took.
@@ -85,22 +152,12 @@ async fn start(backend: &ProcessBackend, spec: SandboxSpec) -> (Running, Duratio
     tokio::spawn(async move {
         let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
     });
-    let session = Session::start(
-        sandbox.io.stdout,
-        sandbox.io.stdin,
-        sandbox.exit,
-        Arc::new(|_, _| {}),
-        SessionConfig::default(),
-    );
-    session
-        .connect(Some(Protocol::Handshake), TIMEOUT)
-        .await
-        .expect("handshake");
+    let session = connect(sandbox.io.stdout, sandbox.io.stdin, sandbox.exit).await;
     let took = t.elapsed();
     (
         Running {
             session,
-            handle: sandbox.handle,
+            stop: Stop::Sandbox(sandbox.handle),
         },
         took,
     )
@@ -164,10 +221,6 @@ async fn main() {
         .to_string_lossy()
         .into_owned();
     let server = vec![node.clone(), "server.js".to_owned()];
-    let bare = ProcessBackend::new(ProcessConfig {
-        init_program: None,
-        ..Default::default()
-    });
     let boxed = ProcessBackend::new(sandboxed_config());
     let homes = tempfile::tempdir().unwrap();
     let home = |name: &str| {
@@ -182,20 +235,16 @@ async fn main() {
 
     let (mut b, mut s) = (Vec::new(), Vec::new());
     for i in 0..STARTS {
-        let (r, took) = start(
-            &bare,
-            spec(server.clone(), &home("bare"), i, NetworkPolicy::Unset),
-        )
-        .await;
+        let (r, took) = start_plain(&server, &home("bare")).await;
         b.push(took);
-        r.handle.kill();
+        r.kill();
         let (r, took) = start(
             &boxed,
             spec(server.clone(), &home(&format!("s{i}")), i, none.clone()),
         )
         .await;
         s.push(took);
-        r.handle.kill();
+        r.kill();
     }
     let (b, s) = (median(b), median(s));
     println!("== start-to-running: spawn + handshake (median of {STARTS}) ==");
@@ -208,20 +257,16 @@ async fn main() {
 
     println!();
     println!("== call p50, 1 caller, {CALLS} echo calls ==");
-    let (r, _) = start(
-        &bare,
-        spec(server.clone(), &home("bare"), 0, NetworkPolicy::Unset),
-    )
-    .await;
+    let (r, _) = start_plain(&server, &home("bare")).await;
     let bare_p50 = call_p50(&r.session).await;
-    r.handle.kill();
+    r.kill();
     let (r, _) = start(
         &boxed,
         spec(server.clone(), &home("calls"), 999, none.clone()),
     )
     .await;
     let boxed_p50 = call_p50(&r.session).await;
-    r.handle.kill();
+    r.kill();
     println!(
         "bare {:>7.1} µs | sandboxed {:>7.1} µs | ratio {:.2}x (target ≤ 1.05x)",
         us(bare_p50),
@@ -246,23 +291,15 @@ async fn main() {
         Ok(prefix) => {
             let argv: Vec<String> = prefix.into_iter().chain(server.iter().cloned()).collect();
             let mut w = Vec::new();
-            for i in 0..STARTS {
-                let (r, took) = start(
-                    &bare,
-                    spec(argv.clone(), &home("srt"), i, NetworkPolicy::Unset),
-                )
-                .await;
+            for _ in 0..STARTS {
+                let (r, took) = start_plain(&argv, &home("srt")).await;
                 w.push(took);
-                r.handle.kill();
+                r.kill();
             }
             let w = median(w);
-            let (r, _) = start(
-                &bare,
-                spec(argv.clone(), &home("srt"), 0, NetworkPolicy::Unset),
-            )
-            .await;
+            let (r, _) = start_plain(&argv, &home("srt")).await;
             let w_p50 = call_p50(&r.session).await;
-            r.handle.kill();
+            r.kill();
             println!(
                 "srt start-to-running {:>7.1} ms ({:.2}x bare) | call p50 {:>7.1} µs ({:.2}x bare)",
                 ms(w),
