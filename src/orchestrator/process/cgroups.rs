@@ -190,7 +190,7 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat.rsplit_once(") ")?.1.split(' ').nth(19)?.parse().ok()
 }
 
-/// The owner a cgroup directory's name records, if it is one of ours.
+/// The owner a sandbox directory's name records, if it is one of ours.
 fn owner_of(name: &str) -> Option<(u32, u64)> {
     let mut parts = name.splitn(3, '.');
     let pid = parts.next()?.parse().ok()?;
@@ -353,17 +353,18 @@ fn kill_members(dir: &Path) {
     }
 }
 
+/// True when `name` is a sandbox directory name whose meshbox is gone.
+pub fn owner_is_gone(name: &str) -> bool {
+    owner_of(name).is_some_and(|(pid, start)| start_time(pid) != Some(start))
+}
+
 /// Removes the sandbox cgroups of meshbox processes that are gone (killing
 /// whatever still runs in them); returns how many directories went.
 pub async fn sweep(h: &Hierarchy) -> usize {
     let mut stale = Vec::new();
     for base in h.bases() {
         for e in fs::read_dir(base).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some((pid, start)) = owner_of(&name) else {
-                continue;
-            };
-            if start_time(pid) != Some(start) {
+            if owner_is_gone(&e.file_name().to_string_lossy()) {
                 stale.push(e.path());
             }
         }

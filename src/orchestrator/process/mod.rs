@@ -798,8 +798,16 @@ impl Orchestrator for ProcessBackend {
                 "removed sandbox cgroups left by an earlier meshbox"
             );
         }
-        if let Some(d) = &self.config.data_dir {
-            let _ = std::fs::remove_dir_all(d.join("run"));
+        // Egress sockets of dead meshboxes (a live one's, even this one's
+        // first sandboxes, are named after a live owner and stay).
+        for e in std::fs::read_dir(self.run_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if cgroups::owner_is_gone(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 
