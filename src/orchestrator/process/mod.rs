@@ -289,8 +289,8 @@ impl ProcessBackend {
     /// Where the egress sockets of sandboxes live.
     fn run_dir(&self) -> PathBuf {
         match &self.config.data_dir {
-            Some(d) => d.join("run"),
-            None => std::env::temp_dir().join(format!("meshbox-run-{}", std::process::id())),
+            Some(d) => d.join("egress"),
+            None => std::env::temp_dir().join(format!("meshbox-egress-{}", std::process::id())),
         }
     }
 }
