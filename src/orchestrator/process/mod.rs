@@ -225,7 +225,7 @@ impl ProcessBackend {
                     support.layers = layers;
                     return support;
                 }
-                Err(e) => support.notes.push(e),
+                Err(e) => support.notes.push(crate::error_chain(&e)),
             }
         }
         support
@@ -295,8 +295,22 @@ impl ProcessBackend {
     }
 }
 
+/// Why a probe of the sandbox init got no layers.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("cannot run the init")]
+    Spawn(#[source] io::Error),
+    #[error("cannot hand the plan to the init")]
+    Plan(#[source] io::Error),
+    /// A layer the host refused (reported by the init across exec).
+    #[error("{step}: {error}")]
+    Refused { step: String, error: String },
+    #[error("the init program did not answer")]
+    Silent,
+}
+
 /// Runs the init in probe mode; the layers it got, or why it failed.
-fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
+fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, ProbeError> {
     use std::io::{BufRead, Write};
     let mut child = std::process::Command::new(program)
         .arg("sandbox-init")
@@ -305,7 +319,7 @@ fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run the init: {e}"))?;
+        .map_err(ProbeError::Spawn)?;
     let written = child.stdin.take().map(|mut w| w.write_all(&plan.encode()));
     let mut report = None;
     if let Some(err) = child.stderr.take() {
@@ -320,9 +334,9 @@ fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, String> {
     let _ = child.wait();
     match (report, written) {
         (Some(Report::Ready(layers)), _) => Ok(layers),
-        (Some(Report::Failed { step, error }), _) => Err(format!("{step}: {error}")),
-        (None, Some(Err(e))) => Err(format!("cannot hand the plan to the init: {e}")),
-        (None, _) => Err("the init program did not answer".into()),
+        (Some(Report::Failed { step, error }), _) => Err(ProbeError::Refused { step, error }),
+        (None, Some(Err(e))) => Err(ProbeError::Plan(e)),
+        (None, _) => Err(ProbeError::Silent),
     }
 }
 
