@@ -661,6 +661,22 @@ impl ProcessBackend {
     }
 }
 
+/// The host pid of the process `levels` generations below `init` (the
+/// server: under the outer init, and the namespace's init when there is one),
+/// when each generation has exactly one child.
+fn server_pid(init: u32, levels: usize) -> Option<u32> {
+    let mut cur = init;
+    for _ in 0..levels {
+        let children = std::fs::read_to_string(format!("/proc/{cur}/task/{cur}/children")).ok()?;
+        let mut it = children.split_whitespace().filter_map(|p| p.parse().ok());
+        cur = it.next()?;
+        if it.next().is_some() {
+            return None;
+        }
+    }
+    Some(cur)
+}
+
 /// Makes the service's uid own its home (recursively when it did not yet).
 fn own_home(home: &Path, uid: u32, gid: u32) -> io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -882,7 +898,7 @@ impl Orchestrator for ProcessBackend {
             // pre_exec hook, so no fork of this (large, threaded) process.
             Some((_, init)) => {
                 let mut c = Command::new(init);
-                c.arg("sandbox-init").env_clear();
+                c.arg0("meshbox").arg("sandbox-init").env_clear();
                 c
             }
             None => {
@@ -924,7 +940,8 @@ impl Orchestrator for ProcessBackend {
                 return Err(OrchestratorError::Spawn { program, source });
             }
         };
-        let pid = child.id();
+        // The status shows the server's own pid once the init has forked it.
+        let mut pid = child.id();
         let pgid = pid.map(|p| p as i32).unwrap_or(0);
         let mut stdin = child.stdin.take().expect("stdin piped");
         let stderr = child.stderr.take().expect("stderr piped");
@@ -984,6 +1001,8 @@ impl Orchestrator for ProcessBackend {
                     ),
                     None => debug!(service = %spec.owner, ?layers, "sandbox ready"),
                 }
+                let levels = if layers.pid { 2 } else { 1 };
+                pid = pid.map(|x| server_pid(x, levels).unwrap_or(x));
                 proxy = p.proxy;
                 Box::pin(rest)
             }
