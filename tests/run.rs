@@ -147,11 +147,15 @@ impl Run {
     }
 
     /// The pid the server printed on stderr after `prefix`.
+    /// The host pid of the server that printed `prefix` and its pid: the
+    /// server sees its own pid namespace, so its number is looked up among
+    /// meshbox run's descendants (`NSpid`).
     fn pid_after(&self, prefix: &str) -> u32 {
         self.wait_stderr(prefix, Duration::from_secs(60));
         let err = self.stderr();
         let tail = err.split(prefix).nth(1).unwrap();
-        tail.split_whitespace().next().unwrap().parse().unwrap()
+        let own: u32 = tail.split_whitespace().next().unwrap().parse().unwrap();
+        host_pid(self.child.id(), own).unwrap_or_else(|| panic!("no descendant has pid {own}"))
     }
 
     /// Asks meshbox to end (`eof` closes its stdin, else a `kill` signal
@@ -205,6 +209,35 @@ fn text(result: &Value) -> String {
 }
 
 /// The server's pid, from the fixture's start line on stderr.
+/// The host pid of `root`'s descendant whose innermost pid is `own`.
+fn host_pid(root: u32, own: u32) -> Option<u32> {
+    let status = |pid: u32, field: &str| -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+    };
+    let descends = |mut pid: u32| {
+        for _ in 0..16 {
+            match status(pid, "PPid:").and_then(|p| p.parse::<u32>().ok()) {
+                Some(p) if p == root => return true,
+                Some(p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            status(*pid, "NSpid:").and_then(|ns| ns.split_whitespace().last()?.parse::<u32>().ok())
+                == Some(own)
+        })
+        .find(|pid| descends(*pid))
+}
+
 fn fixture_pid(run: &Run) -> u32 {
     run.pid_after("py-fixture started pid=")
 }
