@@ -734,40 +734,23 @@ async fn spec_mounts_outside_every_mount_root_are_refused() {
     assert_eq!(code, 200, "{r}");
 }
 
-/// The MCP Python SDK in `target/mcp-venv`, installed from PyPI when missing.
+/// The MCP Python SDK that scripts/mcp-clients.sh installs.
 fn mcp_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mcp-venv");
-    let python = venv.join("bin/python");
-    let has_mcp = |p: &Path| {
-        std::process::Command::new(p)
-            .args(["-c", "import mcp.client.stdio"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_mcp(&python) {
-        let ok = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "mcp"])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && has_mcp(&python),
-            "cannot install the MCP Python SDK (`pip install mcp`) into {}",
-            venv.display()
-        );
-    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mcp-clients/venv/bin/python");
+    assert!(
+        python.is_file(),
+        "needs clients: {} is missing; run scripts/mcp-clients.sh first",
+        python.display()
+    );
     python
 }
 
 /// Issue 11 item 4: a real MCP client runs the filesystem server through
 /// `meshbox run --mount DIR -- DIR`: it lists and writes there, and cannot
-/// read a planted file in the user's home.
+/// read a planted file in the user's home. Needs the clients of
+/// scripts/mcp-clients.sh and the npm registry.
 #[tokio::test]
-#[ignore = "needs registry"]
+#[ignore = "needs clients"]
 async fn meshbox_run_filesystem_server_with_a_mount() {
     let python = mcp_python();
     let home = tempfile::tempdir().unwrap();
