@@ -5,7 +5,8 @@
 //! - start-to-running: spawn + MCP handshake (initialize, initialized,
 //!   tools/list), bare (a plain child process on pipes, same environment)
 //!   vs sandboxed (the process backend: namespaces, own uid, Landlock,
-//!   seccomp; network none), median of `STARTS`, interleaved (target ≤ 1.1×);
+//!   seccomp), with the default network and with `none` (a network
+//!   namespace too), median of `STARTS`, interleaved (target ≤ 1.1×);
 //! - call p50 of `CALLS` sequential `echo` calls, bare vs sandboxed (target
 //!   ≤ 1.05×);
 //! - the same server wrapped by Anthropic's sandbox runtime (`srt`, npm
@@ -233,26 +234,39 @@ async fn main() {
     println!("process backend: {}", boxed.describe());
     println!();
 
-    let (mut b, mut s) = (Vec::new(), Vec::new());
+    let (mut b, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..STARTS {
         let (r, took) = start_plain(&server, &home("bare")).await;
         b.push(took);
         r.kill();
-        let (r, took) = start(
-            &boxed,
-            spec(server.clone(), &home(&format!("s{i}")), i, none.clone()),
-        )
-        .await;
+        // The default network (full): no network namespace.
+        let spec_full = spec(
+            server.clone(),
+            &home(&format!("s{i}")),
+            i,
+            NetworkPolicy::Unset,
+        );
+        let (r, took) = start(&boxed, spec_full).await;
         s.push(took);
         r.kill();
+        let spec_none = spec(server.clone(), &home(&format!("n{i}")), i, none.clone());
+        let (r, took) = start(&boxed, spec_none).await;
+        n.push(took);
+        r.kill();
     }
-    let (b, s) = (median(b), median(s));
+    let (b, s, n) = (median(b), median(s), median(n));
     println!("== start-to-running: spawn + handshake (median of {STARTS}) ==");
     println!(
         "bare {:>7.1} ms | sandboxed {:>7.1} ms | ratio {:.2}x (target ≤ 1.10x)",
         ms(b),
         ms(s),
         ms(s) / ms(b)
+    );
+    println!(
+        "bare {:>7.1} ms | sandboxed, network none {:>7.1} ms | ratio {:.2}x",
+        ms(b),
+        ms(n),
+        ms(n) / ms(b)
     );
 
     println!();
