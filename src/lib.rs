@@ -15,6 +15,7 @@ pub mod environ;
 pub mod gateway;
 pub mod images;
 pub mod mcp;
+pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod proxy;

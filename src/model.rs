@@ -67,6 +67,15 @@ pub fn validate_name(what: &'static str, value: &str) -> Result<(), NameError> {
     }
 }
 
+/// What a sandbox uses now, as far as its backend can read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Memory in use (cgroup `memory.current` / `memory.usage_in_bytes`, or the engine's figure).
+    pub memory_bytes: Option<u64>,
+    /// CPU time used since the sandbox started.
+    pub cpu_seconds: Option<f64>,
+}
+
 /// Which service: a name within a mesh (a tenant).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
