@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod secrets;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 
 /// `outer: cause: cause` for one-line messages (status fields, API errors).
 /// Messages never repeat their source, so the chain is joined as it is.

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use meshbox::cli::{self, Cli, CliError, Command};
-use tracing_subscriber::EnvFilter;
+use meshbox::telemetry::{self, TelemetryConfig};
 
 fn main() {
     let cli = Cli::parse();
@@ -17,14 +17,19 @@ fn main() {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("MESHBOX_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Before the runtime: the span exporter's client runs on its own thread.
+    let telemetry = match telemetry::init(&TelemetryConfig {
+        log_format: cli.log_format,
+        default_level,
+        ansi: std::io::stderr().is_terminal(),
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}", meshbox::error_chain(&e));
+            std::process::exit(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -41,6 +46,7 @@ fn main() {
     });
     // A blocking read of stdin (`meshbox run`) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    telemetry.shutdown();
     std::process::exit(code);
 }
 

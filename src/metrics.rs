@@ -592,10 +592,10 @@ impl ServiceMetrics {
         t.record(outcome, took);
     }
 
-    /// A restart (after a crash, failed liveness, or on request).
-    pub fn restarted(&self) {
-        if self.enabled {
-            self.restarts.inc();
+    /// `n` restarts (after a crash, failed liveness, or on request).
+    pub fn restarted(&self, n: u32) {
+        if self.enabled && n > 0 {
+            self.restarts.inc_by(u64::from(n));
         }
     }
 
@@ -865,7 +865,7 @@ mod tests {
         let kept = m.service(&key("kept"));
         for s in [&gone, &kept] {
             s.start_call().finish("t", Outcome::ok);
-            s.restarted();
+            s.restarted(1);
             s.oom_killed();
             s.set_health(HealthState::healthy);
         }

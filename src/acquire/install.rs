@@ -25,11 +25,43 @@ use crate::model::Runtime;
 
 /// Marker written last into a cache entry: its presence means "complete".
 pub(super) const COMPLETE: &str = ".meshbox-complete";
-/// Receives one line per install step, for a terminal or a service's log.
-pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+/// One update of an install, for a terminal or a service's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update<'a> {
+    /// Step `n` of `total` (both from 1) begins: what it does.
+    Step { n: u32, total: u32, text: &'a str },
+    /// A line that is not a step of its own (a step's end).
+    Line(&'a str),
+}
+
+impl<'a> Update<'a> {
+    pub fn text(&self) -> &'a str {
+        match self {
+            Update::Step { text, .. } | Update::Line(text) => text,
+        }
+    }
+}
+
+/// Where install updates go. Any `Fn(&str)` is one (it gets each update's text).
+pub trait ProgressSink: Send + Sync {
+    fn update(&self, u: Update<'_>);
+}
+
+impl<F: Fn(&str) + Send + Sync> ProgressSink for F {
+    fn update(&self, u: Update<'_>) {
+        self(u.text())
+    }
+}
+
+/// Receives install updates, for a terminal or a service's log.
+pub type Progress = Arc<dyn ProgressSink>;
 
 pub fn quiet() -> Progress {
-    Arc::new(|_| {})
+    Arc::new(|_: &str| {})
+}
+
+pub(super) fn step(progress: &Progress, n: u32, total: u32, text: &str) {
+    progress.update(Update::Step { n, total, text });
 }
 
 #[derive(Debug, Clone)]
@@ -306,7 +338,7 @@ impl Installer {
             .join(format!("{}@{resolved}", name.replace('/', "+")));
         let _lock = self.lock(cx, &format!("npm:{ident}")).await?;
         if !dir.join(COMPLETE).exists() {
-            progress(&format!("installing npm {ident}"));
+            step(progress, 1, 1, &format!("installing npm {ident}"));
             let tmp = self
                 .config
                 .cache_dir
@@ -342,7 +374,7 @@ impl Installer {
             std::fs::write(tmp.join(COMPLETE), &ident).map_err(io_err(&tmp))?;
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-            progress(&format!("installed npm {ident}"));
+            progress.update(Update::Line(&format!("installed npm {ident}")));
         }
         let pkg_dir = dir.join("node_modules").join(name);
         if let Some(cmd) = command {
@@ -447,7 +479,7 @@ impl Installer {
         ));
         let _lock = self.lock(cx, &format!("pypi:{key}")).await?;
         if !dir.join(COMPLETE).exists() {
-            progress(&format!("installing PyPI {requirement}"));
+            step(progress, 1, 1, &format!("installing PyPI {requirement}"));
             // venvs are not relocatable: build in place, mark complete last.
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(dir.parent().expect("has parent")).map_err(io_err(&dir))?;
@@ -456,7 +488,7 @@ impl Installer {
                 return Err(e);
             }
             std::fs::write(dir.join(COMPLETE), requirement).map_err(io_err(&dir))?;
-            progress(&format!("installed PyPI {requirement}"));
+            progress.update(Update::Line(&format!("installed PyPI {requirement}")));
         }
         let mut argv = match command {
             Some(cmd) => cmd.to_vec(),
@@ -523,7 +555,7 @@ impl Installer {
         if dir.join(".git").exists() {
             return Ok(dir);
         }
-        progress(&format!("cloning {url} at {}", &sha[..12]));
+        step(progress, 1, 1, &format!("cloning {url} at {}", &sha[..12]));
         let tmp = self
             .config
             .cache_dir

@@ -22,7 +22,7 @@ use std::str::FromStr;
 use crate::model::{shown, Runtime};
 
 pub use detect::{detect_entry, detect_entry_in, detect_runtime};
-pub use install::{fnv, tail, InstallConfig, Installer, Progress};
+pub use install::{fnv, tail, InstallConfig, Installer, Progress, ProgressSink, Update};
 
 /// What to acquire, as the supervisor (or `meshbox run`, or `meshbox install`
 /// inside an install container) asks for it. Parsed once; borrowed.

@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::config::{EnvValue, Runtime, ServiceSpec};
@@ -183,7 +184,11 @@ async fn load(State(st): State<AppState>, JsonBody(body): JsonBody<Value>) -> Re
     }
 }
 
-async fn call(State(st): State<AppState>, JsonBody(body): JsonBody<Value>) -> Response {
+async fn call(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> Response {
     let parsed = (|| {
         let body = Body::parse(body)?;
         let key = body.key()?;
@@ -200,7 +205,13 @@ async fn call(State(st): State<AppState>, JsonBody(body): JsonBody<Value>) -> Re
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    match st.supervisor.call_raw(&key, &tool, args, None).await {
+    let span = super::call_span(&key, &tool, &headers);
+    match st
+        .supervisor
+        .call_raw(&key, &tool, args, None)
+        .instrument(span)
+        .await
+    {
         Ok(result) => super::result_response(&result),
         // The seed answered call failures with 200 {error}; keep that.
         Err(e @ SupervisorError::Call { .. }) => {

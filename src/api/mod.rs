@@ -129,6 +129,26 @@ pub(crate) fn result_response(raw: &serde_json::value::RawValue) -> axum::respon
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The span of one tool call, continuing the caller's `traceparent`.
+pub(crate) fn call_span(
+    key: &crate::supervisor::ServiceKey,
+    tool: &str,
+    headers: &axum::http::HeaderMap,
+) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "tools/call",
+        otel.kind = "server",
+        mesh = %key.mesh,
+        service = %key.name,
+        tool = %tool,
+        outcome = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, |name| {
+        headers.get(name).and_then(|v| v.to_str().ok())
+    });
+    span
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, with the
 /// connection bounds of `config` (header, body and idle timeouts, a cap on
 /// connections): the one entry for every route meshbox serves.

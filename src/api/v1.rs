@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::config::{validate_name, ServiceSpec};
@@ -19,6 +20,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/meshes", get(meshes))
+        .route("/metrics", get(metrics))
         .route("/v1/meshes/{mesh}/services", get(list))
         .route(
             "/v1/meshes/{mesh}/services/{name}",
@@ -68,6 +70,22 @@ async fn meshes(State(st): State<AppState>) -> Json<Value> {
         .map(|(name, services)| json!({ "name": name, "services": services }))
         .collect();
     Json(json!({ "meshes": meshes }))
+}
+
+/// The Prometheus exposition, with usage sampled now.
+async fn metrics(State(st): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    let m = st.supervisor.metrics();
+    if !m.is_enabled() {
+        return Err(ApiError::NotFound(
+            "metrics are turned off (serve --no-metrics)".into(),
+        ));
+    }
+    st.supervisor.sample_usage().await;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        m.encode(),
+    )
+        .into_response())
 }
 
 async fn list(
@@ -149,9 +167,11 @@ pub(crate) fn check_call(
 async fn call(
     State(st): State<AppState>,
     Key(key): Key,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<CallBody>,
 ) -> Result<axum::response::Response, ApiError> {
     check_call(&body.tool, &body.arguments, body.timeout_ms)?;
+    let span = super::call_span(&key, &body.tool, &headers);
     let result = st
         .supervisor
         .call_raw(
@@ -160,6 +180,7 @@ async fn call(
             body.arguments,
             body.timeout_ms.map(Duration::from_millis),
         )
+        .instrument(span)
         .await?;
     Ok(super::result_response(&result))
 }

@@ -116,6 +116,12 @@ pub fn out_line(line: impl std::fmt::Display) -> Result<(), CliError> {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr as text or as JSON objects.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Export trace spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318.
+    #[arg(long, global = true, env = "MESHBOX_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ use super::{CliError, Shutdown};
 use crate::api::{self, ApiConfig, ServeConfig};
 use crate::gateway::bind::SupervisorUpstreams;
 use crate::gateway::{Gateway, GatewayConfig};
+use crate::metrics::Metrics;
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
@@ -114,6 +115,9 @@ pub struct ServeArgs {
     /// every isolation layer (own uid, namespaces, Landlock, seccomp).
     #[arg(long)]
     pub require_isolation: bool,
+    /// Record no metrics and serve no `/metrics` (to measure their cost).
+    #[arg(long, hide = true)]
+    pub no_metrics: bool,
 }
 
 /// The token from `--token-file` or `MESHBOX_TOKEN`, if any.
@@ -295,11 +299,21 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     // One daemon per data dir: a second one would run every server twice.
     let _lock = DataDirLock::acquire(&data_dir)?;
     let store = Arc::new(Store::open(&data_dir)?);
-    let supervisor = Arc::new(Supervisor::new(backend, config).with_store(store));
+    let metrics = Arc::new(if args.no_metrics {
+        Metrics::disabled()
+    } else {
+        Metrics::new()
+    });
+    let supervisor = Arc::new(
+        Supervisor::new(backend, config)
+            .with_store(store)
+            .with_metrics(metrics.clone()),
+    );
     let gateway = Gateway::new(
         SupervisorUpstreams::new(supervisor.clone()),
         GatewayConfig {
             allowed_origins: args.allowed_origins.clone(),
+            metrics,
             ..Default::default()
         },
     );

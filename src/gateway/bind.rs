@@ -9,11 +9,14 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::bridge::AbortOnDrop;
 use super::upstream::{
     CallOptions, ServerInfo, ServiceEvent, ServiceKey, Upstream, UpstreamError, Upstreams,
 };
+use crate::mcp::protocol::method::TOOLS_CALL;
+use crate::metrics::{Outcome, ServiceMetrics};
 use crate::model::Protocol;
 use crate::supervisor::upstream::{CallError, RpcError, Session};
 use crate::supervisor::{Phase, Supervisor, SupervisorError};
@@ -24,6 +27,7 @@ const FALLBACK_TIMEOUT: Duration = Duration::from_secs(25);
 struct SessionUpstream {
     key: ServiceKey,
     session: Arc<Session>,
+    metrics: Arc<ServiceMetrics>,
 }
 
 fn from_call(key: &ServiceKey, e: CallError) -> UpstreamError {
@@ -45,6 +49,20 @@ fn from_call(key: &ServiceKey, e: CallError) -> UpstreamError {
                 reason: other.to_string(),
             }
         }
+    }
+}
+
+fn call_outcome(r: &Result<Value, UpstreamError>) -> Outcome {
+    match r {
+        Ok(v) if v.get("isError").and_then(Value::as_bool) == Some(true) => Outcome::tool_error,
+        Ok(_) => Outcome::ok,
+        Err(UpstreamError::Rpc(_) | UpstreamError::Protocol(_)) => Outcome::rpc_error,
+        Err(UpstreamError::Timeout(_)) => Outcome::timeout,
+        Err(
+            UpstreamError::NotFound { .. }
+            | UpstreamError::Unavailable { .. }
+            | UpstreamError::Busy { .. },
+        ) => Outcome::unavailable,
     }
 }
 
@@ -76,12 +94,45 @@ impl Upstream for SessionUpstream {
         &self,
         method: &str,
         params: Option<Value>,
-        opts: CallOptions,
+        mut opts: CallOptions,
     ) -> Result<Value, UpstreamError> {
-        self.session
-            .request(method, params, opts)
-            .await
-            .map_err(|e| from_call(&self.key, e))
+        let tool = (method == TOOLS_CALL).then(|| {
+            params
+                .as_ref()
+                .and_then(|p| p.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        });
+        let span = tracing::debug_span!(
+            "mcp.request",
+            mesh = %self.key.mesh,
+            service = %self.key.name,
+            method = %method,
+            tool = tool.as_deref(),
+            outcome = tracing::field::Empty,
+        );
+        let timer = tool.as_ref().map(|_| self.metrics.start_call());
+        let r = async {
+            if let Some(trace) = crate::telemetry::upstream_meta() {
+                let meta = opts.meta.get_or_insert_with(Default::default);
+                for (k, v) in trace {
+                    meta.entry(k).or_insert(v);
+                }
+            }
+            self.session
+                .request(method, params, opts)
+                .await
+                .map_err(|e| from_call(&self.key, e))
+        }
+        .instrument(span.clone())
+        .await;
+        if let (Some(timer), Some(tool)) = (timer, &tool) {
+            let outcome = call_outcome(&r);
+            timer.finish(tool, outcome);
+            span.record("outcome", outcome.as_str());
+        }
+        r
     }
 
     fn notify(&self, method: &str, params: Option<Value>) -> Result<(), UpstreamError> {
@@ -152,6 +203,7 @@ impl Upstreams for SupervisorUpstreams {
         Ok(Arc::new(SessionUpstream {
             key: key.clone(),
             session,
+            metrics: svc.metrics.clone(),
         }))
     }
 

@@ -37,8 +37,9 @@ use futures_util::future::{AbortHandle, Abortable};
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
-use tracing::{debug, instrument};
+use tracing::{debug, Instrument};
 
+use crate::metrics::{Era, Metrics};
 use crate::model::{validate_name, Principal, Protocol};
 use bridge::{AbortOnDrop, Held};
 use hub::{Hub, Listener};
@@ -69,6 +70,8 @@ pub struct GatewayConfig {
     pub max_pending_per_session: usize,
     /// How often expired sessions and held calls are dropped.
     pub sweep_every: Duration,
+    /// Where requests and sessions are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for GatewayConfig {
@@ -83,6 +86,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             max_pending_per_session: 64,
             sweep_every: Duration::from_secs(5),
+            metrics: Arc::new(Metrics::disabled()),
         }
     }
 }
@@ -123,6 +127,7 @@ impl Gateway {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let (s, h) = (inner.sessions.expire(), inner.held.expire());
+                inner.count_sessions();
                 if s + h > 0 {
                     debug!(sessions = s, held_calls = h, "expired");
                 }
@@ -212,7 +217,7 @@ where
         };
     }
     let (tx, rx) = mpsc::channel(64);
-    let fut = make(Some(tx.clone()));
+    let fut = make(Some(tx.clone())).in_current_span();
     let task = tokio::spawn(async move {
         let msg = match fut.await {
             Ok(v) => result_message(&id, v),
@@ -330,12 +335,25 @@ async fn check_origin(State(inner): St, req: Request, next: Next) -> Response {
 
 // ---------------------------------------------------------------- POST
 
-#[instrument(skip_all, fields(path = ?path))]
 async fn post_mcp(
     State(inner): St,
     Path(path): Path<HashMap<String, String>>,
     principal: Option<Extension<Principal>>,
     headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::debug_span!("mcp", otel.kind = "server", path = ?path);
+    crate::telemetry::continue_trace(&span, |name| header(&headers, name));
+    post_mcp_in(inner, path, principal, &headers, body)
+        .instrument(span)
+        .await
+}
+
+async fn post_mcp_in(
+    inner: Arc<Inner>,
+    path: HashMap<String, String>,
+    principal: Option<Extension<Principal>>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let principal = principal_of(principal);
@@ -359,16 +377,20 @@ async fn post_mcp(
         Ok(m) => m,
         Err(rej) => return rpc_response(StatusCode::BAD_REQUEST, &rej.id, &rej.error),
     };
-    if let Some(sid) = header(&headers, H_SESSION) {
+    if let Some(sid) = header(headers, H_SESSION) {
         let sid = sid.to_owned();
-        return legacy_post(inner, ep, principal, &sid, &headers, msg).await;
+        inner.config.metrics.gateway_request(Era::handshake);
+        return legacy_post(inner, ep, principal, &sid, headers, msg).await;
     }
     if let Incoming::Request { id, method, params } = &msg {
-        if !looks_modern(&headers, params.as_ref()) {
+        if !looks_modern(headers, params.as_ref()) {
             if method == "initialize" {
-                return initialize(&inner, ep, principal, id, params.as_ref()).await;
+                inner.config.metrics.gateway_request(Era::handshake);
+                let r = initialize(&inner, ep, principal, id, params.as_ref()).await;
+                inner.count_sessions();
+                return r;
             }
-            if header(&headers, H_PROTOCOL_VERSION).is_some() {
+            if header(headers, H_PROTOCOL_VERSION).is_some() {
                 return bad(
                     id,
                     INVALID_REQUEST,
@@ -377,7 +399,8 @@ async fn post_mcp(
             }
         }
     }
-    stateless_post(inner, ep, principal, &headers, msg).await
+    inner.config.metrics.gateway_request(Era::stateless);
+    stateless_post(inner, ep, principal, headers, msg).await
 }
 
 // ---------------------------------------------------------------- stateless era
@@ -602,6 +625,13 @@ async fn listen(
 }
 
 impl Inner {
+    /// Handshake-era sessions open now, into the metrics.
+    fn count_sessions(&self) {
+        self.config
+            .metrics
+            .gateway_sessions(Era::handshake, self.sessions.count());
+    }
+
     fn hub(&self, ep: &Endpoint) -> Arc<Hub> {
         let mut hubs = self.hubs.lock().expect("poisoned");
         if let Some(h) = hubs.get(ep).filter(|h| h.is_running()) {
@@ -923,6 +953,7 @@ async fn delete_mcp(
         return unknown_session(&Value::Null);
     }
     inner.sessions.remove(sid);
+    inner.count_sessions();
     StatusCode::NO_CONTENT.into_response()
 }
 

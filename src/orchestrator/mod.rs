@@ -25,7 +25,7 @@ use async_trait::async_trait;
 
 pub use crate::model::{
     wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Limits, NetworkPolicy,
-    ServiceKey,
+    ServiceKey, Usage,
 };
 
 /// Something a backend cannot do for a spec; refused up front, never ignored.
@@ -191,6 +191,11 @@ pub trait SandboxHandle: Send + Sync {
     /// restart). False where the backend cannot: the caller then stops it.
     fn detach(&self) -> bool {
         false
+    }
+    /// What the sandbox uses now (memory, CPU), where the backend can read
+    /// it; `None` where it cannot. Cheap enough to call on every scrape.
+    async fn usage(&self) -> Option<Usage> {
+        None
     }
 }
 

@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod health;
 pub mod lifecycle;
 pub mod logs;
+mod observe;
 pub mod prepare;
 pub mod service;
 pub mod upstream;
@@ -57,6 +58,7 @@ pub(crate) struct Ctx {
     pub config: Arc<SupervisorConfig>,
     pub store: Option<Arc<Store>>,
     pub events: broadcast::Sender<ServiceEvent>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why a start attempt failed (kept, as text, in the status's `last_error`).
@@ -275,6 +277,7 @@ impl Supervisor {
             config: Arc::new(config),
             store: None,
             events: broadcast::channel(1024).0,
+            metrics: Arc::new(crate::metrics::Metrics::disabled()),
         };
         Supervisor {
             ctx: Arc::new(ctx),
@@ -289,6 +292,17 @@ impl Supervisor {
         let ctx = Arc::get_mut(&mut self.ctx).expect("set before any service starts");
         ctx.store = Some(store);
         self
+    }
+
+    /// Records into `metrics` (the registry `/metrics` serves).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let ctx = Arc::get_mut(&mut self.ctx).expect("set before any service starts");
+        ctx.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.ctx.metrics
     }
 
     pub fn capabilities(&self) -> Capabilities {
@@ -518,7 +532,7 @@ impl Supervisor {
                         },
                     );
                     if let Some(prev) = self.insert(svc.clone()) {
-                        info!(service = %key, "replacing a service that was not serving");
+                        info!(mesh = %key.mesh, service = %key.name, "replacing a service that was not serving");
                         tokio::spawn(async move { prev.stop().await });
                     }
                     svc
@@ -535,7 +549,7 @@ impl Supervisor {
         v: Validated,
         old: Arc<Service>,
     ) -> Result<ServiceStatus, SupervisorError> {
-        info!(service = %key, "redeploying beside the running instance");
+        info!(mesh = %key.mesh, service = %key.name, "redeploying beside the running instance");
         let candidate = self.launch(
             key.clone(),
             v,
@@ -580,7 +594,7 @@ impl Supervisor {
             self.insert(candidate.clone());
         }
         old.stop().await;
-        info!(service = %key, "redeployed");
+        info!(mesh = %key.mesh, service = %key.name, "redeployed");
         Ok(candidate.status())
     }
 
@@ -624,9 +638,10 @@ impl Supervisor {
             self.remove_if_current(key, &svc);
         }
         if self.get(key).is_err() {
+            self.ctx.metrics.remove_service(key);
             self.ctx.orchestrator.release(key).await;
         }
-        info!(service = %key, "undeployed");
+        info!(mesh = %key.mesh, service = %key.name, "undeployed");
         Ok(())
     }
 
@@ -667,7 +682,12 @@ impl Supervisor {
     ) -> Result<Box<serde_json::value::RawValue>, SupervisorError> {
         let svc = self.get(key)?;
         let timeout = timeout.unwrap_or_else(|| svc.spec.call_timeout());
-        svc.call_raw(tool, arguments, timeout).await
+        let timer = svc.metrics.start_call();
+        let r = svc.call_raw(tool, arguments, timeout).await;
+        let outcome = observe::outcome(&r);
+        timer.finish(tool, outcome);
+        crate::telemetry::record_outcome(outcome.as_str());
+        r
     }
 
     /// Every mesh that has a service, sorted, with its number of services.
@@ -722,7 +742,7 @@ impl Supervisor {
                     {
                         Ok(v) => v,
                         Err(e) => {
-                            tracing::error!(service = %key, error = %crate::error_chain(&e), "stored spec is not valid; skipped");
+                            tracing::error!(mesh = %key.mesh, service = %key.name, error = %crate::error_chain(&e), "stored spec is not valid; skipped");
                             return;
                         }
                     };

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::acquire::sandboxed::{Finished, InstallStep, Plan, SandboxedInstalls, CACHE_MOUNT};
-use crate::acquire::{AcquireError, AcquireRequest, Installer, Launch, Progress, Source};
+use crate::acquire::{AcquireError, AcquireRequest, Installer, Launch, Progress, Source, Update};
 use crate::config::{EnvValue, ServiceSpec};
 use crate::environ;
 use crate::model::{runner_image, Limits, Runtime, ServiceKey};
@@ -129,15 +129,16 @@ async fn acquire_sandboxed(
 ) -> Result<Prepared, StartError> {
     let mut runtime: Option<Runtime> = None;
     // At most one change of image: a git source asking for another runtime.
-    for _ in 0..2 {
+    for n in 1..=2 {
         let step = match acquirers.sandboxed.plan(req, runtime)? {
             Plan::Ready(a) => return Ok(sandboxed_prepared(a)),
             Plan::Install(step) => step,
         };
-        progress(&format!(
-            "installing {} in a {} container",
-            req.source, step.runtime
-        ));
+        progress.update(Update::Step {
+            n,
+            total: n,
+            text: &format!("installing {} in a {} container", req.source, step.runtime),
+        });
         let timeout = req.install_timeout.unwrap_or(acquirers.install_timeout);
         let done = orchestrator
             .run_to_completion(install_sandbox(owner, &step), timeout)

@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, instrument, warn};
+use tracing::{debug_span, info, instrument, warn, Instrument};
 
 use super::health::{Health, HealthTracker, ProbeFailure, ProbeResult, Verdict};
 use super::lifecycle::{Decider, EndCause, Event, Next, Then};
@@ -36,7 +36,8 @@ use crate::mcp::{
     CallError, CallOptions, ConnectError, LogSink, ServerInfo, Session, SessionConfig,
 };
 use crate::model::{wait_exit, Enforced, ExitReason, LogStream, Protocol};
-use crate::orchestrator::SandboxSpec;
+use crate::metrics::ServiceMetrics;
+use crate::orchestrator::{SandboxHandle, SandboxSpec, Usage};
 use crate::store::Remembered;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,6 +144,8 @@ struct State {
     enforced: Enforced,
     retry: Option<RetryStatus>,
     server: Option<ServerInfo>,
+    /// The running sandbox, for usage reads; never keeps it alive.
+    sandbox: Option<Weak<dyn SandboxHandle>>,
 }
 
 /// Requests to the lifecycle task.
@@ -183,6 +186,8 @@ pub struct Service {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     candidate: AtomicBool,
     events: broadcast::Sender<ServiceEvent>,
+    /// This service's metric handles (shared with its other instances).
+    pub(crate) metrics: Arc<ServiceMetrics>,
 }
 
 /// How one run of the server ended.
@@ -234,6 +239,7 @@ impl Service {
     ) -> Arc<Service> {
         let (control_tx, control_rx) = mpsc::channel(16);
         let Validated { spec, source } = v;
+        let metrics = ctx.metrics.service(&key);
         let svc = Arc::new(Service {
             key,
             backend: ctx.orchestrator.capabilities().name,
@@ -253,6 +259,7 @@ impl Service {
                 enforced: Enforced::default(),
                 retry: None,
                 server: None,
+                sandbox: None,
             }),
             spec,
             phase: watch::channel(Phase::Installing).0,
@@ -263,6 +270,7 @@ impl Service {
             task: Mutex::new(None),
             candidate: AtomicBool::new(opts.candidate),
             events: ctx.events.clone(),
+            metrics,
         });
         let task = tokio::spawn(svc.clone().lifecycle(ctx, control_rx, opts));
         *svc.task.lock().expect("poisoned") = Some(task);
@@ -463,6 +471,12 @@ impl Service {
         Arc::new(move |stream, line| ring.push(stream, line))
     }
 
+    /// What the running sandbox uses now, where the backend can read it.
+    pub async fn usage(&self) -> Option<Usage> {
+        let handle = self.state().sandbox.as_ref()?.upgrade()?;
+        handle.usage().await
+    }
+
     /// Calls a tool, waiting through a restart up to the call's timeout; the
     /// result as raw JSON.
     pub async fn call_raw(
@@ -472,7 +486,7 @@ impl Service {
         timeout: Duration,
     ) -> Result<Box<RawValue>, SupervisorError> {
         let deadline = Instant::now() + timeout;
-        let session = self.upstream(deadline).await.map_err(|e| match e {
+        let session = self.upstream(deadline).instrument(debug_span!("queue")).await.map_err(|e| match e {
             SupervisorError::Call { key, .. } => SupervisorError::Call {
                 key,
                 source: CallError::Timeout(timeout),
@@ -480,12 +494,17 @@ impl Service {
             other => other,
         })?;
         let left = deadline.saturating_duration_since(Instant::now());
+        let opts = CallOptions {
+            meta: crate::telemetry::upstream_meta(),
+            ..CallOptions::timeout(left)
+        };
         session
             .request_raw(
                 crate::mcp::protocol::method::TOOLS_CALL,
                 Some(json!({"name": tool, "arguments": arguments})),
-                CallOptions::timeout(left),
+                opts,
             )
+            .instrument(debug_span!("upstream"))
             .await
             .map_err(|e| SupervisorError::Call {
                 key: self.key.clone(),
@@ -518,6 +537,8 @@ impl Service {
             let ring = self.logs.clone();
             Arc::new(move |line: &str| ring.push(LogStream::Meshbox, line))
         };
+        let watch = super::observe::StepWatch::new(progress);
+        let progress: Progress = watch.clone();
         let acquirers = Acquirers {
             installer: &ctx.installer,
             sandboxed: &ctx.sandboxed,
@@ -527,8 +548,12 @@ impl Service {
             spec: self.spec.clone(),
             source: self.source.clone(),
         };
-        let prepared =
-            prepare::acquire(&*ctx.orchestrator, &acquirers, &self.key, &v, &progress).await?;
+        let started = Instant::now();
+        let prepared = prepare::acquire(&*ctx.orchestrator, &acquirers, &self.key, &v, &progress)
+            .instrument(debug_span!("acquire", source = %self.source))
+            .await;
+        super::observe::record_install(&ctx.metrics, &self.source, &watch, started, &prepared);
+        let prepared = prepared?;
         self.state().runtime = prepared.launch.runtime.or(self.spec.runtime);
         Ok(prepare::server_sandbox(
             &self.key,
@@ -552,7 +577,7 @@ impl Service {
         }
         if let Some(store) = &ctx.store {
             if let Err(e) = store.set_retry(&self.key, attempts) {
-                warn!(service = %self.key, error = %crate::error_chain(&e), "cannot record the retry count");
+                warn!(mesh = %self.key.mesh, service = %self.key.name, error = %crate::error_chain(&e), "cannot record the retry count");
             }
         }
     }
@@ -582,6 +607,8 @@ impl Service {
         let mut prepared: Option<SandboxSpec> = None;
         let mut reinstalled = false;
         let mut next = Next::PrepareNow;
+        // Restarts already counted in the metrics.
+        let mut counted = 0;
         loop {
             next = match next {
                 Next::Supervise | Next::RunNow if prepared.is_some() => {
@@ -703,6 +730,8 @@ impl Service {
                 }
             };
             self.state().restarts = decider.restarts();
+            self.metrics.restarted(decider.restarts().saturating_sub(counted));
+            counted = decider.restarts();
         }
         {
             let mut st = self.state();
@@ -716,15 +745,20 @@ impl Service {
     fn keep_verdict(&self, ctx: &Ctx, protocol: Protocol) {
         if let (Some(store), false) = (&ctx.store, self.is_candidate()) {
             if let Err(e) = store.set_protocol(&self.key, &self.spec_hash, protocol) {
-                warn!(service = %self.key, error = %crate::error_chain(&e), "cannot record the protocol era");
+                warn!(mesh = %self.key.mesh, service = %self.key.name, error = %crate::error_chain(&e), "cannot record the protocol era");
             }
         }
     }
 
     fn clear_sandbox(&self, exit: Option<ExitReason>) {
+        if exit.as_ref().is_some_and(|e| e.oom_killed) {
+            self.metrics.oom_killed();
+        }
+        self.metrics.set_health(Health::Unknown.into());
         let mut st = self.state();
         st.pid = None;
         st.container_id = None;
+        st.sandbox = None;
         if exit.is_some() {
             st.last_exit = exit;
         }
@@ -765,7 +799,12 @@ impl Service {
                 ));
                 s
             }
-            None => match interruptible(orchestrator.spawn(spec.clone()), control).await {
+            None => match interruptible(
+                orchestrator.spawn(spec.clone()).instrument(debug_span!("spawn")),
+                control,
+            )
+            .await
+            {
                 Step::Done(Ok(s)) => s,
                 Step::Done(Err(e)) => return RunEnd::StartFailed(StartError::Orchestrator(e)),
                 Step::Control(c) => return control_end(c),
@@ -779,7 +818,8 @@ impl Service {
             st.health = Health::Unknown;
             st.health_error = None;
         }
-        let handle = sandbox.handle;
+        let handle: Arc<dyn SandboxHandle> = Arc::from(sandbox.handle);
+        self.state().sandbox = Some(Arc::downgrade(&handle));
         let mut exit = sandbox.exit;
         // stderr is logs; drained always so the server never blocks on a full pipe.
         let _stderr = {
@@ -822,7 +862,7 @@ impl Service {
                 _ => session.connect(*pin, config.handshake_timeout).await,
             }
         };
-        let info = match interruptible(connect, control).await {
+        let info = match interruptible(connect.instrument(debug_span!("connect")), control).await {
             Step::Done(Ok(info)) => info,
             Step::Done(Err(e)) => {
                 session.close();
@@ -925,11 +965,13 @@ impl Service {
                 }
                 Some(result) = health_rx.recv() => match tracker.record(result) {
                     Verdict::Keep { health, error } => {
+                        self.metrics.set_health(health.into());
                         let mut st = self.state();
                         st.health = health;
                         st.health_error = error;
                     }
                     Verdict::Restart => {
+                        self.metrics.set_health(Health::Unhealthy.into());
                         self.note("liveness checks failed; restarting");
                         {
                             let mut st = self.state();

@@ -493,6 +493,33 @@ impl SandboxHandle for DockerHandle {
         true
     }
 
+    /// The engine's one-shot stats: memory less inactive page cache (as
+    /// `docker stats` shows it) and total CPU time.
+    async fn usage(&self) -> Option<crate::orchestrator::Usage> {
+        let opts = bollard::query_parameters::StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let stats = self.docker.stats(&self.id, Some(opts)).next().await?.ok()?;
+        let memory = stats.memory_stats.and_then(|m| {
+            let inactive = m.stats.as_ref().and_then(|s| {
+                s.get("inactive_file")
+                    .or_else(|| s.get("total_inactive_file"))
+                    .copied()
+            });
+            m.usage.map(|u| u.saturating_sub(inactive.unwrap_or(0)))
+        });
+        let cpu = stats
+            .cpu_stats
+            .and_then(|c| c.cpu_usage)
+            .and_then(|c| c.total_usage)
+            .map(|ns| ns as f64 / 1e9);
+        Some(crate::orchestrator::Usage {
+            memory_bytes: memory,
+            cpu_seconds: cpu,
+        })
+    }
+
     fn kill(&self) {
         let docker = self.docker.clone();
         let id = self.id.clone();

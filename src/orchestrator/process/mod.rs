@@ -19,6 +19,7 @@ pub mod init;
 pub mod plan;
 pub mod seccomp;
 pub mod uid;
+mod usage;
 
 use std::ffi::CString;
 use std::io;
@@ -428,6 +429,10 @@ impl SandboxHandle for ProcessHandle {
     fn kill(&self) {
         killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
         self.cgroups.kill_all();
+    }
+
+    async fn usage(&self) -> Option<super::Usage> {
+        usage::read(self.cgroups.dirs())
     }
 }
 
