@@ -148,3 +148,122 @@ impl Supervisor {
         metrics.set_usage(samples);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::super::{Phase, ServiceKey, Supervisor, SupervisorConfig};
+    use crate::config::ServiceSpec;
+    use crate::metrics::Metrics;
+    use crate::orchestrator::fake::{Fake, Script};
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    fn setup(script: Script) -> (Arc<Supervisor>, Arc<Metrics>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let sup = Supervisor::new(Fake::new(script), SupervisorConfig::new(dir.path().into()))
+            .with_metrics(metrics.clone());
+        (Arc::new(sup), metrics, dir)
+    }
+
+    fn spec(dir: &tempfile::TempDir) -> ServiceSpec {
+        ServiceSpec {
+            source: format!("path:{}", dir.path().display()),
+            command: Some(vec!["fake-server".into()]),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_restarts_health_and_removal_reach_the_registry() {
+        let (sup, metrics, dir) = setup(Script::ReadinessFails);
+        let key = ServiceKey::parse("m", "s").unwrap();
+        let mut s = spec(&dir);
+        s.health = Some(crate::config::HealthSpec {
+            tool: Some("ready".into()),
+            failure_threshold: 1,
+            ..Default::default()
+        });
+        sup.deploy(key.clone(), s).await.unwrap();
+        sup.call_raw(&key, "t", json!({}), None).await.unwrap();
+        sup.call_raw(&key, "ready", json!({}), None).await.unwrap();
+        sup.restart(&key).await.unwrap();
+        // The readiness probe (isError) makes the service unhealthy.
+        let svc = sup.get(&key).unwrap();
+        for _ in 0..1000 {
+            if svc.status().health == super::Health::Unhealthy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let text = metrics.encode();
+        let l = r#"mesh="m",service="s""#;
+        for (series, want) in [
+            (format!(r#"meshbox_tool_calls_total{{{l},tool="t",outcome="ok"}}"#), 1.0),
+            (
+                format!(r#"meshbox_tool_calls_total{{{l},tool="ready",outcome="tool_error"}}"#),
+                1.0,
+            ),
+            (format!(r#"meshbox_tool_calls_in_flight{{{l}}}"#), 0.0),
+            (format!(r#"meshbox_service_restarts_total{{{l}}}"#), 1.0),
+            (format!(r#"meshbox_service_health{{{l},state="unhealthy"}}"#), 1.0),
+            // The restart ran the prepared sandbox again: one acquisition.
+            (format!(r#"meshbox_install_cache_total{{kind="path",result="hit"}}"#), 1.0),
+        ] {
+            assert_eq!(sample(&text, &series), Some(want), "{series} in\n{text}");
+        }
+        sup.undeploy(&key).await.unwrap();
+        assert!(!metrics.encode().contains(l), "{}", metrics.encode());
+        assert_eq!(svc.phase(), Phase::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_and_timeout_outcomes() {
+        let (sup, metrics, dir) = setup(Script::CrashAfterHandshake);
+        let key = ServiceKey::parse("m", "c").unwrap();
+        sup.deploy(key.clone(), spec(&dir)).await.unwrap();
+        let svc = sup.get(&key).unwrap();
+        while svc.phase() != Phase::Crashed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = sup.call_raw(&key, "t", json!({}), None).await.unwrap_err();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"meshbox_tool_calls_total{mesh="m",service="c",tool="other",outcome="unavailable"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, r#"meshbox_service_restarts_total{mesh="m",service="c"}"#),
+            Some(6.0)
+        );
+
+        let (sup, metrics, dir) = setup(Script::StopReading);
+        let key = ServiceKey::parse("m", "quiet").unwrap();
+        sup.deploy(key.clone(), spec(&dir)).await.unwrap();
+        // It reads no request any more: calls time out.
+        let _ = sup
+            .call_raw(&key, "t", json!({}), Some(Duration::from_millis(50)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            sample(
+                &metrics.encode(),
+                r#"meshbox_tool_calls_total{mesh="m",service="quiet",tool="other",outcome="timeout"}"#
+            ),
+            Some(1.0)
+        );
+    }
+}
