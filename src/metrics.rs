@@ -211,7 +211,9 @@ const CALL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Install duration: 0.5 s to 30 min.
-const INSTALL_BUCKETS: &[f64] = &[0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+const INSTALL_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
 
 #[derive(Clone)]
 struct Families {
@@ -400,7 +402,9 @@ impl Metrics {
     /// One MCP gateway request.
     pub fn gateway_request(&self, era: Era) {
         if self.enabled {
-            self.gateway_requests.get_or_create(&EraLabels { era }).inc();
+            self.gateway_requests
+                .get_or_create(&EraLabels { era })
+                .inc();
         }
     }
 
@@ -442,14 +446,12 @@ struct ToolMetrics {
 impl ToolMetrics {
     fn new(families: &Families, labels: ToolLabels) -> Self {
         let calls = Outcome::ALL.map(|outcome| {
-            families
-                .calls
-                .get_or_create_owned(&CallLabels {
-                    mesh: labels.mesh.clone(),
-                    service: labels.service.clone(),
-                    tool: labels.tool.clone(),
-                    outcome,
-                })
+            families.calls.get_or_create_owned(&CallLabels {
+                mesh: labels.mesh.clone(),
+                service: labels.service.clone(),
+                tool: labels.tool.clone(),
+                outcome,
+            })
         });
         ToolMetrics {
             calls,
@@ -820,7 +822,8 @@ mod tests {
         let s = m.service(&key("svc"));
         // A caller inventing names: each one answered by a JSON-RPC error.
         for i in 0..1000 {
-            s.start_call().finish(&format!("junk{i}"), Outcome::rpc_error);
+            s.start_call()
+                .finish(&format!("junk{i}"), Outcome::rpc_error);
         }
         // A server answering every name: capped.
         for i in 0..(MAX_TOOLS_PER_SERVICE + 50) {
@@ -927,7 +930,9 @@ mod tests {
             Some(2.0)
         );
         // Deployed again: fresh series.
-        m.service(&key("gone")).start_call().finish("t", Outcome::ok);
+        m.service(&key("gone"))
+            .start_call()
+            .finish("t", Outcome::ok);
         assert_eq!(
             sample(
                 &m.encode(),
@@ -959,8 +964,14 @@ mod tests {
         )]);
         let text = m.encode();
         for (series, want) in [
-            (r#"meshbox_install_cache_total{kind="npm",result="hit"}"#, 1.0),
-            (r#"meshbox_install_cache_total{kind="npm",result="miss"}"#, 1.0),
+            (
+                r#"meshbox_install_cache_total{kind="npm",result="hit"}"#,
+                1.0,
+            ),
+            (
+                r#"meshbox_install_cache_total{kind="npm",result="miss"}"#,
+                1.0,
+            ),
             (
                 r#"meshbox_install_duration_seconds_sum{kind="npm",outcome="ok"}"#,
                 3.0,

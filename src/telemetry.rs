@@ -146,11 +146,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
                 })?;
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_resource(
-                    Resource::builder()
-                        .with_service_name("meshbox")
-                        .build(),
-                )
+                .with_resource(Resource::builder().with_service_name("meshbox").build())
                 .build();
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("meshbox"))

@@ -6,7 +6,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use tracing::error;
 
-use crate::supervisor::{ErrorKind, SupervisorError};
+use crate::supervisor::{ErrorKind, ServiceKey, SupervisorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,6 +48,20 @@ impl ApiError {
         }
     }
 
+    /// The service an error is about, for its log line.
+    fn service(&self) -> Option<&ServiceKey> {
+        match self {
+            ApiError::Supervisor(
+                SupervisorError::NotFound { key }
+                | SupervisorError::NotRunning { key, .. }
+                | SupervisorError::StartFailed { key, .. }
+                | SupervisorError::Superseded { key }
+                | SupervisorError::Call { key, .. },
+            ) => Some(key),
+            _ => None,
+        }
+    }
+
     /// The JSON body: `{"error": …}` plus `logs` or `code` where they apply.
     pub fn body(&self) -> Value {
         let message = crate::error_chain(self);
@@ -72,7 +86,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            error!(status = status.as_u16(), error = %crate::error_chain(&self), "request failed");
+            match self.service() {
+                Some(k) => error!(
+                    mesh = %k.mesh,
+                    service = %k.name,
+                    status = status.as_u16(),
+                    error = %crate::error_chain(&self),
+                    "request failed"
+                ),
+                None => {
+                    error!(status = status.as_u16(), error = %crate::error_chain(&self), "request failed")
+                }
+            }
         }
         (status, Json(self.body())).into_response()
     }

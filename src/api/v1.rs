@@ -82,7 +82,10 @@ async fn metrics(State(st): State<AppState>) -> Result<axum::response::Response,
     }
     st.supervisor.sample_usage().await;
     Ok((
-        [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
         m.encode(),
     )
         .into_response())

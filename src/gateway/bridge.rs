@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -271,10 +272,13 @@ impl Inner {
         };
         let inner = self.clone();
         let (ep2, m2) = (ep.clone(), method.to_owned());
-        let task = tokio::spawn(async move {
-            let r = inner.call(&ep2, &m2, Some(params), ctx).await;
-            let _ = result_tx.send(r);
-        });
+        let task = tokio::spawn(
+            async move {
+                let r = inner.call(&ep2, &m2, Some(params), ctx).await;
+                let _ = result_tx.send(r);
+            }
+            .in_current_span(),
+        );
         HeldCall {
             principal: principal.clone(),
             endpoint: ep.clone(),

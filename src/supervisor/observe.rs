@@ -208,16 +208,25 @@ mod tests {
         let text = metrics.encode();
         let l = r#"mesh="m",service="s""#;
         for (series, want) in [
-            (format!(r#"meshbox_tool_calls_total{{{l},tool="t",outcome="ok"}}"#), 1.0),
+            (
+                format!(r#"meshbox_tool_calls_total{{{l},tool="t",outcome="ok"}}"#),
+                1.0,
+            ),
             (
                 format!(r#"meshbox_tool_calls_total{{{l},tool="ready",outcome="tool_error"}}"#),
                 1.0,
             ),
             (format!(r#"meshbox_tool_calls_in_flight{{{l}}}"#), 0.0),
             (format!(r#"meshbox_service_restarts_total{{{l}}}"#), 1.0),
-            (format!(r#"meshbox_service_health{{{l},state="unhealthy"}}"#), 1.0),
+            (
+                format!(r#"meshbox_service_health{{{l},state="unhealthy"}}"#),
+                1.0,
+            ),
             // The restart ran the prepared sandbox again: one acquisition.
-            (format!(r#"meshbox_install_cache_total{{kind="path",result="hit"}}"#), 1.0),
+            (
+                format!(r#"meshbox_install_cache_total{{kind="path",result="hit"}}"#),
+                1.0,
+            ),
         ] {
             assert_eq!(sample(&text, &series), Some(want), "{series} in\n{text}");
         }
@@ -246,7 +255,10 @@ mod tests {
             "{text}"
         );
         assert_eq!(
-            sample(&text, r#"meshbox_service_restarts_total{mesh="m",service="c"}"#),
+            sample(
+                &text,
+                r#"meshbox_service_restarts_total{mesh="m",service="c"}"#
+            ),
             Some(6.0)
         );
 

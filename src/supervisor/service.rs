@@ -35,8 +35,8 @@ use crate::config::{HealthSpec, Runtime, ServiceSpec};
 use crate::mcp::{
     CallError, CallOptions, ConnectError, LogSink, ServerInfo, Session, SessionConfig,
 };
-use crate::model::{wait_exit, Enforced, ExitReason, LogStream, Protocol};
 use crate::metrics::ServiceMetrics;
+use crate::model::{wait_exit, Enforced, ExitReason, LogStream, Protocol};
 use crate::orchestrator::{SandboxHandle, SandboxSpec, Usage};
 use crate::store::Remembered;
 
@@ -486,16 +486,22 @@ impl Service {
         timeout: Duration,
     ) -> Result<Box<RawValue>, SupervisorError> {
         let deadline = Instant::now() + timeout;
-        let session = self.upstream(deadline).instrument(debug_span!("queue")).await.map_err(|e| match e {
-            SupervisorError::Call { key, .. } => SupervisorError::Call {
-                key,
-                source: CallError::Timeout(timeout),
-            },
-            other => other,
-        })?;
+        let session = self
+            .upstream(deadline)
+            .instrument(debug_span!("queue"))
+            .await
+            .map_err(|e| match e {
+                SupervisorError::Call { key, .. } => SupervisorError::Call {
+                    key,
+                    source: CallError::Timeout(timeout),
+                },
+                other => other,
+            })?;
         let left = deadline.saturating_duration_since(Instant::now());
+        // The server's own spans become children of the round trip.
+        let round_trip = debug_span!("upstream");
         let opts = CallOptions {
-            meta: crate::telemetry::upstream_meta(),
+            meta: round_trip.in_scope(crate::telemetry::upstream_meta),
             ..CallOptions::timeout(left)
         };
         session
@@ -504,7 +510,7 @@ impl Service {
                 Some(json!({"name": tool, "arguments": arguments})),
                 opts,
             )
-            .instrument(debug_span!("upstream"))
+            .instrument(round_trip)
             .await
             .map_err(|e| SupervisorError::Call {
                 key: self.key.clone(),
@@ -730,7 +736,8 @@ impl Service {
                 }
             };
             self.state().restarts = decider.restarts();
-            self.metrics.restarted(decider.restarts().saturating_sub(counted));
+            self.metrics
+                .restarted(decider.restarts().saturating_sub(counted));
             counted = decider.restarts();
         }
         {
@@ -800,7 +807,9 @@ impl Service {
                 s
             }
             None => match interruptible(
-                orchestrator.spawn(spec.clone()).instrument(debug_span!("spawn")),
+                orchestrator
+                    .spawn(spec.clone())
+                    .instrument(debug_span!("spawn")),
                 control,
             )
             .await

@@ -79,7 +79,11 @@ mod tests {
         fs::create_dir(&mem).unwrap();
         fs::create_dir(&cpu).unwrap();
         fs::write(mem.join("memory.usage_in_bytes"), "8192").unwrap();
-        fs::write(mem.join("memory.stat"), "cache 1\ntotal_inactive_file 192\n").unwrap();
+        fs::write(
+            mem.join("memory.stat"),
+            "cache 1\ntotal_inactive_file 192\n",
+        )
+        .unwrap();
         fs::write(cpu.join("cpuacct.usage"), "1500000000").unwrap();
         assert_eq!(
             read(&[mem, cpu]),
