@@ -481,3 +481,135 @@ fn json_logs_carry_mesh_and_service() {
         "running, start failed, undeployed: {about_service}"
     );
 }
+
+/// A Prometheus server of its own, killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `prometheus` scraping `target` (host:port) every second.
+fn start_prometheus(target: &str) -> Prometheus {
+    let bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("this test needs the `prometheus` binary (Debian package `prometheus`)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+             scrape_configs:\n  - job_name: meshbox\n    metrics_path: /metrics\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+/// Polls Prometheus' query API until `query` has a sample equal to `want`.
+async fn wait_query(p: &Prometheus, query: &str, want: f64) {
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    let mut last = Value::Null;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Ok(r) = http
+            .get(format!("{}/api/v1/query", p.url))
+            .query(&[("query", query)])
+            .send()
+            .await
+        {
+            if let Ok(v) = r.json::<Value>().await {
+                let got = v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse::<f64>().ok());
+                if got == Some(want) {
+                    return;
+                }
+                last = v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("prometheus never answered {want} to `{query}`; last answer: {last}");
+}
+
+#[tokio::test]
+#[ignore = "needs prometheus"]
+async fn prometheus_scrapes_meshbox() {
+    let d = Daemon::start();
+    let (code, st) = d.deploy_py("acme", "py", &[], json!({})).await;
+    assert_eq!(code, 200, "{st}");
+    for _ in 0..3 {
+        assert_eq!(d.call("acme", "py", "echo", json!({"text": "a"})).await.0, 200);
+    }
+    assert_eq!(d.call("acme", "py", "fail", json!({})).await.0, 200);
+    let target = d.url.trim_start_matches("http://").to_owned();
+    let p = start_prometheus(&target);
+    wait_query(&p, r#"up{job="meshbox"}"#, 1.0).await;
+    wait_query(
+        &p,
+        r#"meshbox_tool_calls_total{mesh="acme",service="py",tool="echo",outcome="ok"}"#,
+        3.0,
+    )
+    .await;
+    wait_query(
+        &p,
+        r#"meshbox_tool_calls_total{mesh="acme",service="py",tool="fail",outcome="tool_error"}"#,
+        1.0,
+    )
+    .await;
+    wait_query(
+        &p,
+        r#"sum(meshbox_tool_call_duration_seconds_count{mesh="acme",service="py"})"#,
+        4.0,
+    )
+    .await;
+    wait_query(
+        &p,
+        r#"meshbox_service_health{mesh="acme",service="py",state="unknown"}"#,
+        1.0,
+    )
+    .await;
+    // New calls show up in the next scrapes.
+    for _ in 0..2 {
+        assert_eq!(d.call("acme", "py", "echo", json!({"text": "b"})).await.0, 200);
+    }
+    wait_query(
+        &p,
+        r#"meshbox_tool_calls_total{mesh="acme",service="py",tool="echo",outcome="ok"}"#,
+        5.0,
+    )
+    .await;
+}
