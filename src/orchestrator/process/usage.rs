@@ -21,7 +21,43 @@ pub fn read(dirs: &[PathBuf]) -> Option<Usage> {
             u.cpu_seconds = cpu(dir);
         }
     }
+    if u.cpu_seconds.is_none() {
+        // No cpu accounting controller of ours (v1 with cpuacct apart):
+        // the processes' own counters.
+        u.cpu_seconds = dirs.first().and_then(|d| cpu_of_procs(d, Path::new("/proc")));
+    }
     (u != Usage::default()).then_some(u)
+}
+
+/// CPU of the processes in a cgroup, from `/proc/<pid>/stat` (their own
+/// time and that of children they reaped); what exited unreaped is lost.
+fn cpu_of_procs(dir: &Path, proc_root: &Path) -> Option<f64> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let mut total = 0u64;
+    let mut seen = false;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let Ok(stat) = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) else {
+            continue;
+        };
+        // Fields 14..=17 (utime stime cutime cstime), counted after the command's ")".
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(4)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if f.len() == 4 {
+            total += f.iter().sum::<u64>();
+            seen = true;
+        }
+    }
+    seen.then(|| total as f64 / ticks)
 }
 
 fn number(path: &Path) -> Option<u64> {
@@ -93,6 +129,20 @@ mod tests {
             })
         );
         assert_eq!(read(&[d.path().join("nothing")]), None);
+        // No cpu controller: the processes' own counters.
+        let procs = d.path().join("procs");
+        fs::create_dir_all(procs.join("proc/42")).unwrap();
+        fs::write(procs.join("cgroup.procs"), "42\n43\n").unwrap();
+        fs::write(
+            procs.join("proc/42/stat"),
+            "42 (a (tricky) name) S 1 42 42 0 -1 0 0 0 0 0 150 50 100 0 20 0 1 0 0",
+        )
+        .unwrap();
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert_eq!(
+            cpu_of_procs(&procs, &procs.join("proc")),
+            Some(300.0 / ticks)
+        );
         assert_eq!(read(&[]), None);
     }
 }
