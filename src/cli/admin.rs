@@ -1,7 +1,6 @@
 //! `meshbox install` (run inside install containers), `meshbox images build`
 //! and `meshbox doctor`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +123,6 @@ pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
         .negotiate_version()
         .await
         .map_err(ImageError::Engine)?;
-    let tty = std::io::stderr().is_terminal();
     for rt in runtimes {
         let base = match rt {
             Runtime::Node => args.base_image_node.clone(),
@@ -138,13 +136,10 @@ pub async fn images(cmd: ImagesCommand) -> Result<(), CliError> {
             binary: None,
         };
         eprintln!("building {} …", runner_image(rt));
-        let mut progress = |line: &str| {
-            if tty {
-                eprintln!("  {line}");
-            }
-        };
-        let image = images::build(&docker, rt, &opts, &mut progress).await?;
-        super::out_line(image)?;
+        let mut bar = super::progress::BuildProgress::new(super::progress::Target::stderr());
+        let built = images::build(&docker, rt, &opts, &mut |line: &str| bar.line(line)).await;
+        bar.finish();
+        super::out_line(built?)?;
     }
     Ok(())
 }

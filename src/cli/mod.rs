@@ -6,6 +6,7 @@
 
 mod admin;
 mod client;
+pub mod progress;
 mod run;
 mod serve;
 

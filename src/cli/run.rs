@@ -11,7 +11,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +18,7 @@ use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+use super::progress::Target;
 use super::{CliError, Shutdown, SpecArgs};
 use crate::acquire::sandboxed::SandboxedInstalls;
 use crate::acquire::{InstallConfig, Installer, Progress, Source};
@@ -227,7 +227,8 @@ impl One<'_> {
         install.env = self.install_env.clone();
         let installer = Installer::new(install);
         let sandboxed = SandboxedInstalls::new(self.data_dir.join("docker-installs"));
-        let progress: Progress = Arc::new(|line: &str| note(line));
+        // A bar on a terminal's stderr, else the same `meshbox: …` lines.
+        let progress: Progress = super::progress::install_sink(Target::stderr(), "meshbox: ");
         let acquirers = Acquirers {
             installer: &installer,
             sandboxed: &sandboxed,
@@ -255,6 +256,7 @@ impl One<'_> {
             Ok(r) => r?,
             Err(code) => return Ok(code),
         };
+        drop(progress); // the bar leaves before the server's own stderr flows
         let spec = prepare::server_sandbox(owner, &v.spec, &prepared, env, home);
         let mut sandbox =
             match unless_stopped(backend.spawn(spec), &mut shutdown, &mut closed).await {
