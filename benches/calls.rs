@@ -301,6 +301,30 @@ async fn main() {
     let of_direct = m64.per_sec / b64.per_sec;
     let of_seed = m64.per_sec / s64.per_sec;
 
+    // ---- cost of metrics and tracing (issue 13) ----------------------------
+    // The same daemon with `--no-metrics` (tracing is in both, exporter off),
+    // interleaved, best of three rounds each.
+    let plain = ProcDaemon::start(&["--no-metrics"]);
+    let mut plain_admin = HttpCaller::connect(&plain.base).await;
+    let (code, body) = plain_admin
+        .put("/v1/meshes/bench/services/echo", Bytes::from(spec.clone()))
+        .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let plain_make = http_caller_factory(
+        plain.base.clone(),
+        "/v1/meshes/bench/services/echo/call".into(),
+        Bytes::from(json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string()),
+    )
+    .await;
+    run_load(4, 200, &plain_make).await;
+    let (mut with_metrics, mut without) = (0f64, 0f64);
+    for _ in 0..3 {
+        without = without.max(run_load(CONC, CONC_CALLS_EACH, &plain_make).await.per_sec);
+        with_metrics = with_metrics.max(run_load(CONC, CONC_CALLS_EACH, &mesh_make).await.per_sec);
+    }
+    let metrics_cost = 1.0 - with_metrics / without;
+    drop(plain);
+
     // ---- memory -------------------------------------------------------------
     let idle_daemon = ProcDaemon::start(&[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -360,6 +384,13 @@ async fn main() {
         "64 callers: meshbox {:.2}x the seed runner (target ≥ 3x): {}",
         of_seed,
         verdict(of_seed >= 3.0)
+    );
+    println!(
+        "64 callers: metrics + tracing (exporter off) {:.0}/s vs --no-metrics {:.0}/s: cost {:.1}% (target ≤ 3%): {}",
+        with_metrics,
+        without,
+        metrics_cost * 100.0,
+        verdict(metrics_cost <= 0.03)
     );
     println!(
         "meshbox CPU per call at 64 callers: {cpu_per_call:.1} µs (target ≤ 25 µs): {}",
