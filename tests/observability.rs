@@ -524,7 +524,10 @@ fn start_prometheus(target: &str) -> Prometheus {
     let port = free_port();
     let child = Command::new(bin)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -572,7 +575,10 @@ async fn prometheus_scrapes_meshbox() {
     let (code, st) = d.deploy_py("acme", "py", &[], json!({})).await;
     assert_eq!(code, 200, "{st}");
     for _ in 0..3 {
-        assert_eq!(d.call("acme", "py", "echo", json!({"text": "a"})).await.0, 200);
+        assert_eq!(
+            d.call("acme", "py", "echo", json!({"text": "a"})).await.0,
+            200
+        );
     }
     assert_eq!(d.call("acme", "py", "fail", json!({})).await.0, 200);
     let target = d.url.trim_start_matches("http://").to_owned();
@@ -604,7 +610,10 @@ async fn prometheus_scrapes_meshbox() {
     .await;
     // New calls show up in the next scrapes.
     for _ in 0..2 {
-        assert_eq!(d.call("acme", "py", "echo", json!({"text": "b"})).await.0, 200);
+        assert_eq!(
+            d.call("acme", "py", "echo", json!({"text": "b"})).await.0,
+            200
+        );
     }
     wait_query(
         &p,

@@ -237,7 +237,12 @@ impl Installer {
             // The build writes its output: it runs in a copy in the cache.
             let entry = self.entry(dir, "build", &dir_fingerprint(dir));
             self.fill_once(cx, &entry, |entry| async move {
-                step(cx.progress, 1, 1, &format!("building {} in the cache", dir.display()));
+                step(
+                    cx.progress,
+                    1,
+                    1,
+                    &format!("building {} in the cache", dir.display()),
+                );
                 copy_tree(dir, &entry)?;
                 if has("dependencies") || has("devDependencies") {
                     self.node_install(cx, &entry, &entry, rt, true).await?;
@@ -261,7 +266,12 @@ impl Installer {
         }
         let entry = self.entry(dir, "node", &manifest_fingerprint(dir, NODE_MANIFESTS));
         self.fill_once(cx, &entry, |entry| async move {
-            step(cx.progress, 1, 1, &format!("installing dependencies of {}", dir.display()));
+            step(
+                cx.progress,
+                1,
+                1,
+                &format!("installing dependencies of {}", dir.display()),
+            );
             self.node_install(cx, dir, &entry, rt, false).await
         })
         .await?;
@@ -310,7 +320,12 @@ impl Installer {
         self.fill_once(cx, &entry, |entry| {
             let venv = venv.clone();
             async move {
-                step(cx.progress, 1, 1, &format!("installing dependencies of {}", dir.display()));
+                step(
+                    cx.progress,
+                    1,
+                    1,
+                    &format!("installing dependencies of {}", dir.display()),
+                );
                 if reqs {
                     let file = dir.join("requirements.txt");
                     let file = file.to_string_lossy();

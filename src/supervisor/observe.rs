@@ -224,7 +224,7 @@ mod tests {
             ),
             // The restart ran the prepared sandbox again: one acquisition.
             (
-                format!(r#"meshbox_install_cache_total{{kind="path",result="hit"}}"#),
+                r#"meshbox_install_cache_total{kind="path",result="hit"}"#.to_string(),
                 1.0,
             ),
         ] {

@@ -24,7 +24,9 @@ pub fn read(dirs: &[PathBuf]) -> Option<Usage> {
     if u.cpu_seconds.is_none() {
         // No cpu accounting controller of ours (v1 with cpuacct apart):
         // the processes' own counters.
-        u.cpu_seconds = dirs.first().and_then(|d| cpu_of_procs(d, Path::new("/proc")));
+        u.cpu_seconds = dirs
+            .first()
+            .and_then(|d| cpu_of_procs(d, Path::new("/proc")));
     }
     (u != Usage::default()).then_some(u)
 }
