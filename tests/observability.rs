@@ -622,3 +622,37 @@ async fn prometheus_scrapes_meshbox() {
     )
     .await;
 }
+
+#[tokio::test]
+#[ignore = "needs docker"]
+async fn usage_of_a_container_is_read_from_the_engine() {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .unwrap_or_else(|e| panic!("needs docker: cannot connect to a docker engine: {e}"))
+        .negotiate_version()
+        .await
+        .unwrap_or_else(|e| panic!("needs docker: no docker engine answers: {e}"));
+    if let Err(e) = docker.inspect_image("meshbox/runner-python:latest").await {
+        panic!("needs docker: runner image meshbox/runner-python is missing (run `make images-local`): {e}");
+    }
+    let d = Daemon::start_docker(&[]);
+    let spec = json!({
+        "source": format!("path:{}", fixture("py_server").display()),
+        "memory_mb": 256,
+    });
+    let (code, st) = d.put("/v1/meshes/dk/services/use", spec).await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(d.call("dk", "use", "alloc", json!({"mb": 40})).await.0, 200);
+    let text = scrape(&d).await;
+    let mem = sample(
+        &text,
+        r#"meshbox_service_memory_bytes{mesh="dk",service="use"}"#,
+    )
+    .unwrap_or_else(|| panic!("no memory series:\n{text}"));
+    assert!(mem > 40.0 * 1024.0 * 1024.0, "{mem}");
+    let cpu = sample(
+        &text,
+        r#"meshbox_service_cpu_seconds_total{mesh="dk",service="use"}"#,
+    )
+    .unwrap_or_else(|| panic!("no cpu series:\n{text}"));
+    assert!(cpu > 0.0);
+}
