@@ -1,7 +1,7 @@
 # meshbox — build, test, bench, lint.
 CARGO ?= cargo
 
-.PHONY: build run test test-lanes test-docker test-root test-registry test-clients lint bench fmt images images-local fuzz
+.PHONY: build run test test-lanes test-docker lint bench fmt images images-local fuzz
 MESHBOX := target/release/meshbox
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 
