@@ -291,6 +291,21 @@ pub async fn wait_exit(rx: &mut ExitWatch) -> ExitReason {
     reason.unwrap_or_else(|| rx.borrow().clone().unwrap_or_default())
 }
 
+/// The exit reason if the sandbox exits within `d`.
+pub async fn exit_within(rx: &ExitWatch, d: std::time::Duration) -> Option<ExitReason> {
+    tokio::time::timeout(d, wait_exit(&mut rx.clone()))
+        .await
+        .ok()
+}
+
+/// Sends `signal` to process group `pgid` (0 or less: nothing). A group that
+/// is gone already is not an error.
+pub fn signal_group(pgid: i32, signal: nix::sys::signal::Signal) {
+    if pgid > 0 {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
+    }
+}
+
 pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 

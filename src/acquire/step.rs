@@ -9,7 +9,6 @@
 //! the step ends, what it left behind in its group is killed too.
 //! Cache-entry locks are advisory file locks taken by polling, so waiting
 //! never blocks the async runtime and stops when the waiter is dropped.
-#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fs::{File, TryLockError};
@@ -47,19 +46,14 @@ pub struct Step<'a> {
 struct Group(i32);
 
 impl Group {
-    fn signal(&self, sig: i32) {
-        if self.0 > 0 {
-            // SAFETY: killpg has no memory-safety preconditions; the group is
-            // the step's own (its leader is our child, not yet reaped or just
-            // reaped with members possibly left).
-            unsafe { libc::killpg(self.0, sig) };
-        }
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        crate::model::signal_group(self.0, sig);
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
+        self.signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -129,9 +123,9 @@ pub async fn run(step: Step<'_>) -> Result<Vec<u8>, AcquireError> {
     let status: std::io::Result<ExitStatus> = tokio::select! {
         s = child.wait() => s,
         () = tokio::time::sleep_until(deadline) => {
-            group.signal(libc::SIGTERM);
+            group.signal(nix::sys::signal::Signal::SIGTERM);
             if tokio::time::timeout(KILL_AFTER, child.wait()).await.is_err() {
-                group.signal(libc::SIGKILL);
+                group.signal(nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait().await;
             }
             drop(group);

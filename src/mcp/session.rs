@@ -708,19 +708,7 @@ impl Session {
         let left = || deadline.saturating_duration_since(Instant::now());
         let info = match pin {
             Some(Protocol::Handshake) => self.initialize(left()).await?,
-            Some(Protocol::Stateless) => {
-                let r = self
-                    .discover(left())
-                    .await
-                    .map_err(ConnectError::step("server/discover"))?;
-                if !protocol::discover_is_stateless(&r) {
-                    return Err(ConnectError::Step {
-                        step: "server/discover",
-                        source: CallError::Protocol(ProtocolError::NotStateless),
-                    });
-                }
-                stateless_info(r)
-            }
+            Some(Protocol::Stateless) => self.discover_stateless(left()).await?,
             None => match self.discover(left().min(PROBE)).await {
                 Ok(r) if protocol::discover_is_stateless(&r) => stateless_info(r),
                 Err(CallError::Exited(reason)) => {
@@ -736,17 +724,7 @@ impl Session {
                         source: CallError::Rpc { code, .. },
                         ..
                     }) if code == protocol::code::UNSUPPORTED_VERSION => {
-                        let r = self
-                            .discover(left())
-                            .await
-                            .map_err(ConnectError::step("server/discover"))?;
-                        if !protocol::discover_is_stateless(&r) {
-                            return Err(ConnectError::Step {
-                                step: "server/discover",
-                                source: CallError::Protocol(ProtocolError::NotStateless),
-                            });
-                        }
-                        stateless_info(r)
+                        self.discover_stateless(left()).await?
                     }
                     other => other?,
                 },
@@ -782,6 +760,21 @@ impl Session {
             .store(info.protocol == Protocol::Stateless, Ordering::Relaxed);
         let _ = self.info.set(info);
         self.refresh_tools(timeout).await.map(|_| ())
+    }
+
+    /// A `server/discover` that must show a stateless server.
+    async fn discover_stateless(&self, timeout: Duration) -> Result<ServerInfo, ConnectError> {
+        let r = self
+            .discover(timeout)
+            .await
+            .map_err(ConnectError::step("server/discover"))?;
+        if !protocol::discover_is_stateless(&r) {
+            return Err(ConnectError::Step {
+                step: "server/discover",
+                source: CallError::Protocol(ProtocolError::NotStateless),
+            });
+        }
+        Ok(stateless_info(r))
     }
 
     async fn discover(&self, timeout: Duration) -> Result<Value, CallError> {

@@ -32,8 +32,8 @@ use super::labels::{self, Labels};
 use super::network::Attachment;
 use super::{engine_err, fnv, translate, What};
 use crate::orchestrator::{
-    wait_exit, Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox,
-    SandboxHandle, SandboxIo, SandboxSpec, Unsupported,
+    Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox, SandboxHandle,
+    SandboxIo, SandboxSpec, Unsupported,
 };
 
 /// The non-root user every container runs as.
@@ -456,9 +456,7 @@ struct DockerHandle {
 impl DockerHandle {
     /// The exit, if it comes within `d`.
     async fn wait_for(&self, d: Duration) -> Option<ExitReason> {
-        tokio::time::timeout(d, wait_exit(&mut self.exit.clone()))
-            .await
-            .ok()
+        crate::model::exit_within(&self.exit, d).await
     }
 }
 

@@ -390,11 +390,7 @@ impl ChildSetup {
     }
 }
 
-fn killpg(pgid: i32, sig: nix::sys::signal::Signal) {
-    if pgid > 0 {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
-    }
-}
+use crate::model::{exit_within, signal_group as killpg};
 
 struct ProcessHandle {
     pgid: i32,
@@ -404,9 +400,7 @@ struct ProcessHandle {
 
 impl ProcessHandle {
     async fn wait_for(&self, d: Duration) -> Option<ExitReason> {
-        let mut rx = self.exit.clone();
-        let res = tokio::time::timeout(d, rx.wait_for(Option::is_some)).await;
-        res.ok().and_then(|r| r.ok().and_then(|v| v.clone()))
+        exit_within(&self.exit, d).await
     }
 }
 
