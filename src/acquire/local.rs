@@ -230,9 +230,9 @@ impl Installer {
             .pointer("/scripts/build")
             .and_then(Value::as_str)
             .is_some();
-        let needs_build = builds
-            && command.is_none()
-            && launch_from_dir_in(dir, Some(rt), None, &[], None).is_err();
+        // Detected once: its failure tells whether a build must make the entry.
+        let detected = launch_from_dir_in(dir, Some(rt), command, args, None);
+        let needs_build = builds && command.is_none() && detected.is_err();
         if needs_build {
             // The build writes its output: it runs in a copy in the cache.
             let entry = self.entry(dir, "build", &dir_fingerprint(dir));
@@ -260,7 +260,7 @@ impl Installer {
             .await?;
             return launch_from_dir_in(&entry, Some(rt), None, args, None);
         }
-        let mut launch = launch_from_dir_in(dir, Some(rt), command, args, None)?;
+        let mut launch = detected?;
         if !has("dependencies") || dir.join("node_modules").exists() {
             return Ok(launch);
         }

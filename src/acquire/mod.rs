@@ -444,7 +444,8 @@ fn launch_from_dir_in(
 }
 
 /// Checks a local directory before anything runs: it exists, and either an
-/// entry is found or a `build` script will make one.
+/// entry is found, or the install will make one (a `build` script, or a
+/// Python project's `[project.scripts]`, installed into its environment).
 pub fn check_dir(
     dir: &Path,
     runtime: Option<Runtime>,
@@ -457,7 +458,10 @@ pub fn check_dir(
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .is_some_and(|p| p.pointer("/scripts/build").is_some());
-            if builds {
+            let scripts = std::fs::read_to_string(dir.join("pyproject.toml"))
+                .is_ok_and(|t| !detect::pyproject_scripts(&t).is_empty());
+            let python = runtime.or_else(|| detect_runtime(dir)) == Some(Runtime::Python);
+            if builds || (python && scripts) {
                 Ok(())
             } else {
                 Err(e)
@@ -511,6 +515,20 @@ mod tests {
     }
     fn bad(s: &str) {
         assert!(s.parse::<Source>().is_err(), "{s:?} accepted");
+    }
+
+    #[test]
+    fn a_python_project_whose_entry_is_a_console_script_is_accepted() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("pyproject.toml"),
+            "[project]\nname = \"x\"\n[project.scripts]\nx-server = \"x:main\"\n",
+        )
+        .unwrap();
+        check_dir(d.path(), None, None).unwrap();
+        // Without scripts nor a server file there is nothing to run.
+        std::fs::write(d.path().join("pyproject.toml"), "[project]\nname = \"x\"\n").unwrap();
+        assert!(check_dir(d.path(), None, None).is_err());
     }
 
     #[test]
