@@ -7,11 +7,6 @@ use clap::Parser;
 use meshbox::cli::{self, Cli, CliError, Command};
 use meshbox::telemetry::{self, TelemetryConfig};
 
-/// mimalloc: the call path allocates per request, and glibc's malloc was a
-/// fifth of its instructions.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cli = Cli::parse();
     // The process sandbox's init must stay single-threaded: no runtime, no tracing.
