@@ -35,6 +35,10 @@ struct Host {
 
 impl Host {
     fn start(extra: &[&str]) -> Host {
+        Host::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Host {
         let data = tempfile::tempdir().unwrap();
         let home = tempfile::tempdir().unwrap();
         std::fs::write(home.path().join("secret.txt"), SECRET).unwrap();
@@ -43,11 +47,9 @@ impl Host {
         let token_arg = token_file.to_string_lossy().into_owned();
         let mut args = vec!["--token-file", token_arg.as_str()];
         args.extend_from_slice(extra);
-        let mut d = Daemon::start_in(
-            data.path(),
-            &args,
-            &[("HOME", home.path().to_str().unwrap())],
-        );
+        let mut vars = vec![("HOME", home.path().to_str().unwrap())];
+        vars.extend_from_slice(env);
+        let mut d = Daemon::start_in(data.path(), &args, &vars);
         d.token = Some("sandbox-test-token".into());
         Host { d, home, data }
     }
@@ -110,6 +112,23 @@ async fn runs_as_its_own_uid_without_capabilities_in_namespaces() {
     assert_eq!(
         st["limits"]["enforced"]["filesystem"], true,
         "Landlock not reported: {st}"
+    );
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(isolation["missing"], json!([]), "{st}");
+    assert_eq!(
+        isolation["applied"],
+        json!([
+            "uid",
+            "pid-namespace",
+            "mount-namespace",
+            "ipc-namespace",
+            "uts-namespace",
+            "no-capabilities",
+            "no-new-privs",
+            "landlock",
+            "seccomp"
+        ]),
+        "{st}"
     );
     let me: Value =
         serde_json::from_str(&h.attack("acme", "evil", "whoami", json!({})).await).unwrap();
@@ -568,6 +587,70 @@ async fn allowlisted_sandbox_reaches_an_allowed_registry() {
     );
 }
 
+/// Issue 11 item 8: a host without Landlock and without pid and mount
+/// namespaces (simulated by leaving them out) gets the other layers; the
+/// status lists the missing ones and claims no filesystem isolation; and
+/// `--require-isolation` refuses such a service, naming a missing layer.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_host_without_landlock_or_namespaces_says_what_is_missing() {
+    require_root();
+    let without = [(
+        "MESHBOX_SANDBOX_WITHOUT",
+        "landlock,mount-namespace,pid-namespace",
+    )];
+    let h = Host::start_env(&[], &without);
+    // Without a mount namespace a runtime under /root (pyenv) is out of the
+    // service uid's reach: the system's python runs it.
+    let st = h
+        .deploy(
+            "acme",
+            "weak",
+            json!({"network": "none", "memory_mb": 128,
+                   "command": ["/usr/bin/python3", "server.py"]}),
+        )
+        .await;
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(
+        isolation["missing"],
+        json!(["pid-namespace", "mount-namespace", "landlock"]),
+        "{st}"
+    );
+    assert_eq!(
+        isolation["applied"],
+        json!([
+            "uid",
+            "ipc-namespace",
+            "uts-namespace",
+            "network-namespace",
+            "no-capabilities",
+            "no-new-privs",
+            "seccomp",
+            "cgroup"
+        ]),
+        "{st}"
+    );
+    assert_eq!(st["limits"]["enforced"]["filesystem"], false, "{st}");
+    assert_eq!(st["limits"]["enforced"]["network"], true, "{st}");
+    // What the status says is what the server gets: the host's processes
+    // are in sight.
+    let me: Value =
+        serde_json::from_str(&h.attack("acme", "weak", "whoami", json!({})).await).unwrap();
+    assert!(me["procs"].as_array().unwrap().len() > 10, "{me}");
+    assert_eq!(me["Seccomp"], "2", "{me}");
+    drop(h);
+
+    let strict = Host::start_env(&["--require-isolation"], &without);
+    let spec = json!({"source": format!("path:{}", fixture("hostile").display())});
+    let (code, r) = strict.d.put("/v1/meshes/acme/services/weak", spec).await;
+    assert!(code >= 400, "a weaker sandbox was started: {r}");
+    let msg = r["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("pid-namespace") || msg.contains("landlock"),
+        "the refusal names no missing layer: {r}"
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn require_isolation_starts_fully_isolated_services() {
@@ -621,6 +704,13 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["limits"]["enforced"]["filesystem"], true, "{st}");
     assert_eq!(st["limits"]["enforced"]["network"], true, "{st}");
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(isolation["missing"], json!([]), "{st}");
+    let applied = isolation["applied"].as_array().unwrap();
+    for layer in ["user-namespace", "network-namespace", "landlock", "seccomp"] {
+        assert!(applied.contains(&json!(layer)), "{layer} not applied: {st}");
+    }
+    assert!(!applied.contains(&json!("uid")), "no uid of its own: {st}");
     let call = |tool: &'static str, args: Value| {
         let d = &d;
         async move { text_of(&d.call("dev", "evil", tool, args).await.1) }

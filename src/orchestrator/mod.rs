@@ -24,8 +24,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use crate::model::{
-    wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Limits, NetworkPolicy,
-    ServiceKey, Usage,
+    wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Isolation, Layer, Limits,
+    NetworkPolicy, ServiceKey, Usage,
 };
 
 /// Something a backend cannot do for a spec; refused up front, never ignored.
@@ -207,6 +207,8 @@ pub struct Sandbox {
     pub pid: Option<u32>,
     pub container_id: Option<String>,
     pub enforced: Enforced,
+    /// The isolation layers it got, and those missing here.
+    pub isolation: Isolation,
 }
 
 /// How a sandbox run to completion ended, and what it printed (bounded).

@@ -32,8 +32,8 @@ use super::labels::{self, Labels};
 use super::network::Attachment;
 use super::{engine_err, fnv, translate, What};
 use crate::orchestrator::{
-    wait_exit, Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox,
-    SandboxHandle, SandboxIo, SandboxSpec, Unsupported,
+    wait_exit, Enforced, ExitReason, Isolation, Mount, MountSource, OrchestratorError, Role,
+    Sandbox, SandboxHandle, SandboxIo, SandboxSpec, Unsupported,
 };
 
 /// The non-root user every container runs as.
@@ -351,6 +351,7 @@ pub async fn sandbox(
     id: String,
     attached: AttachContainerResults,
     enforced: Enforced,
+    isolation: Isolation,
 ) -> Sandbox {
     let pid = docker
         .inspect_container(&id, None)
@@ -420,6 +421,7 @@ pub async fn sandbox(
         pid,
         container_id: Some(id),
         enforced,
+        isolation,
     }
 }
 

@@ -37,9 +37,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    Capabilities, Completed, Enforced, ExitReason, Limits, MountSource, Orchestrator,
-    OrchestratorError, Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey, Unsupported,
-    MAX_COMPLETED_OUTPUT,
+    Capabilities, Completed, Enforced, ExitReason, Isolation, Layer, Limits, MountSource,
+    Orchestrator, OrchestratorError, Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey,
+    Unsupported, MAX_COMPLETED_OUTPUT,
 };
 use crate::model::{NetworkMode, NetworkPolicy};
 use cgroups::{Cgroups, Hierarchy};
@@ -61,6 +61,29 @@ pub struct ProcessConfig {
     pub data_dir: Option<PathBuf>,
     /// Refuse to start a server with less than every isolation layer.
     pub require_isolation: bool,
+    /// Layers left out, as on a host that lacks them (tests; a kernel whose
+    /// layer breaks a server). Default: `MESHBOX_SANDBOX_WITHOUT`, a comma
+    /// list of layer names. The status shows them missing.
+    pub without: Vec<Layer>,
+}
+
+/// The variable [`ProcessConfig::default`] reads its `without` from.
+pub const WITHOUT_ENV: &str = "MESHBOX_SANDBOX_WITHOUT";
+
+/// The layers named in `list` (comma-separated); unknown names are logged
+/// and ignored.
+fn parse_without(list: &str) -> Vec<Layer> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| match n.parse::<Layer>() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "ignoring an entry of {WITHOUT_ENV}");
+                None
+            }
+        })
+        .collect()
 }
 
 impl Default for ProcessConfig {
@@ -74,6 +97,9 @@ impl Default for ProcessConfig {
                 .or_else(|| std::env::current_exe().ok()),
             data_dir: None,
             require_isolation: false,
+            without: std::env::var(WITHOUT_ENV)
+                .map(|l| parse_without(&l))
+                .unwrap_or_default(),
         }
     }
 }
@@ -128,7 +154,7 @@ fn is_root() -> bool {
 
 impl ProcessBackend {
     pub fn new(config: ProcessConfig) -> Self {
-        let hierarchy = if config.cgroups {
+        let hierarchy = if config.cgroups && !config.without.contains(&Layer::Cgroup) {
             cgroups::detect_hierarchy(&config.cgroup_parent)
         } else {
             Hierarchy::None
@@ -154,7 +180,101 @@ impl ProcessBackend {
 
     /// What this host supports, for `meshbox doctor`.
     pub fn describe(&self) -> String {
-        format!("{}; {}", self.hierarchy.describe(), self.support.describe())
+        let mut s = format!("{}; {}", self.hierarchy.describe(), self.support.describe());
+        if !self.config.without.is_empty() {
+            let names: Vec<&str> = self.config.without.iter().map(|l| l.as_str()).collect();
+            s.push_str(&format!(
+                "; left out by {WITHOUT_ENV}: {}",
+                names.join(", ")
+            ));
+        }
+        s
+    }
+
+    fn without(&self, layer: Layer) -> bool {
+        self.config.without.contains(&layer)
+    }
+
+    /// Whose uid the probe's server runs under (the strongest choice left).
+    fn probe_user(&self) -> UserPlan {
+        if self.is_root && !self.without(Layer::Uid) {
+            // The uid is the service's; the probe uses the first of the range.
+            UserPlan::Switch {
+                uid: uid::UID_BASE,
+                gid: uid::UID_BASE,
+            }
+        } else if !self.is_root && !self.without(Layer::UserNamespace) {
+            UserPlan::Namespace {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }
+        } else {
+            UserPlan::Keep
+        }
+    }
+
+    /// The layers the probe got, less those the configuration leaves out.
+    fn mask(&self, mut l: Layers) -> Layers {
+        let off = |layer| self.without(layer);
+        l.pid &= !off(Layer::PidNamespace);
+        l.mount &= !off(Layer::MountNamespace);
+        l.ipc &= !off(Layer::IpcNamespace);
+        l.uts &= !off(Layer::UtsNamespace);
+        l.net &= !off(Layer::NetworkNamespace);
+        l.seccomp &= !off(Layer::Seccomp);
+        if off(Layer::Landlock) {
+            l.landlock_abi = 0;
+            l.landlock_scoped = false;
+        }
+        l
+    }
+
+    /// Which isolation layers a sandbox of `spec` has with `layers`, and
+    /// which a sandbox of this backend has elsewhere but not here.
+    /// `cgrouped`: cgroups carry every limit it asked for.
+    fn isolation(&self, layers: &Layers, spec: &SandboxSpec, cgrouped: bool) -> Isolation {
+        let needs_net = !matches!(
+            spec.network.effective(),
+            NetworkPolicy::Mode(NetworkMode::Full)
+        );
+        let l = &spec.limits;
+        let limited = l.memory_mb.is_some() || l.cpus.is_some() || l.pids.is_some();
+        let expected = [
+            (
+                true,
+                if self.is_root {
+                    Layer::Uid
+                } else {
+                    Layer::UserNamespace
+                },
+            ),
+            (true, Layer::PidNamespace),
+            (true, Layer::MountNamespace),
+            (true, Layer::IpcNamespace),
+            (true, Layer::UtsNamespace),
+            (needs_net, Layer::NetworkNamespace),
+            (true, Layer::NoCapabilities),
+            (true, Layer::NoNewPrivs),
+            (true, Layer::Landlock),
+            (true, Layer::Seccomp),
+            (limited, Layer::Cgroup),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, layer)| wanted.then_some(layer));
+        Isolation::sort(expected, |layer| match layer {
+            Layer::Uid => layers.own_uid && !layers.userns,
+            Layer::UserNamespace => layers.userns,
+            Layer::PidNamespace => layers.pid,
+            Layer::MountNamespace => layers.mount,
+            Layer::IpcNamespace => layers.ipc,
+            Layer::UtsNamespace => layers.uts,
+            Layer::NetworkNamespace => layers.net,
+            Layer::NoCapabilities => layers.no_caps,
+            Layer::NoNewPrivs => layers.no_new_privs,
+            Layer::Landlock => layers.landlock_abi >= fs::MIN_LANDLOCK_ABI,
+            Layer::Seccomp => layers.seccomp,
+            Layer::Cgroup => cgrouped,
+        })
     }
 
     /// The layers a sandbox gets on this host.
@@ -173,23 +293,13 @@ impl ProcessBackend {
             return support;
         };
         let all = Namespaces {
-            pid: true,
-            mount: true,
-            ipc: true,
-            uts: true,
-            net: true,
+            pid: !self.without(Layer::PidNamespace),
+            mount: !self.without(Layer::MountNamespace),
+            ipc: !self.without(Layer::IpcNamespace),
+            uts: !self.without(Layer::UtsNamespace),
+            net: !self.without(Layer::NetworkNamespace),
         };
-        let user = if self.is_root {
-            UserPlan::Switch {
-                uid: uid::UID_BASE,
-                gid: uid::UID_BASE,
-            }
-        } else {
-            UserPlan::Namespace {
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-            }
-        };
+        let user = self.probe_user();
         let no_net = Namespaces { net: false, ..all };
         let attempts = [
             (user, all),
@@ -215,15 +325,15 @@ impl ProcessBackend {
                     }],
                     ..Default::default()
                 },
-                landlock: true,
-                seccomp: true,
+                landlock: !self.without(Layer::Landlock),
+                seccomp: !self.without(Layer::Seccomp),
                 egress: None,
                 probe: true,
             };
             match probe_once(&program, &plan) {
                 Ok(layers) => {
                     support.init = true;
-                    support.layers = layers;
+                    support.layers = self.mask(layers);
                     return support;
                 }
                 Err(e) => support.notes.push(crate::error_chain(&e)),
@@ -253,27 +363,11 @@ impl ProcessBackend {
         }
     }
 
-    /// The first isolation layer `layers` lacks, by name.
-    fn missing(&self, layers: &Layers, spec: &SandboxSpec) -> Option<&'static str> {
-        let needs_net = !matches!(
-            spec.network.effective(),
-            NetworkPolicy::Mode(NetworkMode::Full)
-        );
-        [
-            (layers.own_uid, "own uid"),
-            (layers.pid, "pid namespace"),
-            (layers.mount, "mount namespace"),
-            (layers.ipc, "ipc namespace"),
-            (layers.uts, "uts namespace"),
-            (layers.net || !needs_net, "network namespace"),
-            (layers.no_new_privs, "no_new_privs"),
-            (layers.no_caps, "capabilities dropped"),
-            (layers.landlock_abi >= fs::MIN_LANDLOCK_ABI, "landlock"),
-            (layers.seccomp, "seccomp"),
-        ]
-        .into_iter()
-        .find(|(ok, _)| !ok)
-        .map(|(_, name)| name)
+    /// Whether cgroups carry every limit `limits` asks for, by what they enforce.
+    fn cgrouped(limits: &Limits, by_cgroup: &Enforced) -> bool {
+        (limits.memory_mb.is_none() || by_cgroup.memory)
+            && (limits.cpus.is_none() || by_cgroup.cpus)
+            && (limits.pids.is_none() || by_cgroup.pids)
     }
 
     /// Directories no server may see: meshbox's data dir and the invoking
@@ -493,7 +587,7 @@ impl ProcessBackend {
     ) -> Result<Prepared, OrchestratorError> {
         let l = &self.support.layers;
         let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
-        let user = if self.is_root {
+        let user = if self.is_root && !self.without(Layer::Uid) {
             let uid = self
                 .uids
                 .get(&spec.owner)
@@ -750,10 +844,14 @@ impl Orchestrator for ProcessBackend {
                 }
                 .into());
             }
-            let mut layers = self.support.layers;
-            layers.own_uid |= self.is_root;
-            if let Some(layer) = self.missing(&layers, spec) {
-                return Err(Unsupported::Isolation { layer }.into());
+            let by_cgroup = self.hierarchy.predict(&spec.limits);
+            let cgrouped = Self::cgrouped(&spec.limits, &by_cgroup);
+            let isolation = self.isolation(&self.support.layers, spec, cgrouped);
+            if let Some(layer) = isolation.missing.first() {
+                return Err(Unsupported::Isolation {
+                    layer: layer.as_str(),
+                }
+                .into());
             }
         }
         Ok(e)
@@ -870,6 +968,7 @@ impl Orchestrator for ProcessBackend {
         let track = !(self.support.init && self.support.layers.pid);
         let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits, track);
         let cgroups = Arc::new(cgroups);
+        let cgrouped = Self::cgrouped(&spec.limits, &by_cgroup);
 
         // rlimits where no cgroup took the limit.
         let rlimits = plan::Rlimits {
@@ -951,6 +1050,7 @@ impl Orchestrator for ProcessBackend {
         let mut stdin = child.stdin.take().expect("stdin piped");
         let stderr = child.stderr.take().expect("stderr piped");
         let mut proxy = None;
+        let mut isolation = self.isolation(&Layers::default(), &spec, cgrouped);
         let stderr: crate::model::BoxRead = match prepared {
             None => Box::pin(stderr),
             Some((p, _)) => {
@@ -961,12 +1061,13 @@ impl Orchestrator for ProcessBackend {
                 };
                 let outcome = match report {
                     Ok((Some(Report::Ready(layers)), rest)) => {
-                        match self.config.require_isolation {
-                            true => match self.missing(&layers, &spec) {
-                                Some(layer) => Err(Unsupported::Isolation { layer }.into()),
-                                None => Ok((layers, rest)),
-                            },
-                            false => Ok((layers, rest)),
+                        isolation = self.isolation(&layers, &spec, cgrouped);
+                        match (self.config.require_isolation, isolation.missing.first()) {
+                            (true, Some(layer)) => Err(Unsupported::Isolation {
+                                layer: layer.as_str(),
+                            }
+                            .into()),
+                            _ => Ok((layers, rest)),
                         }
                     }
                     Ok((Some(Report::Failed { step, error }), _)) => {
@@ -997,14 +1098,14 @@ impl Orchestrator for ProcessBackend {
                     NetworkPolicy::Allow { .. } => layers.net && layers.egress,
                     _ => true,
                 };
-                match self.missing(&layers, &spec) {
-                    Some(layer) => warn!(
+                match isolation.missing.is_empty() {
+                    false => warn!(
                         service = %spec.owner,
-                        missing = layer,
+                        missing = ?isolation.missing,
                         ?layers,
                         "sandbox ready without every isolation layer (see `meshbox doctor`)"
                     ),
-                    None => debug!(service = %spec.owner, ?layers, "sandbox ready"),
+                    true => debug!(service = %spec.owner, ?layers, "sandbox ready"),
                 }
                 let levels = if layers.pid { 2 } else { 1 };
                 pid = pid.map(|x| server_pid(x, levels).unwrap_or(x));
@@ -1056,6 +1157,7 @@ impl Orchestrator for ProcessBackend {
             pid,
             container_id: None,
             enforced,
+            isolation,
         })
     }
 }
@@ -1120,6 +1222,40 @@ mod tests {
         assert!(e.memory, "RLIMIT_DATA bounds memory");
         assert!(!e.cpus, "no rlimit bounds a cpu share");
         assert_eq!(e.pids, !is_root(), "RLIMIT_NPROC does not bind root");
+    }
+
+    #[test]
+    fn layers_left_out_are_named_and_a_bare_child_has_none() {
+        assert_eq!(
+            parse_without(" landlock, pid-namespace,,bogus"),
+            vec![Layer::Landlock, Layer::PidNamespace]
+        );
+        let b = ProcessBackend::new(ProcessConfig {
+            cgroups: false,
+            init_program: None,
+            without: vec![Layer::Seccomp],
+            ..Default::default()
+        });
+        assert!(b
+            .describe()
+            .contains("left out by MESHBOX_SANDBOX_WITHOUT: seccomp"));
+        let spec = SandboxSpec {
+            network: NetworkPolicy::Mode(NetworkMode::None),
+            limits: Limits {
+                pids: Some(8),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let i = b.isolation(&Layers::default(), &spec, false);
+        assert!(i.applied.is_empty(), "{i:?}");
+        assert!(i.missing.contains(&Layer::NetworkNamespace), "{i:?}");
+        assert!(i.missing.contains(&Layer::Cgroup), "{i:?}");
+        assert!(i.missing.contains(&Layer::Landlock), "{i:?}");
+        // Full network needs no network namespace; no limits, no cgroup.
+        let i = b.isolation(&Layers::default(), &SandboxSpec::default(), false);
+        assert!(!i.missing.contains(&Layer::NetworkNamespace), "{i:?}");
+        assert!(!i.missing.contains(&Layer::Cgroup), "{i:?}");
     }
 
     #[test]
