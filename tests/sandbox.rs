@@ -883,3 +883,162 @@ async fn meshbox_run_filesystem_server_with_a_mount() {
     assert_eq!(r["secret"]["error"], true, "{r}");
     assert!(!r.to_string().contains(SECRET), "the secret leaked: {r}");
 }
+
+/// `meshbox run SOURCE` over stdio, its data dir given.
+struct StdioRun {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    next: u64,
+}
+
+impl StdioRun {
+    async fn start(data: &Path, home: &Path, source: &str) -> StdioRun {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(common::meshbox_bin())
+            .args(["run", "--data-dir"])
+            .arg(data)
+            .arg(source)
+            .env("HOME", home)
+            .env("MESHBOX_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut run = StdioRun {
+            child,
+            stdin,
+            lines,
+            next: 0,
+        };
+        let init = run
+            .rpc(
+                "initialize",
+                json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "0"}}),
+            )
+            .await;
+        assert!(init["protocolVersion"].is_string(), "{init}");
+        run.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        run
+    }
+
+    async fn send(&mut self, v: Value) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn rpc(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                let v: Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                if v["id"] == id {
+                    return v["result"].clone();
+                }
+            }
+            panic!("meshbox run ended before answering {method}");
+        };
+        tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {method} within 120s"))
+    }
+
+    async fn attack(&mut self, tool: &str, args: Value) -> String {
+        let r = self
+            .rpc("tools/call", json!({"name": tool, "arguments": args}))
+            .await;
+        text_of(&json!({ "result": r }))
+    }
+
+    async fn uid(&mut self) -> u64 {
+        let me: Value = serde_json::from_str(&self.attack("whoami", json!({})).await).unwrap();
+        me["uid"].as_u64().unwrap()
+    }
+
+    async fn stop(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Repeated `meshbox run` of one source reuse one uid and one home (state
+/// persists between runs); another source gets its own; concurrent runs of
+/// one source share them; the uid table holds one entry per source.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn meshbox_run_keeps_one_uid_and_home_per_source() {
+    require_root();
+    let base = tempfile::tempdir().unwrap();
+    let (data, home) = (base.path().join("data"), base.path().join("home"));
+    std::fs::create_dir_all(&home).unwrap();
+    let hostile = format!("path:{}", fixture("hostile").display());
+    let other_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("hostile").join("server.py"),
+        other_dir.path().join("server.py"),
+    )
+    .unwrap();
+    let other = format!("path:{}", other_dir.path().display());
+    let homes = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("home/local"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let mut first = StdioRun::start(&data, &home, &hostile).await;
+    let uid = first.uid().await;
+    assert!(uid >= 1_800_000_000, "not a per-service uid: {uid}");
+    let own = homes();
+    assert_eq!(own.len(), 1, "{own:?}");
+    let state = own[0].join("state");
+    assert_eq!(first.attack("write", json!({"path": state})).await, "ok");
+    first.stop().await;
+
+    let mut again = StdioRun::start(&data, &home, &hostile).await;
+    assert_eq!(again.uid().await, uid, "another uid for the same source");
+    assert_eq!(
+        again.attack("read", json!({"path": state})).await,
+        "ok 1 bytes",
+        "the state of the last run is gone"
+    );
+    // A concurrent run of the same source shares uid and home.
+    let mut beside = StdioRun::start(&data, &home, &hostile).await;
+    assert_eq!(beside.uid().await, uid);
+    assert_eq!(
+        beside.attack("read", json!({"path": state})).await,
+        "ok 1 bytes"
+    );
+    beside.stop().await;
+    again.stop().await;
+
+    let mut theirs = StdioRun::start(&data, &home, &other).await;
+    assert_ne!(theirs.uid().await, uid, "two sources share a uid");
+    assert_denied(
+        "reading another source's home",
+        &theirs.attack("read", json!({"path": state})).await,
+    );
+    theirs.stop().await;
+    assert_eq!(homes().len(), 2, "{:?}", homes());
+    let table: Value =
+        serde_json::from_slice(&std::fs::read(data.join("sandbox-uids.json")).unwrap()).unwrap();
+    assert_eq!(table.as_object().unwrap().len(), 2, "{table}");
+}

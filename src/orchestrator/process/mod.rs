@@ -590,7 +590,7 @@ impl ProcessBackend {
         let user = if self.is_root && !self.without(Layer::Uid) {
             let uid = self
                 .uids
-                .get(&spec.owner)
+                .get(&spec.owner, spec.home.as_deref())
                 .map_err(setup("allocating a uid"))?;
             UserPlan::Switch { uid, gid: uid }
         } else if l.userns {
