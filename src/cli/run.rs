@@ -165,7 +165,16 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         .unwrap_or_else(super::serve::default_data_dir);
     let install_env = super::serve::parse_install_env(&args.install_env)?;
     let input = Input::start();
-    let owner = run_owner(&source, nix::unistd::getuid().as_raw());
+    // Process: one owner per source (its uid and home persist); docker: one
+    // per run (a container's home is a tmpfs, and the run's own owner
+    // labels exactly the containers this run removes).
+    let owner = match args.backend {
+        RunBackend::Process => run_owner(&source, nix::unistd::getuid().as_raw()),
+        RunBackend::Docker => ServiceKey {
+            mesh: "local".into(),
+            name: format!("run-{}", std::process::id()),
+        },
+    };
     // Docker: an instance of its own per run, so a `serve` of the same data
     // dir sweeping its leftovers never takes a `meshbox run` down, and this
     // run can remove everything it started (awaited) before it exits.
