@@ -67,6 +67,7 @@ fn spec(argv: Vec<String>, home: &Path, i: usize, network: NetworkPolicy) -> San
             source: MountSource::Host(fixture()),
             target: fixture(),
             read_only: true,
+            copy_on_write: true,
         }],
         ..Default::default()
     }

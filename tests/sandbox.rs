@@ -197,12 +197,10 @@ async fn writes_only_its_home_and_a_private_tmp() {
     require_root();
     let h = Host::start(&[]);
     h.deploy("acme", "evil", json!({})).await;
-    let source = fixture("hostile").join("planted.py");
     for path in [
         PathBuf::from("/etc/meshbox-evil"),
         PathBuf::from("/var/meshbox-evil"),
         PathBuf::from("/usr/local/meshbox-evil"),
-        source.clone(),
         h.data.path().join("meshbox-evil"),
         h.home.path().join("meshbox-evil"),
     ] {
@@ -212,6 +210,26 @@ async fn writes_only_its_home_and_a_private_tmp() {
         assert_denied(&format!("writing {}", path.display()), &got);
         assert!(!path.exists(), "{} was written", path.display());
     }
+    // Its source is writable only in a private layer: the host's copy,
+    // which other services run, stays as it was.
+    let source = fixture("hostile").join("planted.py");
+    let mark = "meshbox-private-layer";
+    assert_eq!(
+        h.attack(
+            "acme",
+            "evil",
+            "write",
+            json!({"path": source, "text": mark})
+        )
+        .await,
+        "ok"
+    );
+    assert!(!source.exists(), "the source was written on the host");
+    assert_eq!(
+        files_holding(&h.home_of("acme", "evil"), mark).len(),
+        1,
+        "the write is not in the service's home"
+    );
     // /tmp is writable, but private: the host's /tmp does not see it.
     let name = format!("meshbox-sandbox-{}", std::process::id());
     let tmp = Path::new("/tmp").join(&name);
@@ -678,6 +696,13 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     let secret = home.join("secret.txt");
     std::fs::write(&secret, SECRET).unwrap();
     std::os::unix::fs::chown(&secret, Some(65534), Some(65534)).unwrap();
+    // A source of its own user's, as on a laptop.
+    let src = base.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::copy(fixture("hostile").join("server.py"), src.join("server.py")).unwrap();
+    for p in [&src, &src.join("server.py")] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
     let d = Daemon::start_wrapped_in(
         &[
             "setpriv",
@@ -696,7 +721,7 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     let (code, st) = d
         .put(
             "/v1/meshes/dev/services/evil",
-            json!({"source": format!("path:{}", fixture("hostile").display()),
+            json!({"source": format!("path:{}", src.display()),
                    "command": ["/usr/bin/python3", "server.py"],
                    "network": "none"}),
         )
@@ -730,6 +755,20 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
         &call("signal", json!({"pid": d.pid(), "signal": 9})).await,
     );
     assert_denied("ptrace", &call("ptrace", json!({})).await);
+    // Its source is writable in a private layer (an overlay in its user
+    // namespace) whose writes land in its home, not in the source.
+    let planted = src.join("planted.txt");
+    let mark = "meshbox-private-layer";
+    assert_eq!(
+        call("write", json!({"path": planted, "text": mark})).await,
+        "ok"
+    );
+    assert!(!planted.exists(), "the source was written on the host");
+    assert_eq!(
+        files_holding(&data.join("home/dev/evil"), mark).len(),
+        1,
+        "the write is not in the service's home"
+    );
 }
 
 #[tokio::test]
@@ -1041,4 +1080,108 @@ async fn meshbox_run_keeps_one_uid_and_home_per_source() {
     let table: Value =
         serde_json::from_slice(&std::fs::read(data.join("sandbox-uids.json")).unwrap()).unwrap();
     assert_eq!(table.as_object().unwrap().len(), 2, "{table}");
+}
+
+/// Every file under `dir` with its size (what a cache entry holds).
+fn tree_of(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files under `dir` whose content holds `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    tree_of(dir)
+        .into_iter()
+        .filter(|(p, _)| {
+            std::fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).contains(needle))
+                .unwrap_or(false)
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Issue 11 item 6: `server-memory` writes its graph next to its code. In
+/// process mode the installed source is read-only to it, yet it works with
+/// no configuration: its writes land in a private layer in its own home.
+/// Two meshes running it do not see each other's graph, the shared install
+/// cache is unchanged, and the graph survives a restart.
+#[tokio::test]
+#[ignore = "needs root and registry access"]
+async fn server_memory_keeps_each_services_graph_in_its_own_home() {
+    require_root();
+    let h = Host::start(&[]);
+    let spec = json!({"source": "npm:@modelcontextprotocol/server-memory", "network": "none"});
+    for mesh in ["one", "two"] {
+        let (code, st) =
+            h.d.put(&format!("/v1/meshes/{mesh}/services/memory"), spec.clone())
+                .await;
+        assert_eq!(code, 200, "{st}");
+    }
+    let cache = h.data.path().join("cache");
+    let before = tree_of(&cache);
+    assert!(
+        !before.is_empty(),
+        "nothing installed in {}",
+        cache.display()
+    );
+    let entity = format!("meshbox-entity-{}", std::process::id());
+    let (code, r) =
+        h.d.call(
+            "one",
+            "memory",
+            "create_entities",
+            json!({"entities": [{"name": entity, "entityType": "test", "observations": ["seen"]}]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{r}");
+    assert_ne!(
+        r["result"]["isError"], true,
+        "writing the graph failed: {r}"
+    );
+    let graph = |mesh: &'static str| {
+        let d = &h.d;
+        async move {
+            let (code, r) = d.call(mesh, "memory", "read_graph", json!({})).await;
+            assert_eq!(code, 200, "{r}");
+            r.to_string()
+        }
+    };
+    assert!(
+        graph("one").await.contains(&entity),
+        "mesh one lost its entity"
+    );
+    assert!(
+        !graph("two").await.contains(&entity),
+        "mesh two sees mesh one's graph"
+    );
+    assert_eq!(tree_of(&cache), before, "the shared install cache changed");
+    assert!(files_holding(&cache, &entity).is_empty());
+    let theirs = files_holding(&h.home_of("one", "memory"), &entity);
+    assert!(
+        !theirs.is_empty(),
+        "the graph is not under the service's home"
+    );
+    assert!(files_holding(&h.home_of("two", "memory"), &entity).is_empty());
+    // The graph lives on across a restart.
+    let (code, _) =
+        h.d.post("/v1/meshes/one/services/memory/restart", json!({}))
+            .await;
+    assert_eq!(code, 200);
+    assert!(
+        graph("one").await.contains(&entity),
+        "the graph did not persist"
+    );
 }

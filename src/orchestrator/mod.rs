@@ -119,6 +119,11 @@ pub struct Mount {
     pub source: MountSource,
     pub target: PathBuf,
     pub read_only: bool,
+    /// Read-only below, yet the server may write over it: its writes land
+    /// in a private layer in its home, never in the directory (the installed
+    /// source, which some servers write their state next to). Where a
+    /// backend cannot, the mount is plainly read-only.
+    pub copy_on_write: bool,
 }
 
 /// A host directory copied into a sandbox before it starts (a `path:`

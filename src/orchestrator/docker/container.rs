@@ -110,6 +110,7 @@ fn ca_bundle(ca: Option<&Path>) -> (Option<DockerMount>, Vec<(String, String)>) 
         source: MountSource::Host(path.to_path_buf()),
         target: CA_BUNDLE_TARGET.into(),
         read_only: true,
+        copy_on_write: false,
     });
     let env = CA_VARIABLES
         .iter()
@@ -603,11 +604,13 @@ mod tests {
                     source: MountSource::Volume("meshbox-src-1-python".into()),
                     target: PathBuf::from("/cache"),
                     read_only: true,
+                    copy_on_write: true,
                 },
                 Mount {
                     source: MountSource::Host(PathBuf::from("/srv/data")),
                     target: PathBuf::from("/srv/data"),
                     read_only: false,
+                    copy_on_write: false,
                 },
             ],
             ..Default::default()

@@ -322,6 +322,7 @@ impl ProcessBackend {
                         path: "/usr".into(),
                         write: false,
                         bind: true,
+                        overlay: None,
                     }],
                     ..Default::default()
                 },
@@ -538,13 +539,20 @@ impl Drop for ProcessHandle {
     }
 }
 
-/// Reads the init's report: the first report line on its stderr. The rest
-/// of the stream (the server's own stderr) stays in the returned reader.
-async fn read_report<R>(stderr: R) -> io::Result<(Option<Report>, BufReader<R>)>
+/// Reads the init's report: the first report line on its stderr. What the
+/// init noted before it (a layer it could not build) and the rest of the
+/// stream (the server's own stderr) stay in the returned reader.
+async fn read_report<R>(
+    stderr: R,
+) -> io::Result<(
+    Option<Report>,
+    tokio::io::Chain<io::Cursor<Vec<u8>>, BufReader<R>>,
+)>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     let mut reader = BufReader::with_capacity(plan::MAX_REPORT, stderr);
+    let mut notes = Vec::new();
     let read = async {
         let mut line = Vec::new();
         loop {
@@ -559,10 +567,13 @@ where
             if let Some(r) = Report::parse(&line) {
                 return Ok(Some(r));
             }
+            if notes.len() < plan::MAX_REPORT {
+                notes.extend_from_slice(&line);
+            }
         }
     };
     match tokio::time::timeout(SETUP_TIMEOUT, read).await {
-        Ok(Ok(r)) => Ok((r, reader)),
+        Ok(Ok(r)) => Ok((r, io::Cursor::new(notes).chain(reader))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -626,6 +637,7 @@ impl ProcessBackend {
                 path: d.into(),
                 write: false,
                 bind: false,
+                overlay: None,
             })
             .collect();
         if let Some(dir) = std::fs::canonicalize("/etc/resolv.conf")
@@ -637,6 +649,7 @@ impl ProcessBackend {
                 path: dir,
                 write: false,
                 bind: false,
+                overlay: None,
             });
         }
         let path_env = spec
@@ -651,18 +664,34 @@ impl ProcessBackend {
                 path: dir,
                 write: false,
                 bind: true,
+                overlay: None,
             });
         }
+        let mut hide = Vec::new();
         for m in &spec.mounts {
             if let MountSource::Host(src) = &m.source {
                 let src = src.canonicalize().unwrap_or_else(|_| src.clone());
                 if protected.iter().any(|p| p.starts_with(&src)) {
                     return Err(Unsupported::MountExposes { path: src }.into());
                 }
+                // Writes over the source land in a layer in the home; the
+                // sandbox sees neither the layer's directory nor the source's.
+                let overlay = match (&spec.home, m.read_only && m.copy_on_write) {
+                    (Some(home), true) if namespaces.mount => {
+                        let (dir, hidden) = layer_dirs(home, &src, owner_ids)
+                            .map_err(setup("preparing the source's private layer"))?;
+                        if !hide.contains(&hidden) {
+                            hide.push(hidden);
+                        }
+                        Some(dir)
+                    }
+                    _ => None,
+                };
                 visible.push(Visible {
                     path: src,
                     write: !m.read_only,
                     bind: true,
+                    overlay,
                 });
             }
         }
@@ -671,6 +700,7 @@ impl ProcessBackend {
                 path: home.canonicalize().unwrap_or_else(|_| home.clone()),
                 write: true,
                 bind: true,
+                overlay: None,
             });
         }
         let mut env: Vec<(String, String)> = spec
@@ -696,6 +726,7 @@ impl ProcessBackend {
                 path: p.dir().to_path_buf(),
                 write: false,
                 bind: true,
+                overlay: None,
             });
             egress = Some(EgressPlan {
                 socket: p.socket.clone(),
@@ -715,6 +746,7 @@ impl ProcessBackend {
                 path: s.clone(),
                 write: true,
                 bind: false,
+                overlay: None,
             });
         }
         if !namespaces.mount {
@@ -750,6 +782,7 @@ impl ProcessBackend {
                     .memory_mb
                     .map_or(SCRATCH_MB, |m| m.min(SCRATCH_MB)),
                 idmap_to: owner_ids,
+                hide,
             },
             landlock: l.landlock_abi > 0,
             seccomp: l.seccomp,
@@ -774,6 +807,38 @@ fn server_pid(init: u32, levels: usize) -> Option<u32> {
         }
     }
     Some(cur)
+}
+
+/// Where the private layer over `source` lives in `home`: the overlay's
+/// directory (its `upper` and `work` created, owned by `owner`), and the
+/// directory of all layers, hidden from the server.
+fn layer_dirs(
+    home: &Path,
+    source: &Path,
+    owner: Option<(u32, u32)>,
+) -> io::Result<(PathBuf, PathBuf)> {
+    let all = home.join(".meshbox");
+    let dir = all
+        .join("layers")
+        .join(crate::model::stable_hash(&source.to_string_lossy()));
+    let made = [
+        all.clone(),
+        all.join("layers"),
+        dir.clone(),
+        dir.join("upper"),
+        dir.join("work"),
+    ];
+    for d in &made {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(d, Some(uid), Some(gid))?;
+        }
+    }
+    Ok((dir, all))
 }
 
 /// Makes the service's uid own its home (recursively when it did not yet).
@@ -1098,6 +1163,14 @@ impl Orchestrator for ProcessBackend {
                     NetworkPolicy::Allow { .. } => layers.net && layers.egress,
                     _ => true,
                 };
+                let layered = p.plan.fs.visible.iter().any(|v| v.overlay.is_some());
+                let wants_layer = spec.mounts.iter().any(|m| m.read_only && m.copy_on_write);
+                if wants_layer && !(layered && layers.private_writes) {
+                    warn!(
+                        service = %spec.owner,
+                        "the source is read-only to the server: no private layer for its writes here"
+                    );
+                }
                 match isolation.missing.is_empty() {
                     false => warn!(
                         service = %spec.owner,
