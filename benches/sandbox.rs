@@ -31,6 +31,7 @@ use meshbox::orchestrator::process::ProcessBackend;
 use meshbox::orchestrator::{Mount, MountSource, Orchestrator, SandboxHandle, SandboxSpec};
 use serde_json::json;
 
+/// Starts per variant; `MESHBOX_BENCH_STARTS` overrides.
 const STARTS: usize = 21;
 const CALLS: usize = 2000;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,6 +68,7 @@ fn spec(argv: Vec<String>, home: &Path, i: usize, network: NetworkPolicy) -> San
             source: MountSource::Host(fixture()),
             target: fixture(),
             read_only: true,
+            copy_on_write: true,
         }],
         ..Default::default()
     }
@@ -145,10 +147,15 @@ async fn start_plain(argv: &[String], home: &Path) -> (Running, Duration) {
     )
 }
 
+/// Time spent in `spawn` (the sandbox's setup, until its init reports the
+/// server about to exec), per variant.
+static SETUP: std::sync::Mutex<Vec<Duration>> = std::sync::Mutex::new(Vec::new());
+
 /// Spawns `spec` and handshakes; the time it took.
 async fn start(backend: &ProcessBackend, spec: SandboxSpec) -> (Running, Duration) {
     let t = Instant::now();
     let sandbox = backend.spawn(spec).await.expect("spawn");
+    SETUP.lock().unwrap().push(t.elapsed());
     let mut stderr = sandbox.io.stderr;
     tokio::spawn(async move {
         let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
@@ -207,6 +214,13 @@ fn srt(settings: &Path) -> Result<Vec<String>, String> {
     ])
 }
 
+/// The middle half of `v`: its first and third quartiles.
+fn quartiles(v: &[Duration]) -> (Duration, Duration) {
+    let mut v = v.to_vec();
+    v.sort();
+    (v[v.len() / 4], v[(3 * v.len()) / 4])
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -234,8 +248,15 @@ async fn main() {
     println!("process backend: {}", boxed.describe());
     println!();
 
+    let starts = std::env::var("MESHBOX_BENCH_STARTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(STARTS)
+        .max(1);
     let (mut b, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..STARTS {
+    let (mut s_setup, mut n_setup) = (Vec::new(), Vec::new());
+    let last_setup = || SETUP.lock().unwrap().last().copied().unwrap_or_default();
+    for i in 0..starts {
         let (r, took) = start_plain(&server, &home("bare")).await;
         b.push(took);
         r.kill();
@@ -248,14 +269,34 @@ async fn main() {
         );
         let (r, took) = start(&boxed, spec_full).await;
         s.push(took);
+        s_setup.push(last_setup());
         r.kill();
         let spec_none = spec(server.clone(), &home(&format!("n{i}")), i, none.clone());
         let (r, took) = start(&boxed, spec_none).await;
         n.push(took);
+        n_setup.push(last_setup());
         r.kill();
     }
+    let spread = |v: &[Duration]| {
+        let (q1, q3) = quartiles(v);
+        format!("[{:.1}–{:.1}]", ms(q1), ms(q3))
+    };
+    let (bq, sq, nq) = (spread(&b), spread(&s), spread(&n));
+    println!(
+        "sandbox setup alone (spawn until the server's exec): {:.2} ms {} | network none {:.2} ms {}",
+        ms(median(s_setup.clone())),
+        spread(&s_setup),
+        ms(median(n_setup.clone())),
+        spread(&n_setup)
+    );
     let (b, s, n) = (median(b), median(s), median(n));
-    println!("== start-to-running: spawn + handshake (median of {STARTS}) ==");
+    println!("== start-to-running: spawn + handshake (median of {starts}, [p25–p75] ms) ==");
+    println!(
+        "bare {:>7.1} ms {bq} | sandboxed {:>7.1} ms {sq} | network none {:>7.1} ms {nq}",
+        ms(b),
+        ms(s),
+        ms(n)
+    );
     println!(
         "bare {:>7.1} ms | sandboxed {:>7.1} ms | ratio {:.2}x (target ≤ 1.10x)",
         ms(b),

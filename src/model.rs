@@ -2,7 +2,7 @@
 //!
 //! Owns the vocabulary of meshbox — which service (`ServiceKey`), what a
 //! sandbox is allowed (`Limits`, `NetworkPolicy`, `HostMount`), what it really
-//! got (`Enforced`), how it ended (`ExitReason`), its byte streams, and which
+//! got (`Enforced`, `Isolation`), how it ended (`ExitReason`), its byte streams, and which
 //! MCP era it speaks (`Protocol`). It imports no other module of this crate,
 //! so any layer may use it without creating a cycle.
 
@@ -257,6 +257,109 @@ pub struct Enforced {
     pub filesystem: bool,
 }
 
+/// An isolation layer of a sandbox, by the stable name the status shows
+/// (`limits.isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    /// A uid of its own, not meshbox's (a per-service uid, a container's user).
+    Uid,
+    UserNamespace,
+    PidNamespace,
+    MountNamespace,
+    IpcNamespace,
+    UtsNamespace,
+    NetworkNamespace,
+    /// No capability survives into the server.
+    NoCapabilities,
+    NoNewPrivs,
+    Landlock,
+    Seccomp,
+    /// cgroups of its own carry its limits.
+    Cgroup,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 12] = [
+        Layer::Uid,
+        Layer::UserNamespace,
+        Layer::PidNamespace,
+        Layer::MountNamespace,
+        Layer::IpcNamespace,
+        Layer::UtsNamespace,
+        Layer::NetworkNamespace,
+        Layer::NoCapabilities,
+        Layer::NoNewPrivs,
+        Layer::Landlock,
+        Layer::Seccomp,
+        Layer::Cgroup,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Uid => "uid",
+            Layer::UserNamespace => "user-namespace",
+            Layer::PidNamespace => "pid-namespace",
+            Layer::MountNamespace => "mount-namespace",
+            Layer::IpcNamespace => "ipc-namespace",
+            Layer::UtsNamespace => "uts-namespace",
+            Layer::NetworkNamespace => "network-namespace",
+            Layer::NoCapabilities => "no-capabilities",
+            Layer::NoNewPrivs => "no-new-privs",
+            Layer::Landlock => "landlock",
+            Layer::Seccomp => "seccomp",
+            Layer::Cgroup => "cgroup",
+        }
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is no isolation layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}` is no isolation layer (expected one of uid, user-namespace, pid-namespace, mount-namespace, ipc-namespace, uts-namespace, network-namespace, no-capabilities, no-new-privs, landlock, seccomp, cgroup)")]
+pub struct UnknownLayer {
+    pub value: String,
+}
+
+impl FromStr for Layer {
+    type Err = UnknownLayer;
+
+    fn from_str(s: &str) -> Result<Self, UnknownLayer> {
+        Layer::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| UnknownLayer {
+                value: shown(s, 32),
+            })
+    }
+}
+
+/// The isolation layers a sandbox really got, and those its backend gives a
+/// sandbox of this spec elsewhere but could not here (a host without
+/// Landlock or namespaces). A layer the spec does not call for (a network
+/// namespace for full network) is in neither list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    pub applied: Vec<Layer>,
+    pub missing: Vec<Layer>,
+}
+
+impl Isolation {
+    /// Sorts `expected` into applied and missing by `has`, in [`Layer::ALL`] order.
+    pub fn sort(expected: impl IntoIterator<Item = Layer>, has: impl Fn(Layer) -> bool) -> Self {
+        let mut expected: Vec<Layer> = expected.into_iter().collect();
+        expected.sort();
+        expected.dedup();
+        let (applied, missing) = expected.into_iter().partition(|l| has(*l));
+        Isolation { applied, missing }
+    }
+}
+
 /// How a sandboxed server ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ExitReason {
@@ -408,6 +511,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(sig.to_string(), "killed by signal 15");
+    }
+
+    #[test]
+    fn layers_have_stable_names() {
+        for l in Layer::ALL {
+            assert_eq!(l.as_str().parse::<Layer>().unwrap(), l);
+            assert_eq!(serde_json::to_value(l).unwrap(), l.as_str());
+        }
+        assert!("apparmor".parse::<Layer>().is_err());
+        let i = Isolation::sort([Layer::Seccomp, Layer::Uid, Layer::Landlock], |l| {
+            l != Layer::Landlock
+        });
+        assert_eq!(
+            serde_json::to_value(&i).unwrap(),
+            serde_json::json!({"applied": ["uid", "seccomp"], "missing": ["landlock"]})
+        );
     }
 
     #[test]

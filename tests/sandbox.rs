@@ -35,6 +35,10 @@ struct Host {
 
 impl Host {
     fn start(extra: &[&str]) -> Host {
+        Host::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Host {
         let data = tempfile::tempdir().unwrap();
         let home = tempfile::tempdir().unwrap();
         std::fs::write(home.path().join("secret.txt"), SECRET).unwrap();
@@ -43,11 +47,9 @@ impl Host {
         let token_arg = token_file.to_string_lossy().into_owned();
         let mut args = vec!["--token-file", token_arg.as_str()];
         args.extend_from_slice(extra);
-        let mut d = Daemon::start_in(
-            data.path(),
-            &args,
-            &[("HOME", home.path().to_str().unwrap())],
-        );
+        let mut vars = vec![("HOME", home.path().to_str().unwrap())];
+        vars.extend_from_slice(env);
+        let mut d = Daemon::start_in(data.path(), &args, &vars);
         d.token = Some("sandbox-test-token".into());
         Host { d, home, data }
     }
@@ -110,6 +112,23 @@ async fn runs_as_its_own_uid_without_capabilities_in_namespaces() {
     assert_eq!(
         st["limits"]["enforced"]["filesystem"], true,
         "Landlock not reported: {st}"
+    );
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(isolation["missing"], json!([]), "{st}");
+    assert_eq!(
+        isolation["applied"],
+        json!([
+            "uid",
+            "pid-namespace",
+            "mount-namespace",
+            "ipc-namespace",
+            "uts-namespace",
+            "no-capabilities",
+            "no-new-privs",
+            "landlock",
+            "seccomp"
+        ]),
+        "{st}"
     );
     let me: Value =
         serde_json::from_str(&h.attack("acme", "evil", "whoami", json!({})).await).unwrap();
@@ -178,12 +197,10 @@ async fn writes_only_its_home_and_a_private_tmp() {
     require_root();
     let h = Host::start(&[]);
     h.deploy("acme", "evil", json!({})).await;
-    let source = fixture("hostile").join("planted.py");
     for path in [
         PathBuf::from("/etc/meshbox-evil"),
         PathBuf::from("/var/meshbox-evil"),
         PathBuf::from("/usr/local/meshbox-evil"),
-        source.clone(),
         h.data.path().join("meshbox-evil"),
         h.home.path().join("meshbox-evil"),
     ] {
@@ -193,6 +210,26 @@ async fn writes_only_its_home_and_a_private_tmp() {
         assert_denied(&format!("writing {}", path.display()), &got);
         assert!(!path.exists(), "{} was written", path.display());
     }
+    // Its source is writable only in a private layer: the host's copy,
+    // which other services run, stays as it was.
+    let source = fixture("hostile").join("planted.py");
+    let mark = "meshbox-private-layer";
+    assert_eq!(
+        h.attack(
+            "acme",
+            "evil",
+            "write",
+            json!({"path": source, "text": mark})
+        )
+        .await,
+        "ok"
+    );
+    assert!(!source.exists(), "the source was written on the host");
+    assert_eq!(
+        files_holding(&h.home_of("acme", "evil"), mark).len(),
+        1,
+        "the write is not in the service's home"
+    );
     // /tmp is writable, but private: the host's /tmp does not see it.
     let name = format!("meshbox-sandbox-{}", std::process::id());
     let tmp = Path::new("/tmp").join(&name);
@@ -568,6 +605,70 @@ async fn allowlisted_sandbox_reaches_an_allowed_registry() {
     );
 }
 
+/// Issue 11 item 8: a host without Landlock and without pid and mount
+/// namespaces (simulated by leaving them out) gets the other layers; the
+/// status lists the missing ones and claims no filesystem isolation; and
+/// `--require-isolation` refuses such a service, naming a missing layer.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_host_without_landlock_or_namespaces_says_what_is_missing() {
+    require_root();
+    let without = [(
+        "MESHBOX_SANDBOX_WITHOUT",
+        "landlock,mount-namespace,pid-namespace",
+    )];
+    let h = Host::start_env(&[], &without);
+    // Without a mount namespace a runtime under /root (pyenv) is out of the
+    // service uid's reach: the system's python runs it.
+    let st = h
+        .deploy(
+            "acme",
+            "weak",
+            json!({"network": "none", "memory_mb": 128,
+                   "command": ["/usr/bin/python3", "server.py"]}),
+        )
+        .await;
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(
+        isolation["missing"],
+        json!(["pid-namespace", "mount-namespace", "landlock"]),
+        "{st}"
+    );
+    assert_eq!(
+        isolation["applied"],
+        json!([
+            "uid",
+            "ipc-namespace",
+            "uts-namespace",
+            "network-namespace",
+            "no-capabilities",
+            "no-new-privs",
+            "seccomp",
+            "cgroup"
+        ]),
+        "{st}"
+    );
+    assert_eq!(st["limits"]["enforced"]["filesystem"], false, "{st}");
+    assert_eq!(st["limits"]["enforced"]["network"], true, "{st}");
+    // What the status says is what the server gets: the host's processes
+    // are in sight.
+    let me: Value =
+        serde_json::from_str(&h.attack("acme", "weak", "whoami", json!({})).await).unwrap();
+    assert!(me["procs"].as_array().unwrap().len() > 10, "{me}");
+    assert_eq!(me["Seccomp"], "2", "{me}");
+    drop(h);
+
+    let strict = Host::start_env(&["--require-isolation"], &without);
+    let spec = json!({"source": format!("path:{}", fixture("hostile").display())});
+    let (code, r) = strict.d.put("/v1/meshes/acme/services/weak", spec).await;
+    assert!(code >= 400, "a weaker sandbox was started: {r}");
+    let msg = r["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("pid-namespace") || msg.contains("landlock"),
+        "the refusal names no missing layer: {r}"
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn require_isolation_starts_fully_isolated_services() {
@@ -595,6 +696,13 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     let secret = home.join("secret.txt");
     std::fs::write(&secret, SECRET).unwrap();
     std::os::unix::fs::chown(&secret, Some(65534), Some(65534)).unwrap();
+    // A source of its own user's, as on a laptop.
+    let src = base.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::copy(fixture("hostile").join("server.py"), src.join("server.py")).unwrap();
+    for p in [&src, &src.join("server.py")] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
     let d = Daemon::start_wrapped_in(
         &[
             "setpriv",
@@ -613,7 +721,7 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     let (code, st) = d
         .put(
             "/v1/meshes/dev/services/evil",
-            json!({"source": format!("path:{}", fixture("hostile").display()),
+            json!({"source": format!("path:{}", src.display()),
                    "command": ["/usr/bin/python3", "server.py"],
                    "network": "none"}),
         )
@@ -621,6 +729,13 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["limits"]["enforced"]["filesystem"], true, "{st}");
     assert_eq!(st["limits"]["enforced"]["network"], true, "{st}");
+    let isolation = &st["limits"]["isolation"];
+    assert_eq!(isolation["missing"], json!([]), "{st}");
+    let applied = isolation["applied"].as_array().unwrap();
+    for layer in ["user-namespace", "network-namespace", "landlock", "seccomp"] {
+        assert!(applied.contains(&json!(layer)), "{layer} not applied: {st}");
+    }
+    assert!(!applied.contains(&json!("uid")), "no uid of its own: {st}");
     let call = |tool: &'static str, args: Value| {
         let d = &d;
         async move { text_of(&d.call("dev", "evil", tool, args).await.1) }
@@ -640,6 +755,20 @@ async fn an_unprivileged_meshbox_still_sandboxes() {
         &call("signal", json!({"pid": d.pid(), "signal": 9})).await,
     );
     assert_denied("ptrace", &call("ptrace", json!({})).await);
+    // Its source is writable in a private layer (an overlay in its user
+    // namespace) whose writes land in its home, not in the source.
+    let planted = src.join("planted.txt");
+    let mark = "meshbox-private-layer";
+    assert_eq!(
+        call("write", json!({"path": planted, "text": mark})).await,
+        "ok"
+    );
+    assert!(!planted.exists(), "the source was written on the host");
+    assert_eq!(
+        files_holding(&data.join("home/dev/evil"), mark).len(),
+        1,
+        "the write is not in the service's home"
+    );
 }
 
 #[tokio::test]
@@ -792,4 +921,267 @@ async fn meshbox_run_filesystem_server_with_a_mount() {
     );
     assert_eq!(r["secret"]["error"], true, "{r}");
     assert!(!r.to_string().contains(SECRET), "the secret leaked: {r}");
+}
+
+/// `meshbox run SOURCE` over stdio, its data dir given.
+struct StdioRun {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    next: u64,
+}
+
+impl StdioRun {
+    async fn start(data: &Path, home: &Path, source: &str) -> StdioRun {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(common::meshbox_bin())
+            .args(["run", "--data-dir"])
+            .arg(data)
+            .arg(source)
+            .env("HOME", home)
+            .env("MESHBOX_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut run = StdioRun {
+            child,
+            stdin,
+            lines,
+            next: 0,
+        };
+        let init = run
+            .rpc(
+                "initialize",
+                json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "0"}}),
+            )
+            .await;
+        assert!(init["protocolVersion"].is_string(), "{init}");
+        run.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        run
+    }
+
+    async fn send(&mut self, v: Value) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn rpc(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                let v: Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                if v["id"] == id {
+                    return v["result"].clone();
+                }
+            }
+            panic!("meshbox run ended before answering {method}");
+        };
+        tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {method} within 120s"))
+    }
+
+    async fn attack(&mut self, tool: &str, args: Value) -> String {
+        let r = self
+            .rpc("tools/call", json!({"name": tool, "arguments": args}))
+            .await;
+        text_of(&json!({ "result": r }))
+    }
+
+    async fn uid(&mut self) -> u64 {
+        let me: Value = serde_json::from_str(&self.attack("whoami", json!({})).await).unwrap();
+        me["uid"].as_u64().unwrap()
+    }
+
+    async fn stop(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Repeated `meshbox run` of one source reuse one uid and one home (state
+/// persists between runs); another source gets its own; concurrent runs of
+/// one source share them; the uid table holds one entry per source.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn meshbox_run_keeps_one_uid_and_home_per_source() {
+    require_root();
+    let base = tempfile::tempdir().unwrap();
+    let (data, home) = (base.path().join("data"), base.path().join("home"));
+    std::fs::create_dir_all(&home).unwrap();
+    let hostile = format!("path:{}", fixture("hostile").display());
+    let other_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("hostile").join("server.py"),
+        other_dir.path().join("server.py"),
+    )
+    .unwrap();
+    let other = format!("path:{}", other_dir.path().display());
+    let homes = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("home/local"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let mut first = StdioRun::start(&data, &home, &hostile).await;
+    let uid = first.uid().await;
+    assert!(uid >= 1_800_000_000, "not a per-service uid: {uid}");
+    let own = homes();
+    assert_eq!(own.len(), 1, "{own:?}");
+    let state = own[0].join("state");
+    assert_eq!(first.attack("write", json!({"path": state})).await, "ok");
+    first.stop().await;
+
+    let mut again = StdioRun::start(&data, &home, &hostile).await;
+    assert_eq!(again.uid().await, uid, "another uid for the same source");
+    assert_eq!(
+        again.attack("read", json!({"path": state})).await,
+        "ok 1 bytes",
+        "the state of the last run is gone"
+    );
+    // A concurrent run of the same source shares uid and home.
+    let mut beside = StdioRun::start(&data, &home, &hostile).await;
+    assert_eq!(beside.uid().await, uid);
+    assert_eq!(
+        beside.attack("read", json!({"path": state})).await,
+        "ok 1 bytes"
+    );
+    beside.stop().await;
+    again.stop().await;
+
+    let mut theirs = StdioRun::start(&data, &home, &other).await;
+    assert_ne!(theirs.uid().await, uid, "two sources share a uid");
+    assert_denied(
+        "reading another source's home",
+        &theirs.attack("read", json!({"path": state})).await,
+    );
+    theirs.stop().await;
+    assert_eq!(homes().len(), 2, "{:?}", homes());
+    let table: Value =
+        serde_json::from_slice(&std::fs::read(data.join("sandbox-uids.json")).unwrap()).unwrap();
+    assert_eq!(table.as_object().unwrap().len(), 2, "{table}");
+}
+
+/// Every file under `dir` with its size (what a cache entry holds).
+fn tree_of(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files under `dir` whose content holds `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    tree_of(dir)
+        .into_iter()
+        .filter(|(p, _)| {
+            std::fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).contains(needle))
+                .unwrap_or(false)
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Issue 11 item 6: `server-memory` writes its graph next to its code. In
+/// process mode the installed source is read-only to it, yet it works with
+/// no configuration: its writes land in a private layer in its own home.
+/// Two meshes running it do not see each other's graph, the shared install
+/// cache is unchanged, and the graph survives a restart.
+#[tokio::test]
+#[ignore = "needs root and registry access"]
+async fn server_memory_keeps_each_services_graph_in_its_own_home() {
+    require_root();
+    let h = Host::start(&[]);
+    let spec = json!({"source": "npm:@modelcontextprotocol/server-memory", "network": "none"});
+    for mesh in ["one", "two"] {
+        let (code, st) =
+            h.d.put(&format!("/v1/meshes/{mesh}/services/memory"), spec.clone())
+                .await;
+        assert_eq!(code, 200, "{st}");
+    }
+    let cache = h.data.path().join("cache");
+    let before = tree_of(&cache);
+    assert!(
+        !before.is_empty(),
+        "nothing installed in {}",
+        cache.display()
+    );
+    let entity = format!("meshbox-entity-{}", std::process::id());
+    let (code, r) =
+        h.d.call(
+            "one",
+            "memory",
+            "create_entities",
+            json!({"entities": [{"name": entity, "entityType": "test", "observations": ["seen"]}]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{r}");
+    assert_ne!(
+        r["result"]["isError"], true,
+        "writing the graph failed: {r}"
+    );
+    let graph = |mesh: &'static str| {
+        let d = &h.d;
+        async move {
+            let (code, r) = d.call(mesh, "memory", "read_graph", json!({})).await;
+            assert_eq!(code, 200, "{r}");
+            r.to_string()
+        }
+    };
+    assert!(
+        graph("one").await.contains(&entity),
+        "mesh one lost its entity"
+    );
+    assert!(
+        !graph("two").await.contains(&entity),
+        "mesh two sees mesh one's graph"
+    );
+    assert_eq!(tree_of(&cache), before, "the shared install cache changed");
+    assert!(files_holding(&cache, &entity).is_empty());
+    let theirs = files_holding(&h.home_of("one", "memory"), &entity);
+    assert!(
+        !theirs.is_empty(),
+        "the graph is not under the service's home"
+    );
+    assert!(files_holding(&h.home_of("two", "memory"), &entity).is_empty());
+    // The graph lives on across a restart.
+    let (code, _) =
+        h.d.post("/v1/meshes/one/services/memory/restart", json!({}))
+            .await;
+    assert_eq!(code, 200);
+    assert!(
+        graph("one").await.contains(&entity),
+        "the graph did not persist"
+    );
 }

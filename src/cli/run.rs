@@ -165,9 +165,15 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         .unwrap_or_else(super::serve::default_data_dir);
     let install_env = super::serve::parse_install_env(&args.install_env)?;
     let input = Input::start();
-    let owner = ServiceKey {
-        mesh: "local".into(),
-        name: format!("run-{}", std::process::id()),
+    // Process: one owner per source (its uid and home persist); docker: one
+    // per run (a container's home is a tmpfs, and the run's own owner
+    // labels exactly the containers this run removes).
+    let owner = match args.backend {
+        RunBackend::Process => run_owner(&source, nix::unistd::getuid().as_raw()),
+        RunBackend::Docker => ServiceKey {
+            mesh: "local".into(),
+            name: format!("run-{}", std::process::id()),
+        },
     };
     // Docker: an instance of its own per run, so a `serve` of the same data
     // dir sweeping its leftovers never takes a `meshbox run` down, and this
@@ -202,6 +208,22 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     }
     backend.release(&owner).await;
     result
+}
+
+/// The owner of `meshbox run SOURCE`: one per source (as written after
+/// parsing: `npm:pkg` and `npm:pkg@1` are two) and invoking user, so repeated
+/// runs of one server get the same uid and the same home, where its state
+/// persists between runs as it does for `npx` users. Concurrent runs of one
+/// source share that uid and home (a server that keeps one state file sees
+/// both runs' writes); each still gets sandboxes, cgroups and egress of its own.
+fn run_owner(source: &Source, uid: u32) -> ServiceKey {
+    ServiceKey {
+        mesh: "local".into(),
+        name: format!(
+            "run-{}",
+            crate::model::stable_hash(&format!("{uid}\n{source}"))
+        ),
+    }
 }
 
 /// One server's run: what it needs besides the spec.
@@ -351,6 +373,29 @@ mod tests {
         assert_eq!(a.args, ["--", "x"], "only the first -- is ours");
         let a = parse(&["npm:pkg", "stdio", "--", "x"]);
         assert_eq!(a.args, ["stdio", "--", "x"]);
+    }
+
+    #[test]
+    fn runs_of_one_source_by_one_user_share_an_owner() {
+        let src = |s: &str| s.parse::<Source>().unwrap();
+        let a = run_owner(&src("npm:@modelcontextprotocol/server-memory"), 0);
+        assert_eq!(
+            a,
+            run_owner(&src("npm:@modelcontextprotocol/server-memory"), 0)
+        );
+        assert_ne!(
+            a,
+            run_owner(&src("npm:@modelcontextprotocol/server-memory"), 1000)
+        );
+        assert_ne!(
+            a,
+            run_owner(&src("npm:@modelcontextprotocol/server-everything"), 0)
+        );
+        assert_ne!(
+            a,
+            run_owner(&src("npm:@modelcontextprotocol/server-memory@1.0.0"), 0)
+        );
+        ServiceKey::parse(&a.mesh, &a.name).expect("a valid service key");
     }
 
     #[test]

@@ -298,6 +298,7 @@ impl Orchestrator for Fake {
             pid: Some(4242),
             container_id: None,
             enforced: Enforced::default(),
+            isolation: Default::default(),
         })
     }
 }

@@ -24,8 +24,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use crate::model::{
-    wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Limits, NetworkPolicy,
-    ServiceKey, Usage,
+    wait_exit, BoxRead, BoxWrite, Enforced, ExitReason, ExitWatch, Isolation, Layer, Limits,
+    NetworkPolicy, ServiceKey, Usage,
 };
 
 /// Something a backend cannot do for a spec; refused up front, never ignored.
@@ -119,6 +119,11 @@ pub struct Mount {
     pub source: MountSource,
     pub target: PathBuf,
     pub read_only: bool,
+    /// Read-only below, yet the server may write over it: its writes land
+    /// in a private layer in its home, never in the directory (the installed
+    /// source, which some servers write their state next to). Where a
+    /// backend cannot, the mount is plainly read-only.
+    pub copy_on_write: bool,
 }
 
 /// A host directory copied into a sandbox before it starts (a `path:`
@@ -207,6 +212,8 @@ pub struct Sandbox {
     pub pid: Option<u32>,
     pub container_id: Option<String>,
     pub enforced: Enforced,
+    /// The isolation layers it got, and those missing here.
+    pub isolation: Isolation,
 }
 
 /// How a sandbox run to completion ended, and what it printed (bounded).

@@ -94,11 +94,13 @@ pub async fn acquire(
         source: MountSource::Host(root.clone()),
         target: root,
         read_only: true,
+        copy_on_write: true,
     });
     let deps_mount = launch.deps.clone().map(|d| Mount {
         source: MountSource::Host(d.clone()),
         target: d,
         read_only: true,
+        copy_on_write: false,
     });
     Ok(Prepared {
         launch,
@@ -176,6 +178,7 @@ fn sandboxed_prepared(a: crate::acquire::sandboxed::Acquired) -> Prepared {
             source: MountSource::Volume(a.volume),
             target: PathBuf::from(CACHE_MOUNT),
             read_only: true,
+            copy_on_write: true,
         }),
         deps_mount: None,
         launch: a.launch,
@@ -195,6 +198,7 @@ fn install_sandbox(owner: &ServiceKey, step: &InstallStep) -> SandboxSpec {
             source: MountSource::Volume(step.volume.clone()),
             target: PathBuf::from(CACHE_MOUNT),
             read_only: false,
+            copy_on_write: false,
         }],
         upload: step
             .upload
@@ -242,6 +246,7 @@ pub fn server_sandbox(
         source: MountSource::Host(m.path.clone()),
         target: m.path.clone(),
         read_only: m.read_only,
+        copy_on_write: false,
     }));
     SandboxSpec {
         owner: owner.clone(),
@@ -313,6 +318,7 @@ mod tests {
                 source: MountSource::Host(PathBuf::from("/src")),
                 target: PathBuf::from("/src"),
                 read_only: true,
+                copy_on_write: true,
             }),
         }
     }

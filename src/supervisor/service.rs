@@ -36,7 +36,7 @@ use crate::mcp::{
     CallError, CallOptions, ConnectError, LogSink, ServerInfo, Session, SessionConfig,
 };
 use crate::metrics::ServiceMetrics;
-use crate::model::{wait_exit, Enforced, ExitReason, LogStream, Protocol};
+use crate::model::{wait_exit, Enforced, ExitReason, Isolation, LogStream, Protocol};
 use crate::orchestrator::{SandboxHandle, SandboxSpec, Usage};
 use crate::store::Remembered;
 
@@ -83,6 +83,8 @@ pub struct LimitsStatus {
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
     pub enforced: Enforced,
+    /// The isolation layers the sandbox got, and those missing on this host.
+    pub isolation: Isolation,
 }
 
 /// When a failed service is tried again.
@@ -142,6 +144,7 @@ struct State {
     last_exit: Option<ExitReason>,
     tools: Arc<Vec<Value>>,
     enforced: Enforced,
+    isolation: Isolation,
     retry: Option<RetryStatus>,
     server: Option<ServerInfo>,
     /// The running sandbox, for usage reads; never keeps it alive.
@@ -257,6 +260,7 @@ impl Service {
                 last_exit: None,
                 tools: Arc::new(Vec::new()),
                 enforced: Enforced::default(),
+                isolation: Isolation::default(),
                 retry: None,
                 server: None,
                 sandbox: None,
@@ -361,6 +365,7 @@ impl Service {
                 cpus: self.spec.cpus,
                 pids: self.spec.pids,
                 enforced: st.enforced,
+                isolation: st.isolation.clone(),
             },
             network: self.spec.network.to_string(),
             env: self.spec.env.keys().cloned().collect(),
@@ -824,6 +829,7 @@ impl Service {
             st.pid = sandbox.pid;
             st.container_id = sandbox.container_id.clone();
             st.enforced = sandbox.enforced;
+            st.isolation = sandbox.isolation.clone();
             st.health = Health::Unknown;
             st.health_error = None;
         }

@@ -32,8 +32,8 @@ use super::labels::{self, Labels};
 use super::network::Attachment;
 use super::{engine_err, fnv, translate, What};
 use crate::orchestrator::{
-    Enforced, ExitReason, Mount, MountSource, OrchestratorError, Role, Sandbox, SandboxHandle,
-    SandboxIo, SandboxSpec, Unsupported,
+    Enforced, ExitReason, Isolation, Mount, MountSource, OrchestratorError, Role, Sandbox,
+    SandboxHandle, SandboxIo, SandboxSpec, Unsupported,
 };
 
 /// The non-root user every container runs as.
@@ -110,6 +110,7 @@ fn ca_bundle(ca: Option<&Path>) -> (Option<DockerMount>, Vec<(String, String)>) 
         source: MountSource::Host(path.to_path_buf()),
         target: CA_BUNDLE_TARGET.into(),
         read_only: true,
+        copy_on_write: false,
     });
     let env = CA_VARIABLES
         .iter()
@@ -351,6 +352,7 @@ pub async fn sandbox(
     id: String,
     attached: AttachContainerResults,
     enforced: Enforced,
+    isolation: Isolation,
 ) -> Sandbox {
     let pid = docker
         .inspect_container(&id, None)
@@ -420,6 +422,7 @@ pub async fn sandbox(
         pid,
         container_id: Some(id),
         enforced,
+        isolation,
     }
 }
 
@@ -599,11 +602,13 @@ mod tests {
                     source: MountSource::Volume("meshbox-src-1-python".into()),
                     target: PathBuf::from("/cache"),
                     read_only: true,
+                    copy_on_write: true,
                 },
                 Mount {
                     source: MountSource::Host(PathBuf::from("/srv/data")),
                     target: PathBuf::from("/srv/data"),
                     read_only: false,
+                    copy_on_write: false,
                 },
             ],
             ..Default::default()

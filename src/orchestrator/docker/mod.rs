@@ -24,8 +24,8 @@ use bollard::Docker;
 use tracing::{debug, instrument};
 
 use super::{
-    Capabilities, Completed, Enforced, Orchestrator, OrchestratorError, Role, Sandbox, SandboxSpec,
-    ServiceKey, Unsupported,
+    Capabilities, Completed, Enforced, Isolation, Layer, Orchestrator, OrchestratorError, Role,
+    Sandbox, SandboxSpec, ServiceKey, Unsupported,
 };
 use crate::model::{runner_image, stable_hash as fnv, Runtime};
 use container::Resolved;
@@ -117,6 +117,40 @@ pub struct DockerBackend {
     ca_bundle: Option<PathBuf>,
     /// Serializes creating and removing each mesh's networks and proxies.
     meshes: MeshLocks,
+    /// The layers every server container gets from this engine.
+    isolation: Isolation,
+}
+
+/// The isolation layers of a server container: fixed by its create body
+/// (a non-root user, its own pid, mount, ipc, uts and network namespaces,
+/// `cap_drop: ALL`, `no-new-privileges`, cgroups), plus seccomp and a user
+/// namespace when the engine's security options say it applies them (its
+/// default seccomp profile; `userns-remap`). Landlock is no layer of a
+/// container: its own root filesystem isolates it.
+fn isolation(security_options: &[String]) -> Isolation {
+    let has = |name: &str| {
+        let want = format!("name={name}");
+        security_options
+            .iter()
+            .any(|o| o.split(',').any(|kv| kv == want))
+    };
+    let mut expected = vec![
+        Layer::Uid,
+        Layer::PidNamespace,
+        Layer::MountNamespace,
+        Layer::IpcNamespace,
+        Layer::UtsNamespace,
+        Layer::NetworkNamespace,
+        Layer::NoCapabilities,
+        Layer::NoNewPrivs,
+        Layer::Seccomp,
+        Layer::Cgroup,
+    ];
+    if has("userns") {
+        expected.push(Layer::UserNamespace);
+    }
+    let seccomp = has("seccomp");
+    Isolation::sort(expected, |l| l != Layer::Seccomp || seccomp)
 }
 
 /// The instance id stored in the data dir, created on first use.
@@ -168,6 +202,14 @@ impl DockerBackend {
             .version()
             .await
             .map_err(engine_err("asking the docker engine for its version"))?;
+        let security = docker
+            .info()
+            .await
+            .map_err(engine_err(
+                "asking the docker engine for its security options",
+            ))?
+            .security_options
+            .unwrap_or_default();
         let instance = instance_id(&config.data_dir)?;
         let ca_bundle = config
             .ca_bundle
@@ -180,6 +222,7 @@ impl DockerBackend {
             api_version: version.api_version.unwrap_or_default(),
             ca_bundle,
             meshes: MeshLocks::default(),
+            isolation: isolation(&security),
         })
     }
 
@@ -246,7 +289,8 @@ impl Orchestrator for DockerBackend {
         let enforced = self.check(&spec)?;
         let id = self.create_server(&spec).await?;
         let attached = container::attach_and_start(&self.docker, &id).await?;
-        Ok(container::sandbox(&self.docker, id, attached, enforced).await)
+        let isolation = self.isolation.clone();
+        Ok(container::sandbox(&self.docker, id, attached, enforced, isolation).await)
     }
 
     #[instrument(skip_all, fields(service = %spec.owner))]
@@ -288,7 +332,8 @@ impl Orchestrator for DockerBackend {
         }
         let id = adopted?;
         let attached = container::attach(&self.docker, &id).await.ok()?;
-        Some(container::sandbox(&self.docker, id, attached, enforced).await)
+        let isolation = self.isolation.clone();
+        Some(container::sandbox(&self.docker, id, attached, enforced, isolation).await)
     }
 
     /// Removes this instance's install containers, its server containers
@@ -359,6 +404,26 @@ mod tests {
             status_code,
             message: "engine says no".into(),
         }
+    }
+
+    #[test]
+    fn container_layers_follow_the_engine_security_options() {
+        let i = isolation(&["name=seccomp,profile=default".to_owned()]);
+        assert!(i.missing.is_empty(), "{i:?}");
+        for l in [
+            Layer::Uid,
+            Layer::NetworkNamespace,
+            Layer::Seccomp,
+            Layer::NoNewPrivs,
+        ] {
+            assert!(i.applied.contains(&l), "{l} not claimed: {i:?}");
+        }
+        assert!(!i.applied.contains(&Layer::Landlock), "{i:?}");
+        assert!(!i.applied.contains(&Layer::UserNamespace), "{i:?}");
+        // An engine without seccomp, with userns-remap.
+        let i = isolation(&["name=userns".to_owned()]);
+        assert_eq!(i.missing, vec![Layer::Seccomp]);
+        assert!(i.applied.contains(&Layer::UserNamespace), "{i:?}");
     }
 
     #[test]

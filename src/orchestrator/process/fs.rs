@@ -200,10 +200,91 @@ fn outermost(dirs: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// What the mount setup achieved.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Mounted {
     pub proc: bool,
     pub private_tmp: bool,
+    /// Visible paths that got their private writable layer.
+    pub overlaid: Vec<PathBuf>,
+}
+
+/// Why a private layer could not be built (the path then stays read-only).
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("a path with `:` or `\\` cannot be an overlay layer")]
+    Unescapable,
+    #[error("{step}")]
+    Sys {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn sys(step: &'static str) -> impl FnOnce(io::Error) -> LayerError {
+    move |source| LayerError::Sys { step, source }
+}
+
+/// An overlay of `lower` (a mount of this namespace) with its upper and
+/// work directories in `dir`, detached: the server's writes land in `dir`.
+/// `userxattr` in a user namespace.
+fn overlay(lower: &Path, dir: &Path, userxattr: bool) -> Result<OwnedFd, LayerError> {
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, FsMountFlags,
+        FsOpenFlags, MountAttrFlags,
+    };
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    // Layer paths are split at `:` and unescaped at `\`.
+    for p in [lower, &upper, &work] {
+        let b = p.as_os_str().as_bytes();
+        if b.contains(&b':') || b.contains(&b'\\') {
+            return Err(LayerError::Unescapable);
+        }
+    }
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| sys("opening an overlay")(e.into()))?;
+    let set = |k: &str, v: &Path| {
+        fsconfig_set_string(&fs, k, v).map_err(|e| sys("configuring the overlay")(e.into()))
+    };
+    set("lowerdir", lower)?;
+    set("upperdir", &upper)?;
+    set("workdir", &work)?;
+    if userxattr {
+        fsconfig_set_flag(&fs, "userxattr")
+            .map_err(|e| sys("configuring the overlay")(e.into()))?;
+    }
+    fsconfig_create(&fs).map_err(|e| sys("creating the overlay")(e.into()))?;
+    fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| sys("mounting the overlay")(e.into()))
+}
+
+/// The private writable layer over visible path `v` (a read-only bind): its
+/// clone, idmapped to the service (`to`) when another uid owns it, is
+/// attached at its path (the overlay's lower layer must be a mount of this
+/// namespace); the overlay on top, detached, is returned.
+fn private_layer(v: &Visible, dir: &Path, to: Option<(u32, u32)>) -> Result<OwnedFd, LayerError> {
+    use std::os::unix::fs::MetadataExt;
+    let lower = clone_tree(&v.path).map_err(sys("cloning the lower layer"))?;
+    make_read_only(&lower).map_err(sys("making the lower layer read-only"))?;
+    if let Some(to) = to {
+        let meta = std::fs::metadata(&v.path).map_err(sys("inspecting the lower layer"))?;
+        let owner = (meta.uid(), meta.gid());
+        if owner != to {
+            let ns = idmap_userns(owner, to).map_err(sys("idmapping the lower layer"))?;
+            idmap(&lower, &ns).map_err(sys("idmapping the lower layer"))?;
+        }
+    }
+    attach(&lower, &v.path).map_err(sys("attaching the lower layer"))?;
+    let userxattr = !nix::unistd::geteuid().is_root();
+    let made = overlay(&v.path, dir, userxattr);
+    if made.is_err() {
+        let _ = nix::mount::umount2(&v.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+    made
 }
 
 /// Builds the server's view in the (new) mount namespace. `new_proc`: mount
@@ -245,6 +326,21 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
     visible.sort_by_key(|v| v.path.as_os_str().len());
     let mut trees = Vec::with_capacity(visible.len());
     for v in visible {
+        if let (false, Some(dir)) = (v.write, &v.overlay) {
+            match private_layer(v, dir, plan.idmap_to) {
+                Ok(tree) => {
+                    out.overlaid.push(v.path.clone());
+                    trees.push((v, tree, true));
+                    continue;
+                }
+                // Read-only, as without a layer; the report says so.
+                Err(e) => eprintln!(
+                    "meshbox-sandbox: no private layer over `{}`: {}",
+                    v.path.display(),
+                    e
+                ),
+            }
+        }
         let tree = clone_tree(&v.path).map_err(at("cloning", &v.path))?;
         if !v.write {
             make_read_only(&tree).map_err(at("making read-only", &v.path))?;
@@ -291,11 +387,28 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
         }
         attach(tree, &v.path).map_err(at("attaching", &v.path))?;
     }
+    // The layers' own directories, last: out of the server's sight.
+    for h in &plan.hide {
+        if h.is_dir() {
+            mount(
+                Some("tmpfs"),
+                h.as_path(),
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+                Some("mode=700,size=4k"),
+            )
+            .map_err(|e| at("hiding", h)(e.into()))?;
+        }
+    }
     Ok(out)
 }
 
-/// A Landlock ruleset for `plan`, created (not yet enforced).
-pub fn landlock_ruleset(plan: &FsPlan) -> Result<RulesetCreated, landlock::RulesetError> {
+/// A Landlock ruleset for `plan`, created (not yet enforced); `overlaid`
+/// paths (read-only below a private layer) are writable.
+pub fn landlock_ruleset(
+    plan: &FsPlan,
+    overlaid: &[PathBuf],
+) -> Result<RulesetCreated, landlock::RulesetError> {
     let abi = LANDLOCK_ABI;
     let read = AccessFs::from_read(abi);
     let all = AccessFs::from_all(abi);
@@ -309,7 +422,7 @@ pub fn landlock_ruleset(plan: &FsPlan) -> Result<RulesetCreated, landlock::Rules
         let Ok(fd) = PathFd::new(&v.path) else {
             continue; // absent on this host
         };
-        let access = if v.write {
+        let access = if v.write || overlaid.contains(&v.path) {
             all
         } else if v.path.is_dir() {
             read

@@ -382,11 +382,20 @@ fn inner(
     }
     umask(Mode::from_bits_truncate(0o022));
     let ns = plan.namespaces;
+    let wanted = plan
+        .fs
+        .visible
+        .iter()
+        .filter(|v| v.overlay.is_some())
+        .count();
+    let mut overlaid = Vec::new();
     if ns.mount {
         let m = fs::setup_mounts(&plan.fs, ns.pid).step("mounting the filesystem")?;
         layers.proc = m.proc;
         layers.private_tmp = m.private_tmp;
+        overlaid = m.overlaid;
     }
+    layers.private_writes = overlaid.len() == wanted;
     if ns.uts {
         nix::unistd::sethostname("meshbox").step("setting the hostname")?;
     }
@@ -402,7 +411,7 @@ fn inner(
         }
     }
     let ruleset = if plan.landlock {
-        Some(fs::landlock_ruleset(&plan.fs).step("building the Landlock ruleset")?)
+        Some(fs::landlock_ruleset(&plan.fs, &overlaid).step("building the Landlock ruleset")?)
     } else {
         None
     };

@@ -37,9 +37,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    Capabilities, Completed, Enforced, ExitReason, Limits, MountSource, Orchestrator,
-    OrchestratorError, Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey, Unsupported,
-    MAX_COMPLETED_OUTPUT,
+    Capabilities, Completed, Enforced, ExitReason, Isolation, Layer, Limits, MountSource,
+    Orchestrator, OrchestratorError, Sandbox, SandboxHandle, SandboxIo, SandboxSpec, ServiceKey,
+    Unsupported, MAX_COMPLETED_OUTPUT,
 };
 use crate::model::{NetworkMode, NetworkPolicy};
 use cgroups::{Cgroups, Hierarchy};
@@ -61,6 +61,29 @@ pub struct ProcessConfig {
     pub data_dir: Option<PathBuf>,
     /// Refuse to start a server with less than every isolation layer.
     pub require_isolation: bool,
+    /// Layers left out, as on a host that lacks them (tests; a kernel whose
+    /// layer breaks a server). Default: `MESHBOX_SANDBOX_WITHOUT`, a comma
+    /// list of layer names. The status shows them missing.
+    pub without: Vec<Layer>,
+}
+
+/// The variable [`ProcessConfig::default`] reads its `without` from.
+pub const WITHOUT_ENV: &str = "MESHBOX_SANDBOX_WITHOUT";
+
+/// The layers named in `list` (comma-separated); unknown names are logged
+/// and ignored.
+fn parse_without(list: &str) -> Vec<Layer> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| match n.parse::<Layer>() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "ignoring an entry of {WITHOUT_ENV}");
+                None
+            }
+        })
+        .collect()
 }
 
 impl Default for ProcessConfig {
@@ -74,6 +97,9 @@ impl Default for ProcessConfig {
                 .or_else(|| std::env::current_exe().ok()),
             data_dir: None,
             require_isolation: false,
+            without: std::env::var(WITHOUT_ENV)
+                .map(|l| parse_without(&l))
+                .unwrap_or_default(),
         }
     }
 }
@@ -128,7 +154,7 @@ fn is_root() -> bool {
 
 impl ProcessBackend {
     pub fn new(config: ProcessConfig) -> Self {
-        let hierarchy = if config.cgroups {
+        let hierarchy = if config.cgroups && !config.without.contains(&Layer::Cgroup) {
             cgroups::detect_hierarchy(&config.cgroup_parent)
         } else {
             Hierarchy::None
@@ -154,7 +180,101 @@ impl ProcessBackend {
 
     /// What this host supports, for `meshbox doctor`.
     pub fn describe(&self) -> String {
-        format!("{}; {}", self.hierarchy.describe(), self.support.describe())
+        let mut s = format!("{}; {}", self.hierarchy.describe(), self.support.describe());
+        if !self.config.without.is_empty() {
+            let names: Vec<&str> = self.config.without.iter().map(|l| l.as_str()).collect();
+            s.push_str(&format!(
+                "; left out by {WITHOUT_ENV}: {}",
+                names.join(", ")
+            ));
+        }
+        s
+    }
+
+    fn without(&self, layer: Layer) -> bool {
+        self.config.without.contains(&layer)
+    }
+
+    /// Whose uid the probe's server runs under (the strongest choice left).
+    fn probe_user(&self) -> UserPlan {
+        if self.is_root && !self.without(Layer::Uid) {
+            // The uid is the service's; the probe uses the first of the range.
+            UserPlan::Switch {
+                uid: uid::UID_BASE,
+                gid: uid::UID_BASE,
+            }
+        } else if !self.is_root && !self.without(Layer::UserNamespace) {
+            UserPlan::Namespace {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }
+        } else {
+            UserPlan::Keep
+        }
+    }
+
+    /// The layers the probe got, less those the configuration leaves out.
+    fn mask(&self, mut l: Layers) -> Layers {
+        let off = |layer| self.without(layer);
+        l.pid &= !off(Layer::PidNamespace);
+        l.mount &= !off(Layer::MountNamespace);
+        l.ipc &= !off(Layer::IpcNamespace);
+        l.uts &= !off(Layer::UtsNamespace);
+        l.net &= !off(Layer::NetworkNamespace);
+        l.seccomp &= !off(Layer::Seccomp);
+        if off(Layer::Landlock) {
+            l.landlock_abi = 0;
+            l.landlock_scoped = false;
+        }
+        l
+    }
+
+    /// Which isolation layers a sandbox of `spec` has with `layers`, and
+    /// which a sandbox of this backend has elsewhere but not here.
+    /// `cgrouped`: cgroups carry every limit it asked for.
+    fn isolation(&self, layers: &Layers, spec: &SandboxSpec, cgrouped: bool) -> Isolation {
+        let needs_net = !matches!(
+            spec.network.effective(),
+            NetworkPolicy::Mode(NetworkMode::Full)
+        );
+        let l = &spec.limits;
+        let limited = l.memory_mb.is_some() || l.cpus.is_some() || l.pids.is_some();
+        let expected = [
+            (
+                true,
+                if self.is_root {
+                    Layer::Uid
+                } else {
+                    Layer::UserNamespace
+                },
+            ),
+            (true, Layer::PidNamespace),
+            (true, Layer::MountNamespace),
+            (true, Layer::IpcNamespace),
+            (true, Layer::UtsNamespace),
+            (needs_net, Layer::NetworkNamespace),
+            (true, Layer::NoCapabilities),
+            (true, Layer::NoNewPrivs),
+            (true, Layer::Landlock),
+            (true, Layer::Seccomp),
+            (limited, Layer::Cgroup),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, layer)| wanted.then_some(layer));
+        Isolation::sort(expected, |layer| match layer {
+            Layer::Uid => layers.own_uid && !layers.userns,
+            Layer::UserNamespace => layers.userns,
+            Layer::PidNamespace => layers.pid,
+            Layer::MountNamespace => layers.mount,
+            Layer::IpcNamespace => layers.ipc,
+            Layer::UtsNamespace => layers.uts,
+            Layer::NetworkNamespace => layers.net,
+            Layer::NoCapabilities => layers.no_caps,
+            Layer::NoNewPrivs => layers.no_new_privs,
+            Layer::Landlock => layers.landlock_abi >= fs::MIN_LANDLOCK_ABI,
+            Layer::Seccomp => layers.seccomp,
+            Layer::Cgroup => cgrouped,
+        })
     }
 
     /// The layers a sandbox gets on this host.
@@ -173,23 +293,13 @@ impl ProcessBackend {
             return support;
         };
         let all = Namespaces {
-            pid: true,
-            mount: true,
-            ipc: true,
-            uts: true,
-            net: true,
+            pid: !self.without(Layer::PidNamespace),
+            mount: !self.without(Layer::MountNamespace),
+            ipc: !self.without(Layer::IpcNamespace),
+            uts: !self.without(Layer::UtsNamespace),
+            net: !self.without(Layer::NetworkNamespace),
         };
-        let user = if self.is_root {
-            UserPlan::Switch {
-                uid: uid::UID_BASE,
-                gid: uid::UID_BASE,
-            }
-        } else {
-            UserPlan::Namespace {
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-            }
-        };
+        let user = self.probe_user();
         let no_net = Namespaces { net: false, ..all };
         let attempts = [
             (user, all),
@@ -212,18 +322,19 @@ impl ProcessBackend {
                         path: "/usr".into(),
                         write: false,
                         bind: true,
+                        overlay: None,
                     }],
                     ..Default::default()
                 },
-                landlock: true,
-                seccomp: true,
+                landlock: !self.without(Layer::Landlock),
+                seccomp: !self.without(Layer::Seccomp),
                 egress: None,
                 probe: true,
             };
             match probe_once(&program, &plan) {
                 Ok(layers) => {
                     support.init = true;
-                    support.layers = layers;
+                    support.layers = self.mask(layers);
                     return support;
                 }
                 Err(e) => support.notes.push(crate::error_chain(&e)),
@@ -253,27 +364,11 @@ impl ProcessBackend {
         }
     }
 
-    /// The first isolation layer `layers` lacks, by name.
-    fn missing(&self, layers: &Layers, spec: &SandboxSpec) -> Option<&'static str> {
-        let needs_net = !matches!(
-            spec.network.effective(),
-            NetworkPolicy::Mode(NetworkMode::Full)
-        );
-        [
-            (layers.own_uid, "own uid"),
-            (layers.pid, "pid namespace"),
-            (layers.mount, "mount namespace"),
-            (layers.ipc, "ipc namespace"),
-            (layers.uts, "uts namespace"),
-            (layers.net || !needs_net, "network namespace"),
-            (layers.no_new_privs, "no_new_privs"),
-            (layers.no_caps, "capabilities dropped"),
-            (layers.landlock_abi >= fs::MIN_LANDLOCK_ABI, "landlock"),
-            (layers.seccomp, "seccomp"),
-        ]
-        .into_iter()
-        .find(|(ok, _)| !ok)
-        .map(|(_, name)| name)
+    /// Whether cgroups carry every limit `limits` asks for, by what they enforce.
+    fn cgrouped(limits: &Limits, by_cgroup: &Enforced) -> bool {
+        (limits.memory_mb.is_none() || by_cgroup.memory)
+            && (limits.cpus.is_none() || by_cgroup.cpus)
+            && (limits.pids.is_none() || by_cgroup.pids)
     }
 
     /// Directories no server may see: meshbox's data dir and the invoking
@@ -438,13 +533,20 @@ impl Drop for ProcessHandle {
     }
 }
 
-/// Reads the init's report: the first report line on its stderr. The rest
-/// of the stream (the server's own stderr) stays in the returned reader.
-async fn read_report<R>(stderr: R) -> io::Result<(Option<Report>, BufReader<R>)>
+/// Reads the init's report: the first report line on its stderr. What the
+/// init noted before it (a layer it could not build) and the rest of the
+/// stream (the server's own stderr) stay in the returned reader.
+async fn read_report<R>(
+    stderr: R,
+) -> io::Result<(
+    Option<Report>,
+    tokio::io::Chain<io::Cursor<Vec<u8>>, BufReader<R>>,
+)>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     let mut reader = BufReader::with_capacity(plan::MAX_REPORT, stderr);
+    let mut notes = Vec::new();
     let read = async {
         let mut line = Vec::new();
         loop {
@@ -459,10 +561,13 @@ where
             if let Some(r) = Report::parse(&line) {
                 return Ok(Some(r));
             }
+            if notes.len() < plan::MAX_REPORT {
+                notes.extend_from_slice(&line);
+            }
         }
     };
     match tokio::time::timeout(SETUP_TIMEOUT, read).await {
-        Ok(Ok(r)) => Ok((r, reader)),
+        Ok(Ok(r)) => Ok((r, io::Cursor::new(notes).chain(reader))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -487,10 +592,10 @@ impl ProcessBackend {
     ) -> Result<Prepared, OrchestratorError> {
         let l = &self.support.layers;
         let setup = |step: &'static str| move |source| OrchestratorError::Setup { step, source };
-        let user = if self.is_root {
+        let user = if self.is_root && !self.without(Layer::Uid) {
             let uid = self
                 .uids
-                .get(&spec.owner)
+                .get(&spec.owner, spec.home.as_deref())
                 .map_err(setup("allocating a uid"))?;
             UserPlan::Switch { uid, gid: uid }
         } else if l.userns {
@@ -526,6 +631,7 @@ impl ProcessBackend {
                 path: d.into(),
                 write: false,
                 bind: false,
+                overlay: None,
             })
             .collect();
         if let Some(dir) = std::fs::canonicalize("/etc/resolv.conf")
@@ -537,6 +643,7 @@ impl ProcessBackend {
                 path: dir,
                 write: false,
                 bind: false,
+                overlay: None,
             });
         }
         let path_env = spec
@@ -551,18 +658,34 @@ impl ProcessBackend {
                 path: dir,
                 write: false,
                 bind: true,
+                overlay: None,
             });
         }
+        let mut hide = Vec::new();
         for m in &spec.mounts {
             if let MountSource::Host(src) = &m.source {
                 let src = src.canonicalize().unwrap_or_else(|_| src.clone());
                 if protected.iter().any(|p| p.starts_with(&src)) {
                     return Err(Unsupported::MountExposes { path: src }.into());
                 }
+                // Writes over the source land in a layer in the home; the
+                // sandbox sees neither the layer's directory nor the source's.
+                let overlay = match (&spec.home, m.read_only && m.copy_on_write) {
+                    (Some(home), true) if namespaces.mount => {
+                        let (dir, hidden) = layer_dirs(home, &src, owner_ids)
+                            .map_err(setup("preparing the source's private layer"))?;
+                        if !hide.contains(&hidden) {
+                            hide.push(hidden);
+                        }
+                        Some(dir)
+                    }
+                    _ => None,
+                };
                 visible.push(Visible {
                     path: src,
                     write: !m.read_only,
                     bind: true,
+                    overlay,
                 });
             }
         }
@@ -571,6 +694,7 @@ impl ProcessBackend {
                 path: home.canonicalize().unwrap_or_else(|_| home.clone()),
                 write: true,
                 bind: true,
+                overlay: None,
             });
         }
         let mut env: Vec<(String, String)> = spec
@@ -596,6 +720,7 @@ impl ProcessBackend {
                 path: p.dir().to_path_buf(),
                 write: false,
                 bind: true,
+                overlay: None,
             });
             egress = Some(EgressPlan {
                 socket: p.socket.clone(),
@@ -615,6 +740,7 @@ impl ProcessBackend {
                 path: s.clone(),
                 write: true,
                 bind: false,
+                overlay: None,
             });
         }
         if !namespaces.mount {
@@ -650,6 +776,7 @@ impl ProcessBackend {
                     .memory_mb
                     .map_or(SCRATCH_MB, |m| m.min(SCRATCH_MB)),
                 idmap_to: owner_ids,
+                hide,
             },
             landlock: l.landlock_abi > 0,
             seccomp: l.seccomp,
@@ -674,6 +801,38 @@ fn server_pid(init: u32, levels: usize) -> Option<u32> {
         }
     }
     Some(cur)
+}
+
+/// Where the private layer over `source` lives in `home`: the overlay's
+/// directory (its `upper` and `work` created, owned by `owner`), and the
+/// directory of all layers, hidden from the server.
+fn layer_dirs(
+    home: &Path,
+    source: &Path,
+    owner: Option<(u32, u32)>,
+) -> io::Result<(PathBuf, PathBuf)> {
+    let all = home.join(".meshbox");
+    let dir = all
+        .join("layers")
+        .join(crate::model::stable_hash(&source.to_string_lossy()));
+    let made = [
+        all.clone(),
+        all.join("layers"),
+        dir.clone(),
+        dir.join("upper"),
+        dir.join("work"),
+    ];
+    for d in &made {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(d, Some(uid), Some(gid))?;
+        }
+    }
+    Ok((dir, all))
 }
 
 /// Makes the service's uid own its home (recursively when it did not yet).
@@ -744,10 +903,14 @@ impl Orchestrator for ProcessBackend {
                 }
                 .into());
             }
-            let mut layers = self.support.layers;
-            layers.own_uid |= self.is_root;
-            if let Some(layer) = self.missing(&layers, spec) {
-                return Err(Unsupported::Isolation { layer }.into());
+            let by_cgroup = self.hierarchy.predict(&spec.limits);
+            let cgrouped = Self::cgrouped(&spec.limits, &by_cgroup);
+            let isolation = self.isolation(&self.support.layers, spec, cgrouped);
+            if let Some(layer) = isolation.missing.first() {
+                return Err(Unsupported::Isolation {
+                    layer: layer.as_str(),
+                }
+                .into());
             }
         }
         Ok(e)
@@ -864,6 +1027,7 @@ impl Orchestrator for ProcessBackend {
         let track = !(self.support.init && self.support.layers.pid);
         let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits, track);
         let cgroups = Arc::new(cgroups);
+        let cgrouped = Self::cgrouped(&spec.limits, &by_cgroup);
 
         // rlimits where no cgroup took the limit.
         let rlimits = plan::Rlimits {
@@ -945,6 +1109,7 @@ impl Orchestrator for ProcessBackend {
         let mut stdin = child.stdin.take().expect("stdin piped");
         let stderr = child.stderr.take().expect("stderr piped");
         let mut proxy = None;
+        let mut isolation = self.isolation(&Layers::default(), &spec, cgrouped);
         let stderr: crate::model::BoxRead = match prepared {
             None => Box::pin(stderr),
             Some((p, _)) => {
@@ -955,12 +1120,13 @@ impl Orchestrator for ProcessBackend {
                 };
                 let outcome = match report {
                     Ok((Some(Report::Ready(layers)), rest)) => {
-                        match self.config.require_isolation {
-                            true => match self.missing(&layers, &spec) {
-                                Some(layer) => Err(Unsupported::Isolation { layer }.into()),
-                                None => Ok((layers, rest)),
-                            },
-                            false => Ok((layers, rest)),
+                        isolation = self.isolation(&layers, &spec, cgrouped);
+                        match (self.config.require_isolation, isolation.missing.first()) {
+                            (true, Some(layer)) => Err(Unsupported::Isolation {
+                                layer: layer.as_str(),
+                            }
+                            .into()),
+                            _ => Ok((layers, rest)),
                         }
                     }
                     Ok((Some(Report::Failed { step, error }), _)) => {
@@ -991,14 +1157,22 @@ impl Orchestrator for ProcessBackend {
                     NetworkPolicy::Allow { .. } => layers.net && layers.egress,
                     _ => true,
                 };
-                match self.missing(&layers, &spec) {
-                    Some(layer) => warn!(
+                let layered = p.plan.fs.visible.iter().any(|v| v.overlay.is_some());
+                let wants_layer = spec.mounts.iter().any(|m| m.read_only && m.copy_on_write);
+                if wants_layer && !(layered && layers.private_writes) {
+                    warn!(
                         service = %spec.owner,
-                        missing = layer,
+                        "the source is read-only to the server: no private layer for its writes here"
+                    );
+                }
+                match isolation.missing.is_empty() {
+                    false => warn!(
+                        service = %spec.owner,
+                        missing = ?isolation.missing,
                         ?layers,
                         "sandbox ready without every isolation layer (see `meshbox doctor`)"
                     ),
-                    None => debug!(service = %spec.owner, ?layers, "sandbox ready"),
+                    true => debug!(service = %spec.owner, ?layers, "sandbox ready"),
                 }
                 let levels = if layers.pid { 2 } else { 1 };
                 pid = pid.map(|x| server_pid(x, levels).unwrap_or(x));
@@ -1050,6 +1224,7 @@ impl Orchestrator for ProcessBackend {
             pid,
             container_id: None,
             enforced,
+            isolation,
         })
     }
 }
@@ -1114,6 +1289,40 @@ mod tests {
         assert!(e.memory, "RLIMIT_DATA bounds memory");
         assert!(!e.cpus, "no rlimit bounds a cpu share");
         assert_eq!(e.pids, !is_root(), "RLIMIT_NPROC does not bind root");
+    }
+
+    #[test]
+    fn layers_left_out_are_named_and_a_bare_child_has_none() {
+        assert_eq!(
+            parse_without(" landlock, pid-namespace,,bogus"),
+            vec![Layer::Landlock, Layer::PidNamespace]
+        );
+        let b = ProcessBackend::new(ProcessConfig {
+            cgroups: false,
+            init_program: None,
+            without: vec![Layer::Seccomp],
+            ..Default::default()
+        });
+        assert!(b
+            .describe()
+            .contains("left out by MESHBOX_SANDBOX_WITHOUT: seccomp"));
+        let spec = SandboxSpec {
+            network: NetworkPolicy::Mode(NetworkMode::None),
+            limits: Limits {
+                pids: Some(8),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let i = b.isolation(&Layers::default(), &spec, false);
+        assert!(i.applied.is_empty(), "{i:?}");
+        assert!(i.missing.contains(&Layer::NetworkNamespace), "{i:?}");
+        assert!(i.missing.contains(&Layer::Cgroup), "{i:?}");
+        assert!(i.missing.contains(&Layer::Landlock), "{i:?}");
+        // Full network needs no network namespace; no limits, no cgroup.
+        let i = b.isolation(&Layers::default(), &SandboxSpec::default(), false);
+        assert!(!i.missing.contains(&Layer::NetworkNamespace), "{i:?}");
+        assert!(!i.missing.contains(&Layer::Cgroup), "{i:?}");
     }
 
     #[test]

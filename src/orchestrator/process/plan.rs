@@ -49,6 +49,10 @@ pub struct Visible {
     /// source, mounts, home, runtime; system directories are not.
     #[serde(default)]
     pub bind: bool,
+    /// Read-only below, privately writable above: an overlay whose upper
+    /// and work directories are in this directory (in the service's home).
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
 }
 
 /// The server's view of the filesystem.
@@ -72,6 +76,10 @@ pub struct FsPlan {
     /// service's, and what it creates lands as their owner's.
     #[serde(default)]
     pub idmap_to: Option<(u32, u32)>,
+    /// Directories covered last by an empty read-only tmpfs (where the
+    /// overlays keep their layers in the home).
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
 }
 
 /// The egress of an allowlisted sandbox: a forwarder on the sandbox's own
@@ -144,6 +152,9 @@ pub struct Layers {
     pub seccomp: bool,
     /// A per-sandbox loopback forwarder to the egress proxy is listening.
     pub egress: bool,
+    /// Every copy-on-write mount got its private writable layer.
+    #[serde(default)]
+    pub private_writes: bool,
 }
 
 /// One line of the report channel.
