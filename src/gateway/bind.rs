@@ -90,6 +90,10 @@ impl Upstream for SessionUpstream {
         })
     }
 
+    fn tools(&self) -> Arc<Vec<Value>> {
+        self.session.tools()
+    }
+
     async fn request(
         &self,
         method: &str,

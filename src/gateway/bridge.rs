@@ -23,7 +23,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::protocol::{
-    rpc_error, GATEWAY_BUSY, INVALID_PARAMS, META_CLIENT_CAPABILITIES, MISSING_CLIENT_CAPABILITY,
+    rpc_error, ParamHeaders, GATEWAY_BUSY, INVALID_PARAMS, META_CLIENT_CAPABILITIES,
+    MISSING_CLIENT_CAPABILITY,
 };
 use super::route::{rpc, CallCtx, Endpoint};
 use super::sessions::random_id;
@@ -214,6 +215,7 @@ impl Inner {
         ep: &Endpoint,
         method: &str,
         mut params: Map<String, Value>,
+        param_headers: Option<ParamHeaders>,
         out: Option<&mpsc::Sender<Value>>,
     ) -> Result<Value, UpstreamError> {
         let caps = params
@@ -226,6 +228,10 @@ impl Inner {
         let name = params.get("name").or_else(|| params.get("uri")).cloned();
         let mut call = match state {
             Some(token) => {
+                // The retry is a request of its own: its headers are checked too.
+                if let Some(h) = &param_headers {
+                    self.check_tool_headers(ep, h, &params).await?;
+                }
                 let token = token.as_str().unwrap_or_default();
                 let mut call = self.take_held(token, principal, ep, method, name.as_ref())?;
                 call.caps = caps;
@@ -235,7 +241,7 @@ impl Inner {
                 }
                 call
             }
-            None => self.start_held(principal, ep, method, params, name, caps),
+            None => self.start_held(principal, ep, method, params, param_headers, name, caps),
         };
         match call.drive(out).await {
             Drive::Done(r) => r,
@@ -256,6 +262,7 @@ impl Inner {
         ep: &Endpoint,
         method: &str,
         params: Map<String, Value>,
+        param_headers: Option<ParamHeaders>,
         name: Option<Value>,
         caps: Value,
     ) -> HeldCall {
@@ -269,6 +276,7 @@ impl Inner {
         let ctx = CallCtx {
             progress: Some(progress_tx),
             peer: Some(peer),
+            param_headers,
         };
         let inner = self.clone();
         let (ep2, m2) = (ep.clone(), method.to_owned());

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::names;
-use super::protocol::{self, rpc_error, INVALID_PARAMS, METHOD_NOT_FOUND};
+use super::protocol::{self, rpc_error, ParamHeaders, INVALID_PARAMS, METHOD_NOT_FOUND};
 use super::upstream::{
     CallOptions, ClientPeer, RpcError, ServerInfo, ServiceKey, Upstream, UpstreamError,
 };
@@ -50,6 +50,9 @@ impl std::fmt::Display for Endpoint {
 pub struct CallCtx {
     pub progress: Option<mpsc::Sender<Value>>,
     pub peer: Option<Arc<dyn ClientPeer>>,
+    /// A stateless `tools/call`'s `Mcp-Param-*` headers, checked against the
+    /// arguments for the parameters the tool mirrors (SEP-2243).
+    pub param_headers: Option<ParamHeaders>,
 }
 
 /// Pages of one list a mesh endpoint follows per service, at most.
@@ -91,6 +94,9 @@ impl Inner {
         ctx: CallCtx,
     ) -> Result<Value, UpstreamError> {
         let up = self.upstream_of(key).await?;
+        if let (Some(headers), Some(p)) = (&ctx.param_headers, &params) {
+            check_param_headers(&*up, headers, p)?;
+        }
         let opts = CallOptions {
             timeout: self.upstreams.call_timeout(key),
             progress: ctx.progress,
@@ -98,6 +104,38 @@ impl Inner {
             meta: None,
         };
         up.request(method, params.map(Value::Object), opts).await
+    }
+
+    /// The service an exposed resource URI belongs to, and its own URI.
+    pub(super) fn resource_target(
+        &self,
+        ep: &Endpoint,
+        uri: &str,
+    ) -> Result<(ServiceKey, String), UpstreamError> {
+        match ep {
+            Endpoint::Service(k) => Ok((k.clone(), uri.to_owned())),
+            Endpoint::Mesh(mesh) => self.route(mesh, uri),
+        }
+    }
+
+    /// Checks a `tools/call`'s `Mcp-Param-*` headers without calling.
+    pub(super) async fn check_tool_headers(
+        &self,
+        ep: &Endpoint,
+        headers: &ParamHeaders,
+        params: &Map<String, Value>,
+    ) -> Result<(), UpstreamError> {
+        let exposed = params
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let (key, name) = match ep {
+            Endpoint::Service(k) => (k.clone(), exposed.to_owned()),
+            Endpoint::Mesh(mesh) => self.route(mesh, exposed)?,
+        };
+        let mut own = params.clone();
+        own.insert("name".into(), json!(name));
+        check_param_headers(&*self.upstream_of(&key).await?, headers, &own)
     }
 
     /// One request to an endpoint: the service itself, or routed and
@@ -128,7 +166,7 @@ impl Inner {
         let mut params = params.unwrap_or_default();
         let routed_field = match method {
             "tools/call" | "prompts/get" => Some("name"),
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+            "resources/read" => Some("uri"),
             _ => None,
         };
         if let Some(field) = routed_field {
@@ -194,7 +232,11 @@ impl Inner {
     }
 
     /// The running service and inner name an exposed mesh name points at.
-    fn route(&self, mesh: &str, exposed: &str) -> Result<(ServiceKey, String), UpstreamError> {
+    pub(super) fn route(
+        &self,
+        mesh: &str,
+        exposed: &str,
+    ) -> Result<(ServiceKey, String), UpstreamError> {
         let unknown = || {
             rpc(
                 INVALID_PARAMS,
@@ -290,6 +332,28 @@ impl Inner {
                 )),
             }),
         }
+    }
+}
+
+/// Checks a `tools/call`'s `Mcp-Param-*` headers against the definition of
+/// the tool on `up` (an unknown tool declares nothing; the server decides).
+pub(super) fn check_param_headers(
+    up: &dyn Upstream,
+    headers: &ParamHeaders,
+    params: &Map<String, Value>,
+) -> Result<(), UpstreamError> {
+    let Some(name) = params.get("name").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let tools = up.tools();
+    match tools
+        .iter()
+        .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+    {
+        Some(tool) => headers
+            .check(tool, params.get("arguments"))
+            .map_err(UpstreamError::Rpc),
+        None => Ok(()),
     }
 }
 

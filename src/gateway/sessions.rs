@@ -3,7 +3,7 @@
 //! its calls in flight (for `notifications/cancelled`), its resource
 //! subscriptions, and the server→client requests waiting for its answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::follow::SubGuard;
 use super::protocol::{rpc_error, INTERNAL_ERROR, INVALID_PARAMS};
 use super::route::Endpoint;
 use super::upstream::{ClientPeer, RpcError};
@@ -35,7 +36,9 @@ pub struct ClientSession {
     pending: Mutex<HashMap<String, oneshot::Sender<Result<Value, RpcError>>>>,
     next_out: AtomicU64,
     inflight: Mutex<HashMap<String, AbortHandle>>,
-    pub subscriptions: Mutex<HashSet<String>>,
+    /// Resource subscriptions by the URI the client named (prefixed on a
+    /// mesh endpoint); dropping a guard lets the server's subscription go.
+    pub subscriptions: Mutex<HashMap<String, SubGuard>>,
     max_pending: usize,
 }
 
@@ -153,6 +156,7 @@ impl ClientSession {
             h.abort();
         }
         self.pending.lock().expect("poisoned").clear();
+        self.subscriptions.lock().expect("poisoned").clear();
     }
 }
 
@@ -208,7 +212,7 @@ impl Sessions {
             pending: Mutex::new(HashMap::new()),
             next_out: AtomicU64::new(1),
             inflight: Mutex::new(HashMap::new()),
-            subscriptions: Mutex::new(HashSet::new()),
+            subscriptions: Mutex::new(HashMap::new()),
             max_pending: self.max_pending,
         });
         map.insert(s.id.clone(), s.clone());

@@ -43,6 +43,8 @@ pub enum UpstreamError {
 #[async_trait]
 pub trait Upstream: Send + Sync {
     fn info(&self) -> ServerInfo;
+    /// The server's tools as last listed (for `Mcp-Param-*` validation).
+    fn tools(&self) -> Arc<Vec<Value>>;
     /// Any request; dropping the future before it resolves cancels it upstream.
     async fn request(
         &self,
