@@ -10,6 +10,10 @@
 //! Handshake-era client → stateless server: an `input_required` result is
 //! turned into server→client requests to the client, and the call retried
 //! with its answers.
+//!
+//! A call whose server waits for a person ([`HumanWaits`]) is bounded by the
+//! service's call timeout for the server's own work plus, per question, the
+//! hold time for the answer — not by the call timeout alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +22,8 @@ use tracing::Instrument;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -35,6 +40,78 @@ use crate::model::Principal;
 /// Rounds of `input_required` a handshake-era client is walked through, at most.
 const MAX_ROUNDS: usize = 8;
 
+/// Questions to a person one upstream call may wait for, at most, before
+/// the session's own deadline (the backstop) ends it.
+pub const MAX_HUMAN_WAITS: u32 = 8;
+
+/// The time one call spent waiting for its client's answers (elicitation,
+/// sampling, roots), which does not count against the call timeout.
+#[derive(Debug)]
+pub struct HumanWaits {
+    /// (questions open now, time spent waiting on answered ones)
+    state: watch::Sender<(usize, Duration)>,
+}
+
+impl Default for HumanWaits {
+    fn default() -> Self {
+        HumanWaits {
+            state: watch::channel((0, Duration::ZERO)).0,
+        }
+    }
+}
+
+/// One open question; its time is credited when it ends.
+pub struct WaitGuard<'a> {
+    waits: &'a HumanWaits,
+    since: Instant,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let spent = self.since.elapsed();
+        self.waits.state.send_modify(|(open, waited)| {
+            *open -= 1;
+            *waited += spent;
+        });
+    }
+}
+
+impl HumanWaits {
+    /// A question goes to the client now.
+    pub fn begin(&self) -> WaitGuard<'_> {
+        self.state.send_modify(|(open, _)| *open += 1);
+        WaitGuard {
+            waits: self,
+            since: Instant::now(),
+        }
+    }
+
+    /// Runs `call` for at most `budget` of time not spent waiting for answers.
+    pub async fn bounded<T>(
+        &self,
+        budget: Duration,
+        call: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let start = Instant::now();
+        let mut rx = self.state.subscribe();
+        // Waits of earlier calls (of the same client request) are not this one's.
+        let before = rx.borrow_and_update().1;
+        tokio::pin!(call);
+        loop {
+            let (open, waited) = *rx.borrow_and_update();
+            let deadline = start + budget + waited.saturating_sub(before);
+            tokio::select! {
+                biased;
+                r = &mut call => return r,
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep_until(deadline), if open == 0 => {
+                    return Err(UpstreamError::Timeout(budget));
+                }
+            }
+        }
+    }
+}
+
 /// One server→client request of a held call.
 struct InputAsk {
     method: String,
@@ -45,6 +122,7 @@ struct InputAsk {
 struct BridgePeer {
     client_id: u64,
     tx: mpsc::Sender<InputAsk>,
+    waits: Arc<HumanWaits>,
 }
 
 #[async_trait]
@@ -61,7 +139,9 @@ impl ClientPeer for BridgePeer {
             reply,
         };
         let gone = || rpc_error(super::protocol::INTERNAL_ERROR, "the client went away");
+        let _waiting = self.waits.begin();
         self.tx.send(ask).await.map_err(|_| gone())?;
+        // Bounded by the held call's expiry: an expired call is dropped.
         rx.await.map_err(|_| gone())?
     }
 }
@@ -269,14 +349,17 @@ impl Inner {
         let (ask_tx, asks) = mpsc::channel(8);
         let (progress_tx, progress) = mpsc::channel(32);
         let (result_tx, result) = oneshot::channel();
+        let waits = Arc::new(HumanWaits::default());
         let peer = Arc::new(BridgePeer {
             client_id: self.sessions.next_client(),
             tx: ask_tx,
+            waits: waits.clone(),
         });
         let ctx = CallCtx {
             progress: Some(progress_tx),
             peer: Some(peer),
             param_headers,
+            waits: Some(waits),
         };
         let inner = self.clone();
         let (ep2, m2) = (ep.clone(), method.to_owned());

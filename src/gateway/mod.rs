@@ -42,7 +42,7 @@ use tracing::{debug, Instrument};
 
 use crate::metrics::{Era, Metrics};
 use crate::model::{validate_name, Principal, Protocol};
-use bridge::{AbortOnDrop, Held};
+use bridge::{AbortOnDrop, Held, HumanWaits};
 use follow::{Followers, SubscriptionsFull};
 use hub::{Hub, Listener};
 use protocol::*;
@@ -521,6 +521,7 @@ async fn stateless_call(
         progress: ptx,
         peer: None,
         param_headers,
+        waits: None,
     };
     pump(out, prx, inner.call(ep, method, params, ctx)).await
 }
@@ -832,10 +833,12 @@ async fn legacy_post(
             let call_id = id.clone();
             respond(sse, id, legacy_status, move |out| async move {
                 let _busy = busy;
+                let waits = Arc::new(HumanWaits::default());
                 let peer = Arc::new(LegacyPeer {
                     session: session.clone(),
                     call_stream: out.clone(),
                     timeout: peer_timeout,
+                    waits: waits.clone(),
                 });
                 let (ptx, prx) = match out {
                     Some(_) => {
@@ -848,6 +851,7 @@ async fn legacy_post(
                     progress: ptx,
                     peer: Some(peer),
                     param_headers: None,
+                    waits: Some(waits),
                 };
                 let (abort, reg) = AbortHandle::new_pair();
                 let _inflight = session.start_call(&call_id, abort);

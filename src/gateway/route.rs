@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::bridge::{HumanWaits, MAX_HUMAN_WAITS};
 use super::names;
 use super::protocol::{self, rpc_error, ParamHeaders, INVALID_PARAMS, METHOD_NOT_FOUND};
 use super::upstream::{
@@ -53,6 +54,9 @@ pub struct CallCtx {
     /// A stateless `tools/call`'s `Mcp-Param-*` headers, checked against the
     /// arguments for the parameters the tool mirrors (SEP-2243).
     pub param_headers: Option<ParamHeaders>,
+    /// The call's waits for its client's answers (with `peer`): they do not
+    /// count against the call timeout.
+    pub waits: Option<Arc<HumanWaits>>,
 }
 
 /// Pages of one list a mesh endpoint follows per service, at most.
@@ -97,13 +101,27 @@ impl Inner {
         if let (Some(headers), Some(p)) = (&ctx.param_headers, &params) {
             check_param_headers(&*up, headers, p)?;
         }
+        let budget = self.upstreams.call_timeout(key);
+        let Some(waits) = ctx.waits else {
+            let opts = CallOptions {
+                timeout: budget,
+                progress: ctx.progress,
+                peer: ctx.peer,
+                meta: None,
+            };
+            return up.request(method, params.map(Value::Object), opts).await;
+        };
+        // The session's deadline is only the backstop: `bounded` ends the
+        // call once the server's own time is spent.
         let opts = CallOptions {
-            timeout: self.upstreams.call_timeout(key),
+            timeout: budget + self.config.held_ttl * MAX_HUMAN_WAITS,
             progress: ctx.progress,
             peer: ctx.peer,
             meta: None,
         };
-        up.request(method, params.map(Value::Object), opts).await
+        waits
+            .bounded(budget, up.request(method, params.map(Value::Object), opts))
+            .await
     }
 
     /// The service an exposed resource URI belongs to, and its own URI.

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::bridge::HumanWaits;
 use super::follow::SubGuard;
 use super::protocol::{rpc_error, INTERNAL_ERROR, INVALID_PARAMS};
 use super::route::Endpoint;
@@ -289,7 +290,10 @@ pub struct LegacyPeer {
     pub session: Arc<ClientSession>,
     /// The SSE response stream of the call, if it is one.
     pub call_stream: Option<mpsc::Sender<Value>>,
+    /// How long one answer may take.
     pub timeout: Duration,
+    /// Where the time spent waiting for answers is credited.
+    pub waits: Arc<HumanWaits>,
 }
 
 /// Removes a pending server→client request however its wait ends.
@@ -360,6 +364,7 @@ impl ClientPeer for LegacyPeer {
                 "the client has no open stream to receive this request",
             ));
         }
+        let _waiting = self.waits.begin();
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(rpc_error(INTERNAL_ERROR, "the client session ended")),

@@ -1934,3 +1934,87 @@ async fn param_headers_are_checked_against_the_arguments() {
         .await);
     }
 }
+
+// ------------------------------------------------------------------ a human's time
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_human_is_bounded_by_the_hold_time_not_the_call_timeout() {
+    let fakes = Fakes::new();
+    fakes.add("acme", "time", Protocol::Handshake);
+    *fakes.call_timeout.lock().unwrap() = Duration::from_secs(2);
+    let config = GatewayConfig {
+        held_ttl: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let (_g, app) = gateway(&fakes, config);
+    let p = "/mcp/acme/time";
+
+    // The server's own work still ends at the call timeout.
+    let a = send(
+        &app,
+        modern(
+            p,
+            json!(1),
+            "tools/call",
+            json!({"name":"slow","arguments":{}}),
+        ),
+    )
+    .await;
+    assert_eq!(a.body["error"]["code"], UPSTREAM_TIMEOUT, "{}", a.body);
+
+    // A stateless client takes a minute to answer an elicitation.
+    let a = send(&app, ask(2, "sy", json!({"elicitation": {}}))).await;
+    let r = &a.body["result"];
+    assert_eq!(r["resultType"], "input_required", "{}", a.body);
+    let key = r["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let mut retry = json!({"name":"ask","arguments":{"who":"sy"},"requestState": r["requestState"],
+        "inputResponses": { key: {"action":"accept","content":{"name":"Sy"}} }});
+    retry["_meta"] = meta(json!({"elicitation": {}}));
+    let a = send(&app, modern(p, json!(3), "tools/call", retry)).await;
+    assert_eq!(
+        a.body["result"]["content"][0]["text"], "sy answered Sy",
+        "{}",
+        a.body
+    );
+
+    // So does a handshake-era client.
+    let sid = initialize(&app, p, json!({"elicitation": {}})).await;
+    let resp = app
+        .clone()
+        .oneshot(legacy(p, &sid, json!({"jsonrpc":"2.0","id":"h1","method":"tools/call","params":{"name":"ask","arguments":{"who":"hy"}}})))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let request = loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&f.into_data().unwrap()));
+        if let Some(m) = sse_messages(&text)
+            .into_iter()
+            .find(|m| m["method"] == "elicitation/create")
+        {
+            break m;
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let a = send(&app, legacy(p, &sid, json!({"jsonrpc":"2.0","id": request["id"],"result":{"action":"accept","content":{"name":"Hy"}}}))).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let rest = body.collect().await.unwrap().to_bytes();
+    text.push_str(&String::from_utf8_lossy(&rest));
+    let last = sse_messages(&text).pop().unwrap();
+    assert_eq!(
+        last["result"]["content"][0]["text"], "hy answered Hy",
+        "{last}"
+    );
+}
