@@ -54,8 +54,11 @@ use upstream::{RpcError, ServiceKey, UpstreamError, Upstreams};
 /// Limits and timings of the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Handshake-era sessions open at once, at most.
+    /// Handshake-era sessions open at once, at most (all meshes).
     pub max_sessions: usize,
+    /// Handshake-era sessions open at once on one mesh's endpoints, at most,
+    /// so one tenant cannot take every session.
+    pub max_sessions_per_mesh: usize,
     /// A session with no request and no open stream for this long ends.
     pub session_idle: Duration,
     /// Calls held open for a stateless client's input, at most.
@@ -79,7 +82,8 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            max_sessions: 1024,
+            max_sessions: 4096,
+            max_sessions_per_mesh: 512,
             session_idle: Duration::from_secs(30 * 60),
             max_held: 256,
             held_ttl: Duration::from_secs(300),
@@ -114,6 +118,7 @@ impl Gateway {
         let inner = Arc::new(Inner {
             sessions: Arc::new(Sessions::new(
                 config.max_sessions,
+                config.max_sessions_per_mesh,
                 config.session_idle,
                 config.max_pending_per_session,
             )),

@@ -163,9 +163,11 @@ impl ClientSession {
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("too many MCP sessions are open ({max}); close one or retry later")]
-pub struct SessionsFull {
-    pub max: usize,
+pub enum SessionsFull {
+    #[error("too many MCP sessions are open ({max}); close one or retry later")]
+    All { max: usize },
+    #[error("too many MCP sessions are open on mesh {mesh} ({max}); close one or retry later")]
+    Mesh { mesh: String, max: usize },
 }
 
 /// The session table.
@@ -173,16 +175,18 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Arc<ClientSession>>>,
     next: AtomicU64,
     max: usize,
+    max_per_mesh: usize,
     idle: Duration,
     max_pending: usize,
 }
 
 impl Sessions {
-    pub fn new(max: usize, idle: Duration, max_pending: usize) -> Self {
+    pub fn new(max: usize, max_per_mesh: usize, idle: Duration, max_pending: usize) -> Self {
         Sessions {
             map: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             max,
+            max_per_mesh,
             idle,
             max_pending,
         }
@@ -195,10 +199,20 @@ impl Sessions {
         capabilities: Value,
     ) -> Result<Arc<ClientSession>, SessionsFull> {
         let mut map = self.map.lock().expect("poisoned");
-        if map.len() >= self.max {
+        let mesh = endpoint.mesh().to_owned();
+        let of_mesh = |map: &HashMap<String, Arc<ClientSession>>| {
+            map.values().filter(|s| s.endpoint.mesh() == mesh).count()
+        };
+        if map.len() >= self.max || of_mesh(&map) >= self.max_per_mesh {
             Self::expire_locked(&mut map, self.idle);
             if map.len() >= self.max {
-                return Err(SessionsFull { max: self.max });
+                return Err(SessionsFull::All { max: self.max });
+            }
+            if of_mesh(&map) >= self.max_per_mesh {
+                return Err(SessionsFull::Mesh {
+                    mesh,
+                    max: self.max_per_mesh,
+                });
             }
         }
         let s = Arc::new(ClientSession {

@@ -2018,3 +2018,36 @@ async fn a_call_waiting_on_a_human_is_bounded_by_the_hold_time_not_the_call_time
         "{last}"
     );
 }
+
+#[tokio::test]
+async fn one_mesh_cannot_take_every_session() {
+    let fakes = Fakes::new();
+    fakes.add("acme", "time", Protocol::Handshake);
+    fakes.add("beta", "time", Protocol::Handshake);
+    let config = GatewayConfig {
+        max_sessions: 100,
+        max_sessions_per_mesh: 4,
+        ..Default::default()
+    };
+    let (g, app) = gateway(&fakes, config);
+    for p in ["/mcp/acme/time", "/mcp/acme", "/mcp/acme/time", "/mcp/acme"] {
+        initialize(&app, p, json!({})).await;
+    }
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{}}});
+    let a = send(&app, raw("/mcp/acme", &[], init.to_string())).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_i64()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some(GATEWAY_BUSY))
+    );
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("acme"),
+        "{}",
+        a.body
+    );
+    // Another mesh is not locked out.
+    initialize(&app, "/mcp/beta/time", json!({})).await;
+    assert_eq!(g.sessions(), 5);
+}
