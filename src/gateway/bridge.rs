@@ -155,12 +155,20 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// An upstream call of a stateless client that waits for the client's input.
-pub struct HeldCall {
+/// Whose request a held call is: a retry must be the same request of the
+/// same caller on the same endpoint.
+#[derive(PartialEq)]
+struct Asker {
     principal: Principal,
     endpoint: Endpoint,
     method: String,
+    /// The tool or prompt name, or resource URI.
     name: Option<Value>,
+}
+
+/// An upstream call of a stateless client that waits for the client's input.
+pub struct HeldCall {
+    asker: Asker,
     caps: Value,
     asks: mpsc::Receiver<InputAsk>,
     waiting: Vec<(String, Option<Value>, InputAsk)>,
@@ -305,7 +313,12 @@ impl Inner {
             .unwrap_or_else(|| json!({}));
         let state = params.remove("requestState");
         let responses = params.remove("inputResponses");
-        let name = params.get("name").or_else(|| params.get("uri")).cloned();
+        let asker = Asker {
+            principal: principal.clone(),
+            endpoint: ep.clone(),
+            method: method.to_owned(),
+            name: params.get("name").or_else(|| params.get("uri")).cloned(),
+        };
         let mut call = match state {
             Some(token) => {
                 // The retry is a request of its own: its headers are checked too.
@@ -313,7 +326,7 @@ impl Inner {
                     self.check_tool_headers(ep, h, &params).await?;
                 }
                 let token = token.as_str().unwrap_or_default();
-                let mut call = self.take_held(token, principal, ep, method, name.as_ref())?;
+                let mut call = self.take_held(token, &asker)?;
                 call.caps = caps;
                 call.answer(responses.as_ref().and_then(Value::as_object));
                 if !call.waiting.is_empty() {
@@ -321,7 +334,7 @@ impl Inner {
                 }
                 call
             }
-            None => self.start_held(principal, ep, method, params, param_headers, name, caps),
+            None => self.start_held(asker, params, param_headers, caps),
         };
         match call.drive(out).await {
             Drive::Done(r) => r,
@@ -338,12 +351,9 @@ impl Inner {
 
     fn start_held(
         self: &Arc<Self>,
-        principal: &Principal,
-        ep: &Endpoint,
-        method: &str,
+        asker: Asker,
         params: Map<String, Value>,
         param_headers: Option<ParamHeaders>,
-        name: Option<Value>,
         caps: Value,
     ) -> HeldCall {
         let (ask_tx, asks) = mpsc::channel(8);
@@ -362,7 +372,7 @@ impl Inner {
             waits: Some(waits),
         };
         let inner = self.clone();
-        let (ep2, m2) = (ep.clone(), method.to_owned());
+        let (ep2, m2) = (asker.endpoint.clone(), asker.method.clone());
         let task = tokio::spawn(
             async move {
                 let r = inner.call(&ep2, &m2, Some(params), ctx).await;
@@ -371,10 +381,7 @@ impl Inner {
             .in_current_span(),
         );
         HeldCall {
-            principal: principal.clone(),
-            endpoint: ep.clone(),
-            method: method.to_owned(),
-            name,
+            asker,
             caps,
             asks,
             waiting: Vec::new(),
@@ -402,22 +409,11 @@ impl Inner {
         Ok(answer)
     }
 
-    fn take_held(
-        &self,
-        token: &str,
-        principal: &Principal,
-        ep: &Endpoint,
-        method: &str,
-        name: Option<&Value>,
-    ) -> Result<HeldCall, UpstreamError> {
+    fn take_held(&self, token: &str, asker: &Asker) -> Result<HeldCall, UpstreamError> {
         let mut map = self.held.map.lock().expect("poisoned");
-        let fits = map.get(token).is_some_and(|c| {
-            c.principal == *principal
-                && c.endpoint == *ep
-                && c.method == method
-                && c.name.as_ref() == name
-                && c.expires > Instant::now()
-        });
+        let fits = map
+            .get(token)
+            .is_some_and(|c| c.asker == *asker && c.expires > Instant::now());
         if !fits {
             return Err(rpc(
                 INVALID_PARAMS,

@@ -166,10 +166,13 @@ impl Shared {
     }
 }
 
+/// A follower's state and its task.
+type Running = (Arc<Shared>, AbortOnDrop<()>);
+
 /// The followers of all services, started on demand.
 pub struct Followers {
     upstreams: Arc<dyn Upstreams>,
-    map: Mutex<HashMap<ServiceKey, (Arc<Shared>, AbortOnDrop<()>)>>,
+    map: Mutex<HashMap<ServiceKey, Running>>,
 }
 
 impl Followers {
