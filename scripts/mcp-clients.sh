@@ -32,5 +32,10 @@ if [ ! -x venv/bin/python ]; then
   python3 -m venv venv
 fi
 # uv gives `uvx`, the reference `meshbox run pypi:…` is compared with (tests/run.rs).
-venv/bin/pip install --quiet --upgrade 'mcp>=2' mcp-proxy uv
+venv/bin/pip install --quiet --upgrade 'mcp>=2' uv
+# mcp-proxy (a peer in benches/gateway.rs) needs the 1.x Python SDK: its own venv.
+if [ ! -x proxy-venv/bin/python ]; then
+  python3 -m venv proxy-venv
+fi
+proxy-venv/bin/pip install --quiet --upgrade 'mcp-proxy>=0.13'
 echo "MCP clients installed in $dir"

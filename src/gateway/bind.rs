@@ -91,6 +91,12 @@ impl Upstream for SessionUpstream {
         })
     }
 
+    fn protocol(&self) -> Protocol {
+        self.session
+            .info()
+            .map_or(Protocol::Handshake, |i| i.protocol)
+    }
+
     fn tools(&self) -> Arc<Vec<Value>> {
         self.session.tools()
     }

@@ -289,7 +289,7 @@ async fn run(shared: Arc<Shared>, upstreams: Arc<dyn Upstreams>) {
             }
         };
         let timeout = upstreams.call_timeout(&shared.key);
-        let ended = match up.info().protocol {
+        let ended = match up.protocol() {
             Protocol::Handshake => follow_handshake(&shared, &*up, &mut events, timeout).await,
             Protocol::Stateless => follow_stateless(&shared, &*up, &mut events).await,
         };

@@ -466,12 +466,13 @@ async fn stateless_post(
     }
 }
 
-/// The era of the service a request goes to.
-async fn target_protocol(
+/// The service a request goes to, and its session: the service itself, or
+/// on a mesh endpoint the one its prefixed name or URI points at.
+async fn target_upstream(
     inner: &Inner,
     ep: &Endpoint,
     params: Option<&Map<String, Value>>,
-) -> Option<Protocol> {
+) -> Option<(ServiceKey, Arc<dyn upstream::Upstream>)> {
     let key = match ep {
         Endpoint::Service(k) => k.clone(),
         Endpoint::Mesh(mesh) => {
@@ -485,11 +486,8 @@ async fn target_protocol(
             }
         }
     };
-    inner
-        .upstream_of(&key)
-        .await
-        .ok()
-        .map(|u| u.info().protocol)
+    let up = inner.upstream_of(&key).await.ok()?;
+    Some((key, up))
 }
 
 async fn stateless_call(
@@ -501,16 +499,23 @@ async fn stateless_call(
     param_headers: Option<ParamHeaders>,
     out: Option<mpsc::Sender<Value>>,
 ) -> Result<Value, UpstreamError> {
-    if may_need_input(method)
-        && target_protocol(inner, ep, params.as_ref()).await == Some(Protocol::Handshake)
-    {
+    let upstream = target_upstream(inner, ep, params.as_ref()).await;
+    let handshake = upstream
+        .as_ref()
+        .is_some_and(|(_, up)| up.protocol() == Protocol::Handshake);
+    let ctx = CallCtx {
+        param_headers,
+        upstream,
+        ..CallCtx::default()
+    };
+    if may_need_input(method) && handshake {
         return inner
             .bridged(
                 principal,
                 ep,
                 method,
                 params.unwrap_or_default(),
-                param_headers,
+                ctx,
                 out.as_ref(),
             )
             .await;
@@ -524,9 +529,7 @@ async fn stateless_call(
     };
     let ctx = CallCtx {
         progress: ptx,
-        peer: None,
-        param_headers,
-        waits: None,
+        ..ctx
     };
     pump(out, prx, inner.call(ep, method, params, ctx)).await
 }
@@ -855,8 +858,8 @@ async fn legacy_post(
                 let ctx = CallCtx {
                     progress: ptx,
                     peer: Some(peer),
-                    param_headers: None,
                     waits: Some(waits),
+                    ..CallCtx::default()
                 };
                 let (abort, reg) = AbortHandle::new_pair();
                 let _inflight = session.start_call(&call_id, abort);

@@ -120,7 +120,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
         id: Value::Null,
         error: rpc_error(PARSE_ERROR, format!("invalid JSON: {e}")),
     })?;
-    let obj = match v {
+    let mut obj = match v {
         Value::Object(o) => o,
         Value::Array(_) => return Err(invalid(Value::Null, "JSON-RPC batches are not supported")),
         _ => return Err(invalid(Value::Null, "a JSON-RPC message must be an object")),
@@ -140,19 +140,19 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err(invalid(echo, "`jsonrpc` must be \"2.0\""));
     }
-    if let Some(m) = obj.get("method") {
-        let Some(method) = m
-            .as_str()
-            .filter(|m| !m.is_empty() && m.len() <= MAX_METHOD)
-        else {
-            return Err(invalid(
-                echo,
-                format!("`method` must be a string of 1 to {MAX_METHOD} bytes"),
-            ));
+    if let Some(m) = obj.remove("method") {
+        let method = match m {
+            Value::String(m) if !m.is_empty() && m.len() <= MAX_METHOD => m,
+            _ => {
+                return Err(invalid(
+                    echo,
+                    format!("`method` must be a string of 1 to {MAX_METHOD} bytes"),
+                ))
+            }
         };
-        let params = match obj.get("params") {
+        let params = match obj.remove("params") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(p)) => Some(p.clone()),
+            Some(Value::Object(p)) => Some(p),
             Some(_) => {
                 return Err(Rejected {
                     id: echo,
@@ -160,7 +160,6 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
                 })
             }
         };
-        let method = method.to_owned();
         return Ok(match id {
             Some(id) => Incoming::Request { id, method, params },
             None => Incoming::Notification { method, params },

@@ -57,6 +57,8 @@ pub struct CallCtx {
     /// The call's waits for its client's answers (with `peer`): they do not
     /// count against the call timeout.
     pub waits: Option<Arc<HumanWaits>>,
+    /// The service's session, when the caller looked it up already.
+    pub upstream: Option<(ServiceKey, Arc<dyn Upstream>)>,
 }
 
 /// Pages of one list a mesh endpoint follows per service, at most.
@@ -79,9 +81,6 @@ impl Inner {
         &self,
         key: &ServiceKey,
     ) -> Result<Arc<dyn Upstream>, UpstreamError> {
-        if !self.upstreams.exists(key) {
-            return Err(UpstreamError::NotFound { key: key.clone() });
-        }
         let wait = self
             .upstreams
             .call_timeout(key)
@@ -97,7 +96,10 @@ impl Inner {
         params: Option<Map<String, Value>>,
         ctx: CallCtx,
     ) -> Result<Value, UpstreamError> {
-        let up = self.upstream_of(key).await?;
+        let up = match ctx.upstream {
+            Some((k, up)) if k == *key => up,
+            _ => self.upstream_of(key).await?,
+        };
         if let (Some(headers), Some(p)) = (&ctx.param_headers, &params) {
             check_param_headers(&*up, headers, p)?;
         }
