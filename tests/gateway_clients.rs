@@ -195,7 +195,7 @@ fn inspector(url: &str, era: &str, token: Option<&str>, args: &[&str]) -> (Value
         .chain(stderr.lines())
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .filter(|v| v.get("result").is_some() || v.get("error").is_some())
-        .last()
+        .next_back()
         .unwrap_or_else(|| {
             panic!(
                 "no JSON answer from the Inspector ({args:?} on {url}, {era}):\n{stdout}\n{stderr}"
