@@ -194,8 +194,7 @@ fn inspector(url: &str, era: &str, token: Option<&str>, args: &[&str]) -> (Value
         .lines()
         .chain(stderr.lines())
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .filter(|v| v.get("result").is_some() || v.get("error").is_some())
-        .next_back()
+        .rfind(|v| v.get("result").is_some() || v.get("error").is_some())
         .unwrap_or_else(|| {
             panic!(
                 "no JSON answer from the Inspector ({args:?} on {url}, {era}):\n{stdout}\n{stderr}"
