@@ -21,8 +21,9 @@
 //! caller; at 64 callers it makes ≥ 5× the calls/s of the better peer.
 //! The machine may be noisy: the figures that matter are the ratios of one run.
 //!
-//! `MESHBOX_BENCH_PROFILE=SECS` drives only the gateway, at 64 callers, for
-//! that long, after printing meshbox's pid (for `perf record -g -p PID`).
+//! `MESHBOX_BENCH_PROFILE=SECS[,CALLERS[,rest]]` drives only the gateway (or
+//! the REST route), at CALLERS (default 64) callers, for that long, after
+//! printing meshbox's pid (for `perf record -g -p PID`).
 
 mod common;
 
@@ -36,6 +37,8 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 const SEQUENTIAL: usize = 2000;
+/// The one-caller calls are made in this many interleaved slices.
+const ROUNDS: usize = 10;
 const CALLERS: usize = 64;
 const EACH: usize = 100;
 
@@ -291,6 +294,8 @@ async fn supergateway_session(base: &str) -> String {
 struct Row {
     name: &'static str,
     one: Latencies,
+    /// The median of the one-caller slices' p50s.
+    p50: f64,
     many: Latencies,
 }
 
@@ -337,20 +342,6 @@ async fn main() {
         callers: Default::default(),
     });
 
-    if let Some(secs) = std::env::var("MESHBOX_BENCH_PROFILE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        eprintln!("profiling: meshbox pid {}", daemon.pid());
-        let until = Instant::now() + Duration::from_secs(secs);
-        let mut calls = 0;
-        while Instant::now() < until {
-            calls += load(&gateway, CALLERS, EACH).await.sorted.len();
-        }
-        eprintln!("profiling: {calls} calls");
-        return;
-    }
-
     let rest_way = Arc::new(Http {
         base: daemon.base.clone(),
         path: "/v1/meshes/bench/services/echo/call".into(),
@@ -359,6 +350,24 @@ async fn main() {
         numbered: false,
         callers: Default::default(),
     });
+
+    if let Ok(profile) = std::env::var("MESHBOX_BENCH_PROFILE") {
+        let mut parts = profile.split(',');
+        let secs: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+        let callers: usize = parts.next().and_then(|s| s.parse().ok()).unwrap_or(CALLERS);
+        let way: &dyn Way = match parts.next() {
+            Some("rest") => &rest_way,
+            _ => &gateway,
+        };
+        eprintln!("profiling: meshbox pid {}", daemon.pid());
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut calls = 0;
+        while Instant::now() < until {
+            calls += load(way, callers, EACH).await.sorted.len();
+        }
+        eprintln!("profiling: {calls} calls");
+        return;
+    }
 
     let port = free_port();
     let sg = start_peer(
@@ -441,18 +450,42 @@ async fn main() {
         }
         common::median(lat).as_secs_f64() * 1e6
     };
+    // One caller: the ways take turns, a slice at a time, so the machine's
+    // noise falls on all of them alike; each way's p50 is the median of its
+    // slices' p50s.
+    let mut one: Vec<Vec<Duration>> = vec![Vec::new(); ways.len()];
+    let mut slices: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
+    let mut cpu_one = std::collections::HashMap::new();
+    for round in 0..ROUNDS {
+        eprintln!("measuring one caller, round {}/{ROUNDS}", round + 1);
+        for (i, (name, way)) in ways.iter().enumerate() {
+            let cpu0 = cpu_time(daemon.pid());
+            let l = load(*way, 1, SEQUENTIAL / ROUNDS).await;
+            *cpu_one.entry(*name).or_insert(Duration::ZERO) += cpu_time(daemon.pid()) - cpu0;
+            slices[i].push(l.q(0.5));
+            one[i].extend(l.sorted);
+        }
+    }
     let mut rows = Vec::new();
     let mut cpu = std::collections::HashMap::new();
-    for (name, way) in &ways {
-        eprintln!("measuring: {name}");
-        let one = load(*way, 1, SEQUENTIAL).await;
+    for (i, (name, way)) in ways.iter().enumerate() {
+        eprintln!("measuring: {name}, {CALLERS} callers");
         let cpu0 = cpu_time(daemon.pid());
         let many = load(*way, CALLERS, EACH).await;
         let spent = cpu_time(daemon.pid()) - cpu0;
         cpu.insert(*name, spent.as_secs_f64() * 1e6 / many.sorted.len() as f64);
-        rows.push(Row { name, one, many });
+        let mut sorted = std::mem::take(&mut one[i]);
+        sorted.sort();
+        let mut p50s = std::mem::take(&mut slices[i]);
+        p50s.sort_by(f64::total_cmp);
+        let wall = sorted.iter().sum();
+        rows.push(Row {
+            name,
+            one: Latencies { sorted, wall },
+            p50: p50s[p50s.len() / 2],
+            many,
+        });
     }
-
     println!();
     println!(
         "{:<16} {:>10} {:>10} {:>10} | {:>10} {:>10} {:>10}",
@@ -462,7 +495,7 @@ async fn main() {
         println!(
             "{:<16} {:>10.1} {:>10.1} {:>10.0} | {:>10.1} {:>10.1} {:>10.0}",
             r.name,
-            r.one.q(0.5),
+            r.p50,
             r.one.q(0.99),
             r.one.per_sec(),
             r.many.q(0.5),
@@ -473,7 +506,7 @@ async fn main() {
     let [direct_row, gateway_row, sg_row, mp_row, rest_row] = &rows[..] else {
         unreachable!()
     };
-    let added = gateway_row.one.q(0.5) - direct_row.one.q(0.5);
+    let added = gateway_row.p50 - direct_row.p50;
     let (better, better_rate) = if sg_row.many.per_sec() >= mp_row.many.per_sec() {
         ("supergateway", sg_row.many.per_sec())
     } else {
@@ -498,12 +531,16 @@ async fn main() {
     );
     println!(
         "where the 1-caller p50 goes: HTTP floor (GET /v1/health) {floor:.1} µs; meshbox REST adds {:.1} µs over the pipe; the gateway adds {:.1} µs over REST",
-        rest_row.one.q(0.5) - direct_row.one.q(0.5),
-        gateway_row.one.q(0.5) - rest_row.one.q(0.5)
+        rest_row.p50 - direct_row.p50,
+        gateway_row.p50 - rest_row.p50
     );
+    let per_call = |d: Duration| d.as_secs_f64() * 1e6 / SEQUENTIAL as f64;
     println!(
-        "meshbox CPU per call at 64 callers: gateway {:.1} µs, REST {:.1} µs",
-        cpu["meshbox gateway"], cpu["meshbox REST"]
+        "meshbox CPU per call: 1 caller gateway {:.1} µs, REST {:.1} µs; 64 callers gateway {:.1} µs, REST {:.1} µs",
+        per_call(cpu_one["meshbox gateway"]),
+        per_call(cpu_one["meshbox REST"]),
+        cpu["meshbox gateway"],
+        cpu["meshbox REST"]
     );
     drop((sg, mp));
 }

@@ -103,6 +103,12 @@ impl Inner {
         if let (Some(headers), Some(p)) = (&ctx.param_headers, &params) {
             check_param_headers(&*up, headers, p)?;
         }
+        let mut params = params;
+        if up.protocol() == Protocol::Handshake {
+            if let Some(p) = params.as_mut() {
+                strip_envelope(p);
+            }
+        }
         let budget = self.upstreams.call_timeout(key);
         let Some(waits) = ctx.waits else {
             let opts = CallOptions {
@@ -352,6 +358,25 @@ impl Inner {
                 )),
             }),
         }
+    }
+}
+
+/// Drops a stateless client's per-request envelope (protocol version,
+/// capabilities, client info) from `_meta`: a handshake-era server
+/// negotiated its version in `initialize` and has no use for it.
+fn strip_envelope(params: &mut Map<String, Value>) {
+    let Some(Value::Object(meta)) = params.get_mut("_meta") else {
+        return;
+    };
+    for k in [
+        protocol::META_PROTOCOL_VERSION,
+        protocol::META_CLIENT_CAPABILITIES,
+        protocol::META_CLIENT_INFO,
+    ] {
+        meta.remove(k);
+    }
+    if meta.is_empty() {
+        params.remove("_meta");
     }
 }
 

@@ -2051,3 +2051,33 @@ async fn one_mesh_cannot_take_every_session() {
     initialize(&app, "/mcp/beta/time", json!({})).await;
     assert_eq!(g.sessions(), 5);
 }
+
+#[tokio::test]
+async fn a_handshake_server_gets_no_stateless_envelope_but_the_rest_of_meta() {
+    let fakes = Fakes::new();
+    let fake = fakes.add("acme", "time", Protocol::Handshake);
+    let stateless = fakes.add("acme", "st", Protocol::Stateless);
+    let (_g, app) = gateway(&fakes, GatewayConfig::default());
+    let mut m = meta(json!({}));
+    m["progressToken"] = json!("p1");
+    m["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    for (p, f) in [("/mcp/acme/time", &fake), ("/mcp/acme/st", &stateless)] {
+        let a = send(
+            &app,
+            modern(
+                p,
+                json!(1),
+                "tools/call",
+                json!({"name":"echo","arguments":{"text":"x"},"_meta": m}),
+            ),
+        )
+        .await;
+        assert!(a.body["result"].is_object(), "{}", a.body);
+        let sent = f.last("tools/call").unwrap();
+        assert_eq!(sent["_meta"]["progressToken"], "p1", "{sent}");
+        assert_eq!(sent["_meta"]["traceparent"], m["traceparent"], "{sent}");
+        let envelope = sent["_meta"].get(META_PROTOCOL_VERSION).is_some();
+        // Only the stateless server needs the envelope.
+        assert_eq!(envelope, f.protocol == Protocol::Stateless, "{sent}");
+    }
+}
