@@ -175,20 +175,73 @@ impl HttpCaller {
         self.send(hyper::Method::DELETE, path, Bytes::new()).await
     }
 
+    /// POST `body` to `path` with extra headers (an MCP client's).
+    pub async fn post_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> (u16, Bytes) {
+        self.send_with(hyper::Method::POST, path, headers, body)
+            .await
+    }
+
+    /// POST with extra headers; also the value of the answer's `header`.
+    pub async fn post_session(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        header: &str,
+    ) -> (u16, Bytes, Option<String>) {
+        let (status, h, body) = self
+            .send_full(hyper::Method::POST, path, headers, body)
+            .await;
+        let value = h
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (status, body, value)
+    }
+
     async fn send(&mut self, method: hyper::Method, path: &str, body: Bytes) -> (u16, Bytes) {
+        self.send_with(method, path, &[], body).await
+    }
+
+    async fn send_with(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> (u16, Bytes) {
+        let (status, _, body) = self.send_full(method, path, headers, body).await;
+        (status, body)
+    }
+
+    async fn send_full(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> (u16, hyper::HeaderMap, Bytes) {
         use http_body_util::BodyExt;
         self.sender.ready().await.unwrap();
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.host)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .unwrap();
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body)).unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, bytes)
+        (status, headers, bytes)
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`Session`] as an [`Upstream`], the registry as [`Upstreams`], the
 //! supervisor's registry events as [`ServiceEvent`]s (running or not).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,16 @@ impl Upstream for SessionUpstream {
         })
     }
 
+    fn protocol(&self) -> Protocol {
+        self.session
+            .info()
+            .map_or(Protocol::Handshake, |i| i.protocol)
+    }
+
+    fn tools(&self) -> Arc<Vec<Value>> {
+        self.session.tools()
+    }
+
     async fn request(
         &self,
         method: &str,
@@ -161,27 +172,77 @@ impl SupervisorUpstreams {
     /// Needs a tokio runtime (it relays the supervisor's events).
     pub fn new(supervisor: Arc<Supervisor>) -> Arc<Self> {
         let (events, _) = broadcast::channel(256);
-        let (mut rx, tx) = (supervisor.events(), events.clone());
-        let relay = tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        let up = ev.phase == Phase::Running;
-                        let _ = tx.send(ServiceEvent { key: ev.key, up });
-                    }
-                    // Missed some: the gateway resyncs on a lag of its own.
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(missed = n, "service events lagged");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
+        let sup = supervisor.clone();
+        let now = move || {
+            sup.list(None)
+                .into_iter()
+                .filter_map(|s| {
+                    Some(ServiceEvent {
+                        key: ServiceKey::parse(&s.mesh, &s.name).ok()?,
+                        up: s.status == Phase::Running,
+                    })
+                })
+                .collect()
+        };
+        let relay = tokio::spawn(relay(supervisor.events(), events.clone(), now));
         Arc::new(SupervisorUpstreams {
             supervisor,
             events,
             _relay: AbortOnDrop(relay),
         })
+    }
+}
+
+/// Relays the supervisor's events as running-or-not. After missing some
+/// (a lag), it announces the state of every service instead — `now` lists
+/// the deployed ones; one it announced up that is gone is announced down.
+async fn relay(
+    mut rx: broadcast::Receiver<crate::supervisor::ServiceEvent>,
+    tx: broadcast::Sender<ServiceEvent>,
+    now: impl Fn() -> Vec<ServiceEvent>,
+) {
+    // Services last announced up: a lag cannot hide that one went away.
+    let mut up: HashSet<ServiceKey> = HashSet::new();
+    let announce = |ev: ServiceEvent, up: &mut HashSet<ServiceKey>| {
+        if ev.up {
+            up.insert(ev.key.clone());
+        } else {
+            up.remove(&ev.key);
+        }
+        let _ = tx.send(ev);
+    };
+    loop {
+        match rx.recv().await {
+            Ok(ev) => {
+                let up_now = ev.phase == Phase::Running;
+                announce(
+                    ServiceEvent {
+                        key: ev.key,
+                        up: up_now,
+                    },
+                    &mut up,
+                );
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::debug!(
+                    missed = n,
+                    "service events lagged: announcing every service"
+                );
+                let current = now();
+                let gone: Vec<ServiceKey> = up
+                    .iter()
+                    .filter(|k| !current.iter().any(|e| e.key == **k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    announce(ServiceEvent { key, up: false }, &mut up);
+                }
+                for ev in current {
+                    announce(ev, &mut up);
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 
@@ -229,5 +290,78 @@ impl Upstreams for SupervisorUpstreams {
 
     fn events(&self) -> broadcast::Receiver<ServiceEvent> {
         self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::ServiceEvent as SupEvent;
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey::parse("acme", name).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lag_announces_every_service_instead_of_nothing() {
+        let (sup_tx, sup_rx) = broadcast::channel(2);
+        let (tx, mut out) = broadcast::channel(64);
+        let relay_task = tokio::spawn(super::relay(sup_rx, tx, || {
+            vec![
+                ServiceEvent {
+                    key: key("b"),
+                    up: true,
+                },
+                ServiceEvent {
+                    key: key("c"),
+                    up: false,
+                },
+            ]
+        }));
+        let up = |name| SupEvent {
+            key: key(name),
+            phase: Phase::Running,
+        };
+        sup_tx.send(up("a")).unwrap();
+        assert_eq!(
+            out.recv().await.unwrap(),
+            ServiceEvent {
+                key: key("a"),
+                up: true
+            }
+        );
+        // More events than the channel holds, before the relay reads: a lag.
+        for name in ["x", "y", "z", "w"] {
+            sup_tx
+                .send(SupEvent {
+                    key: key(name),
+                    phase: Phase::Starting,
+                })
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), out.recv()).await;
+            seen.push(ev.expect("nothing announced after the lag").unwrap());
+        }
+        // `a` went away unseen: announced down; then every service as it is.
+        assert_eq!(
+            seen,
+            [
+                ServiceEvent {
+                    key: key("a"),
+                    up: false
+                },
+                ServiceEvent {
+                    key: key("b"),
+                    up: true
+                },
+                ServiceEvent {
+                    key: key("c"),
+                    up: false
+                },
+            ]
+        );
+        relay_task.abort();
     }
 }

@@ -10,17 +10,24 @@
 //! Handshake-era client → stateless server: an `input_required` result is
 //! turned into server→client requests to the client, and the call retried
 //! with its answers.
+//!
+//! A call whose server waits for a person ([`HumanWaits`]) is bounded by the
+//! service's call timeout for the server's own work plus, per question, the
+//! hold time for the answer — not by the call timeout alone.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use tracing::Instrument;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::protocol::{
     rpc_error, GATEWAY_BUSY, INVALID_PARAMS, META_CLIENT_CAPABILITIES, MISSING_CLIENT_CAPABILITY,
@@ -34,6 +41,113 @@ use crate::model::Principal;
 /// Rounds of `input_required` a handshake-era client is walked through, at most.
 const MAX_ROUNDS: usize = 8;
 
+/// Questions to a person one upstream call may wait for, at most, before
+/// the session's own deadline (the backstop) ends it.
+pub const MAX_HUMAN_WAITS: u32 = 8;
+
+/// The time one call spent waiting for its client's answers (elicitation,
+/// sampling, roots), which does not count against the call timeout.
+#[derive(Debug, Default)]
+pub struct HumanWaits {
+    /// (questions open now, time spent waiting on answered ones)
+    state: Mutex<(usize, Duration)>,
+    changed: Notify,
+}
+
+/// One open question; its time is credited when it ends.
+pub struct WaitGuard<'a> {
+    waits: &'a HumanWaits,
+    since: Instant,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let spent = self.since.elapsed();
+        {
+            let mut st = self.waits.state.lock().expect("poisoned");
+            st.0 -= 1;
+            st.1 += spent;
+        }
+        self.waits.changed.notify_waiters();
+    }
+}
+
+impl HumanWaits {
+    /// A question goes to the client now.
+    pub fn begin(&self) -> WaitGuard<'_> {
+        self.state.lock().expect("poisoned").0 += 1;
+        self.changed.notify_waiters();
+        WaitGuard {
+            waits: self,
+            since: Instant::now(),
+        }
+    }
+
+    /// Runs `call` for at most `budget` of time not spent waiting for answers.
+    pub async fn bounded<T>(
+        &self,
+        budget: Duration,
+        call: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let start = Instant::now();
+        // Waits of earlier calls (of the same client request) are not this one's.
+        let before = self.state.lock().expect("poisoned").1;
+        tokio::pin!(call);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before reading the state: no change is missed.
+            changed.as_mut().enable();
+            let (open, waited) = *self.state.lock().expect("poisoned");
+            let deadline = start + budget + waited.saturating_sub(before);
+            tokio::select! {
+                biased;
+                r = &mut call => return r,
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(deadline), if open == 0 => {
+                    return Err(UpstreamError::Timeout(budget));
+                }
+            }
+        }
+    }
+}
+
+/// Questions one held call keeps for its client, at most.
+const MAX_ASKS: usize = 16;
+
+/// The server's questions of one call, on their way to the client.
+#[derive(Default)]
+struct Asks {
+    queue: Mutex<VecDeque<InputAsk>>,
+    arrived: Notify,
+}
+
+impl Asks {
+    fn push(&self, ask: InputAsk) -> Result<(), InputAsk> {
+        let mut q = self.queue.lock().expect("poisoned");
+        if q.len() >= MAX_ASKS {
+            return Err(ask);
+        }
+        q.push_back(ask);
+        drop(q);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    fn try_pop(&self) -> Option<InputAsk> {
+        self.queue.lock().expect("poisoned").pop_front()
+    }
+
+    async fn pop(&self) -> InputAsk {
+        loop {
+            if let Some(a) = self.try_pop() {
+                return a;
+            }
+            self.arrived.notified().await;
+        }
+    }
+}
+
 /// One server→client request of a held call.
 struct InputAsk {
     method: String,
@@ -43,7 +157,8 @@ struct InputAsk {
 
 struct BridgePeer {
     client_id: u64,
-    tx: mpsc::Sender<InputAsk>,
+    asks: Arc<Asks>,
+    waits: Arc<HumanWaits>,
 }
 
 #[async_trait]
@@ -60,7 +175,14 @@ impl ClientPeer for BridgePeer {
             reply,
         };
         let gone = || rpc_error(super::protocol::INTERNAL_ERROR, "the client went away");
-        self.tx.send(ask).await.map_err(|_| gone())?;
+        let _waiting = self.waits.begin();
+        if self.asks.push(ask).is_err() {
+            return Err(rpc_error(
+                super::protocol::INTERNAL_ERROR,
+                "too many requests wait for this client",
+            ));
+        }
+        // Bounded by the held call's expiry: an expired call is dropped.
         rx.await.map_err(|_| gone())?
     }
 }
@@ -74,20 +196,73 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// An upstream call of a stateless client that waits for the client's input.
-pub struct HeldCall {
+/// Whose request a held call is: a retry must be the same request of the
+/// same caller on the same endpoint.
+#[derive(PartialEq)]
+struct Asker {
     principal: Principal,
     endpoint: Endpoint,
     method: String,
+    /// The tool or prompt name, or resource URI.
     name: Option<Value>,
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<Value, UpstreamError>> + Send>>;
+
+/// The upstream call: polled by the client's request while it runs, moved
+/// into a task of its own when held (it outlives that request then).
+enum Running {
+    Inline(CallFuture),
+    Task {
+        result: oneshot::Receiver<Result<Value, UpstreamError>>,
+        _task: AbortOnDrop<()>,
+    },
+}
+
+impl Running {
+    async fn result(&mut self) -> Result<Value, UpstreamError> {
+        match self {
+            Running::Inline(call) => call.as_mut().await,
+            Running::Task { result, .. } => result.await.unwrap_or_else(|_| {
+                Err(UpstreamError::Protocol(
+                    "the call ended without an answer".into(),
+                ))
+            }),
+        }
+    }
+
+    /// A task of its own (the request that polled it ends).
+    fn detach(self) -> Running {
+        match self {
+            Running::Inline(call) => {
+                let (tx, result) = oneshot::channel();
+                // The call keeps the span of the request that started it.
+                let task = tokio::spawn(
+                    async move {
+                        let _ = tx.send(call.await);
+                    }
+                    .in_current_span(),
+                );
+                Running::Task {
+                    result,
+                    _task: AbortOnDrop(task),
+                }
+            }
+            held => held,
+        }
+    }
+}
+
+/// An upstream call of a stateless client that may wait for the client's input.
+pub struct HeldCall {
+    asker: Asker,
     caps: Value,
-    asks: mpsc::Receiver<InputAsk>,
+    asks: Arc<Asks>,
     waiting: Vec<(String, Option<Value>, InputAsk)>,
-    result: oneshot::Receiver<Result<Value, UpstreamError>>,
-    progress: mpsc::Receiver<Value>,
+    running: Running,
+    progress: Option<mpsc::Receiver<Value>>,
     next_key: u32,
     pub expires: Instant,
-    _task: AbortOnDrop<()>,
 }
 
 enum Drive {
@@ -121,27 +296,36 @@ impl HeldCall {
 
     /// Runs until the call ends or asks for input; progress goes to `out`.
     async fn drive(&mut self, out: Option<&mpsc::Sender<Value>>) -> Drive {
+        let asks = self.asks.clone();
         loop {
+            let progress = async {
+                match &mut self.progress {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
-                r = &mut self.result => {
-                    while let Ok(p) = self.progress.try_recv() {
-                        forward_progress(out, p).await;
+                r = self.running.result() => {
+                    if let Some(rx) = &mut self.progress {
+                        while let Ok(p) = rx.try_recv() {
+                            forward_progress(out, p).await;
+                        }
                     }
-                    return Drive::Done(r.unwrap_or_else(|_| Err(UpstreamError::Protocol("the call ended without an answer".into()))));
+                    return Drive::Done(r);
                 }
-                Some(ask) = self.asks.recv() => {
+                ask = asks.pop() => {
                     if let Some(c) = self.new_ask(ask) {
                         return Drive::MissingCapability(c);
                     }
-                    while let Ok(more) = self.asks.try_recv() {
+                    while let Some(more) = asks.try_pop() {
                         if let Some(c) = self.new_ask(more) {
                             return Drive::MissingCapability(c);
                         }
                     }
                     return Drive::NeedInput;
                 }
-                Some(p) = self.progress.recv() => forward_progress(out, p).await,
+                Some(p) = progress => forward_progress(out, p).await,
             }
         }
     }
@@ -214,6 +398,7 @@ impl Inner {
         ep: &Endpoint,
         method: &str,
         mut params: Map<String, Value>,
+        ctx: CallCtx,
         out: Option<&mpsc::Sender<Value>>,
     ) -> Result<Value, UpstreamError> {
         let caps = params
@@ -223,11 +408,20 @@ impl Inner {
             .unwrap_or_else(|| json!({}));
         let state = params.remove("requestState");
         let responses = params.remove("inputResponses");
-        let name = params.get("name").or_else(|| params.get("uri")).cloned();
+        let asker = Asker {
+            principal: principal.clone(),
+            endpoint: ep.clone(),
+            method: method.to_owned(),
+            name: params.get("name").or_else(|| params.get("uri")).cloned(),
+        };
         let mut call = match state {
             Some(token) => {
+                // The retry is a request of its own: its headers are checked too.
+                if let Some(h) = &ctx.param_headers {
+                    self.check_tool_headers(ep, h, &params).await?;
+                }
                 let token = token.as_str().unwrap_or_default();
-                let mut call = self.take_held(token, principal, ep, method, name.as_ref())?;
+                let mut call = self.take_held(token, &asker)?;
                 call.caps = caps;
                 call.answer(responses.as_ref().and_then(Value::as_object));
                 if !call.waiting.is_empty() {
@@ -235,7 +429,7 @@ impl Inner {
                 }
                 call
             }
-            None => self.start_held(principal, ep, method, params, name, caps),
+            None => self.start_held(asker, params, ctx, caps, out.is_some()),
         };
         match call.drive(out).await {
             Drive::Done(r) => r,
@@ -250,53 +444,59 @@ impl Inner {
         }
     }
 
+    /// The call, not started: it runs as the request polls it (no task of
+    /// its own unless it has to wait for the client).
     fn start_held(
         self: &Arc<Self>,
-        principal: &Principal,
-        ep: &Endpoint,
-        method: &str,
+        asker: Asker,
         params: Map<String, Value>,
-        name: Option<Value>,
+        ctx: CallCtx,
         caps: Value,
+        progress: bool,
     ) -> HeldCall {
-        let (ask_tx, asks) = mpsc::channel(8);
-        let (progress_tx, progress) = mpsc::channel(32);
-        let (result_tx, result) = oneshot::channel();
+        let asks = Arc::new(Asks::default());
+        let waits = Arc::new(HumanWaits::default());
         let peer = Arc::new(BridgePeer {
             client_id: self.sessions.next_client(),
-            tx: ask_tx,
+            asks: asks.clone(),
+            waits: waits.clone(),
         });
+        let (progress_tx, progress) = match progress {
+            true => {
+                let (t, r) = mpsc::channel(32);
+                (Some(t), Some(r))
+            }
+            false => (None, None),
+        };
         let ctx = CallCtx {
-            progress: Some(progress_tx),
+            progress: progress_tx,
             peer: Some(peer),
+            waits: Some(waits),
+            ..ctx
         };
         let inner = self.clone();
-        let (ep2, m2) = (ep.clone(), method.to_owned());
-        let task = tokio::spawn(
-            async move {
-                let r = inner.call(&ep2, &m2, Some(params), ctx).await;
-                let _ = result_tx.send(r);
-            }
-            .in_current_span(),
-        );
+        let (ep, method) = (asker.endpoint.clone(), asker.method.clone());
+        let call: CallFuture =
+            Box::pin(async move { inner.call(&ep, &method, Some(params), ctx).await });
         HeldCall {
-            principal: principal.clone(),
-            endpoint: ep.clone(),
-            method: method.to_owned(),
-            name,
+            asker,
             caps,
             asks,
             waiting: Vec::new(),
-            result,
+            running: Running::Inline(call),
             progress,
             next_key: 0,
             expires: Instant::now() + self.config.held_ttl,
-            _task: AbortOnDrop(task),
         }
     }
 
     /// Keeps `call` for the client's retry; the `input_required` result.
     fn hold(&self, mut call: HeldCall) -> Result<Value, UpstreamError> {
+        call.running = std::mem::replace(
+            &mut call.running,
+            Running::Inline(Box::pin(std::future::pending())),
+        )
+        .detach();
         let token = random_id();
         let answer = call.input_required(&token);
         call.expires = Instant::now() + self.config.held_ttl;
@@ -311,22 +511,11 @@ impl Inner {
         Ok(answer)
     }
 
-    fn take_held(
-        &self,
-        token: &str,
-        principal: &Principal,
-        ep: &Endpoint,
-        method: &str,
-        name: Option<&Value>,
-    ) -> Result<HeldCall, UpstreamError> {
+    fn take_held(&self, token: &str, asker: &Asker) -> Result<HeldCall, UpstreamError> {
         let mut map = self.held.map.lock().expect("poisoned");
-        let fits = map.get(token).is_some_and(|c| {
-            c.principal == *principal
-                && c.endpoint == *ep
-                && c.method == method
-                && c.name.as_ref() == name
-                && c.expires > Instant::now()
-        });
+        let fits = map
+            .get(token)
+            .is_some_and(|c| c.asker == *asker && c.expires > Instant::now());
         if !fits {
             return Err(rpc(
                 INVALID_PARAMS,

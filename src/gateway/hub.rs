@@ -4,11 +4,13 @@
 //!
 //! list_changed goes to every listener that wants it, `resources/updated` to
 //! those subscribed to its URI, `notifications/message` to handshake-era
-//! sessions. A service endpoint's hub follows its service through restarts;
-//! a mesh endpoint's hub follows every running service of the mesh and
-//! announces list_changed when one comes up or goes down. A hub ends when
-//! nobody listens any more. Queues are bounded: a slow listener loses
-//! notifications, never slows the others.
+//! sessions. A hub reads its services' notifications from their
+//! [`Followers`](super::follow::Followers) (which follow them through
+//! restarts); a service endpoint's hub announces list_changed when its
+//! service comes up anew, a mesh endpoint's hub when one of the mesh's
+//! services comes up or goes down. A hub ends when nobody listens any more.
+//! Queues are bounded: a slow listener loses notifications, never slows the
+//! others.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,9 +18,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
-use tokio::time::Instant;
 
 use super::bridge::AbortOnDrop;
+use super::follow::Followers;
 use super::names;
 use super::protocol::META_SUBSCRIPTION_ID;
 use super::route::Endpoint;
@@ -100,7 +102,7 @@ impl Fanout {
         for s in self.sessions.of(&self.endpoint) {
             if method == "notifications/resources/updated" {
                 let subscribed =
-                    uri.is_some_and(|u| s.subscriptions.lock().expect("poisoned").contains(u));
+                    uri.is_some_and(|u| s.subscriptions.lock().expect("poisoned").contains_key(u));
                 if !subscribed {
                     continue;
                 }
@@ -134,6 +136,7 @@ impl Hub {
     pub fn start(
         endpoint: Endpoint,
         upstreams: Arc<dyn Upstreams>,
+        followers: Arc<Followers>,
         sessions: Arc<Sessions>,
     ) -> Arc<Hub> {
         let listeners = Arc::new(Mutex::new(Set::default()));
@@ -143,8 +146,8 @@ impl Hub {
             listeners: listeners.clone(),
         };
         let task = match endpoint {
-            Endpoint::Service(key) => tokio::spawn(service_hub(key, upstreams, fan)),
-            Endpoint::Mesh(mesh) => tokio::spawn(mesh_hub(mesh, upstreams, fan)),
+            Endpoint::Service(key) => tokio::spawn(service_hub(key, upstreams, followers, fan)),
+            Endpoint::Mesh(mesh) => tokio::spawn(mesh_hub(mesh, upstreams, followers, fan)),
         };
         Arc::new(Hub {
             listeners,
@@ -168,21 +171,12 @@ impl Hub {
     }
 }
 
-/// Receives one upstream's notifications until its session ends or
-/// `stop` fires; `prefix` rewrites resource URIs for a mesh.
-async fn follow(mut rx: broadcast::Receiver<Arc<Value>>, fan: &Fanout, prefix: Option<&str>) {
+/// Dispatches one follower's notifications until it ends; `prefix`
+/// rewrites resource URIs for a mesh.
+async fn relay(mut rx: broadcast::Receiver<Arc<Value>>, fan: &Fanout, prefix: Option<&str>) {
     loop {
         match rx.recv().await {
-            Ok(m) => {
-                let mut m = (*m).clone();
-                if let (Some(svc), Some(uri)) =
-                    (prefix, m.pointer("/params/uri").and_then(Value::as_str))
-                {
-                    let exposed = names::encode(svc, uri);
-                    m["params"]["uri"] = json!(exposed);
-                }
-                fan.dispatch(&m);
-            }
+            Ok(m) => fan.dispatch(&prefixed(&m, prefix)),
             // Missed some: whatever changed, lists must be fetched again.
             Err(broadcast::error::RecvError::Lagged(_)) => fan.list_changed(),
             Err(broadcast::error::RecvError::Closed) => return,
@@ -190,46 +184,41 @@ async fn follow(mut rx: broadcast::Receiver<Arc<Value>>, fan: &Fanout, prefix: O
     }
 }
 
-async fn service_hub(key: ServiceKey, upstreams: Arc<dyn Upstreams>, fan: Fanout) {
+fn prefixed(m: &Value, prefix: Option<&str>) -> Value {
+    let mut m = m.clone();
+    if let (Some(svc), Some(uri)) = (prefix, m.pointer("/params/uri").and_then(Value::as_str)) {
+        let exposed = names::encode(svc, uri);
+        m["params"]["uri"] = json!(exposed);
+    }
+    m
+}
+
+async fn service_hub(
+    key: ServiceKey,
+    upstreams: Arc<dyn Upstreams>,
+    followers: Arc<Followers>,
+    fan: Fanout,
+) {
     let mut events = upstreams.events();
     let mut check = tokio::time::interval(IDLE_CHECK);
     check.tick().await;
     loop {
-        // The current session's notifications, until it ends or the service comes up anew.
-        let rx = match upstreams.upstream(&key, Instant::now() + IDLE_CHECK).await {
-            Ok(up) => Some(up.notifications()),
-            Err(_) => None,
-        };
-        let have = rx.is_some();
-        let follower = async {
-            match rx {
-                Some(rx) => follow(rx, &fan, None).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(follower);
+        let relayed = relay(followers.receiver(&key), &fan, None);
+        tokio::pin!(relayed);
         loop {
             tokio::select! {
-                _ = &mut follower => break,
+                // The follower ended (it cannot while this hub listens, but if so: a new one).
+                _ = &mut relayed => break,
                 ev = events.recv() => match ev {
-                    Ok(ev) if ev.key == key && ev.up => {
-                        // A new session: its lists may differ.
-                        fan.list_changed();
-                        break;
-                    }
+                    // A new server process: its lists may differ.
+                    Ok(ev) if ev.key == key && ev.up => fan.list_changed(),
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        fan.list_changed();
-                        break;
-                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => fan.list_changed(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = check.tick() => {
                     if !fan.anybody() {
                         return;
-                    }
-                    if !have {
-                        break;
                     }
                 }
             }
@@ -237,43 +226,43 @@ async fn service_hub(key: ServiceKey, upstreams: Arc<dyn Upstreams>, fan: Fanout
     }
 }
 
-async fn mesh_hub(mesh: String, upstreams: Arc<dyn Upstreams>, fan: Fanout) {
+async fn mesh_hub(
+    mesh: String,
+    upstreams: Arc<dyn Upstreams>,
+    followers: Arc<Followers>,
+    fan: Fanout,
+) {
     let mut events = upstreams.events();
     let mut check = tokio::time::interval(IDLE_CHECK);
-    let mut followers: HashMap<String, AbortOnDrop<()>> = HashMap::new();
-    let sync = |followers: &mut HashMap<String, AbortOnDrop<()>>| {
+    let mut relays: HashMap<String, AbortOnDrop<()>> = HashMap::new();
+    let sync = |relays: &mut HashMap<String, AbortOnDrop<()>>| {
         let running = upstreams.running(&mesh);
-        followers.retain(|name, f| running.contains(name) && !f.0.is_finished());
+        relays.retain(|name, r| running.contains(name) && !r.0.is_finished());
         for name in running {
-            if followers.contains_key(&name) {
+            if relays.contains_key(&name) {
                 continue;
             }
-            let (ups, fan2) = (upstreams.clone(), fan.clone());
             let key = ServiceKey {
                 mesh: mesh.clone(),
                 name: name.clone(),
             };
-            let task = tokio::spawn(async move {
-                if let Ok(up) = ups.upstream(&key, Instant::now() + IDLE_CHECK).await {
-                    let rx = up.notifications();
-                    drop(up);
-                    follow(rx, &fan2, Some(&key.name)).await;
-                }
-            });
-            followers.insert(name, AbortOnDrop(task));
+            let rx = followers.receiver(&key);
+            let fan2 = fan.clone();
+            let task = tokio::spawn(async move { relay(rx, &fan2, Some(&key.name)).await });
+            relays.insert(name, AbortOnDrop(task));
         }
     };
-    sync(&mut followers);
+    sync(&mut relays);
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(ev) if ev.key.mesh == mesh => {
-                    sync(&mut followers);
+                    sync(&mut relays);
                     fan.list_changed();
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    sync(&mut followers);
+                    sync(&mut relays);
                     fan.list_changed();
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -282,7 +271,7 @@ async fn mesh_hub(mesh: String, upstreams: Arc<dyn Upstreams>, fan: Fanout) {
                 if !fan.anybody() {
                     return;
                 }
-                sync(&mut followers);
+                sync(&mut relays);
             }
         }
     }

@@ -12,6 +12,7 @@
 
 pub mod bind;
 mod bridge;
+mod follow;
 mod hub;
 pub mod names;
 pub mod protocol;
@@ -41,7 +42,8 @@ use tracing::{debug, Instrument};
 
 use crate::metrics::{Era, Metrics};
 use crate::model::{validate_name, Principal, Protocol};
-use bridge::{AbortOnDrop, Held};
+use bridge::{AbortOnDrop, Held, HumanWaits};
+use follow::{Followers, SubscriptionsFull};
 use hub::{Hub, Listener};
 use protocol::*;
 pub use route::Endpoint;
@@ -52,8 +54,11 @@ use upstream::{RpcError, ServiceKey, UpstreamError, Upstreams};
 /// Limits and timings of the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Handshake-era sessions open at once, at most.
+    /// Handshake-era sessions open at once, at most (all meshes).
     pub max_sessions: usize,
+    /// Handshake-era sessions open at once on one mesh's endpoints, at most,
+    /// so one tenant cannot take every session.
+    pub max_sessions_per_mesh: usize,
     /// A session with no request and no open stream for this long ends.
     pub session_idle: Duration,
     /// Calls held open for a stateless client's input, at most.
@@ -77,7 +82,8 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            max_sessions: 1024,
+            max_sessions: 4096,
+            max_sessions_per_mesh: 512,
             session_idle: Duration::from_secs(30 * 60),
             max_held: 256,
             held_ttl: Duration::from_secs(300),
@@ -97,6 +103,7 @@ pub(crate) struct Inner {
     sessions: Arc<Sessions>,
     held: Held,
     hubs: Mutex<HashMap<Endpoint, Arc<Hub>>>,
+    followers: Arc<Followers>,
 }
 
 /// The gateway: build once, serve its [`Gateway::router`] under `/mcp`.
@@ -111,9 +118,11 @@ impl Gateway {
         let inner = Arc::new(Inner {
             sessions: Arc::new(Sessions::new(
                 config.max_sessions,
+                config.max_sessions_per_mesh,
                 config.session_idle,
                 config.max_pending_per_session,
             )),
+            followers: Arc::new(Followers::new(upstreams.clone())),
             upstreams,
             held: Held::default(),
             hubs: Mutex::new(HashMap::new()),
@@ -443,8 +452,11 @@ async fn stateless_post(
         _ => {
             let sse = accepts_sse(headers) && has_progress_token(params.as_ref());
             let ttl = inner.config.list_ttl_ms;
+            let param_headers = (method == "tools/call").then(|| ParamHeaders::of(headers));
             respond(sse, id, stateless_status, move |out| async move {
-                let r = stateless_call(&inner, &principal, &ep, &method, params, out).await;
+                let r =
+                    stateless_call(&inner, &principal, &ep, &method, params, param_headers, out)
+                        .await;
                 let mut v = r.map_err(|e| to_rpc_error(&e))?;
                 finish_stateless_result(&method, &mut v, ttl);
                 Ok(v)
@@ -454,12 +466,13 @@ async fn stateless_post(
     }
 }
 
-/// The era of the service a request goes to.
-async fn target_protocol(
+/// The service a request goes to, and its session: the service itself, or
+/// on a mesh endpoint the one its prefixed name or URI points at.
+async fn target_upstream(
     inner: &Inner,
     ep: &Endpoint,
     params: Option<&Map<String, Value>>,
-) -> Option<Protocol> {
+) -> Option<(ServiceKey, Arc<dyn upstream::Upstream>)> {
     let key = match ep {
         Endpoint::Service(k) => k.clone(),
         Endpoint::Mesh(mesh) => {
@@ -473,11 +486,8 @@ async fn target_protocol(
             }
         }
     };
-    inner
-        .upstream_of(&key)
-        .await
-        .ok()
-        .map(|u| u.info().protocol)
+    let up = inner.upstream_of(&key).await.ok()?;
+    Some((key, up))
 }
 
 async fn stateless_call(
@@ -486,17 +496,26 @@ async fn stateless_call(
     ep: &Endpoint,
     method: &str,
     params: Option<Map<String, Value>>,
+    param_headers: Option<ParamHeaders>,
     out: Option<mpsc::Sender<Value>>,
 ) -> Result<Value, UpstreamError> {
-    if may_need_input(method)
-        && target_protocol(inner, ep, params.as_ref()).await == Some(Protocol::Handshake)
-    {
+    let upstream = target_upstream(inner, ep, params.as_ref()).await;
+    let handshake = upstream
+        .as_ref()
+        .is_some_and(|(_, up)| up.protocol() == Protocol::Handshake);
+    let ctx = CallCtx {
+        param_headers,
+        upstream,
+        ..CallCtx::default()
+    };
+    if may_need_input(method) && handshake {
         return inner
             .bridged(
                 principal,
                 ep,
                 method,
                 params.unwrap_or_default(),
+                ctx,
                 out.as_ref(),
             )
             .await;
@@ -510,7 +529,7 @@ async fn stateless_call(
     };
     let ctx = CallCtx {
         progress: ptx,
-        peer: None,
+        ..ctx
     };
     pump(out, prx, inner.call(ep, method, params, ctx)).await
 }
@@ -564,14 +583,14 @@ async fn listen(
     let wants = |k: &str| filter.get(k).and_then(Value::as_bool).unwrap_or(false);
     let caps = &info.capabilities;
     let list_changed = |c: &str| caps.pointer(&format!("/{c}/listChanged")) == Some(&json!(true));
-    let uris: Vec<String> = if caps.pointer("/resources/subscribe") == Some(&json!(true)) {
+    let asked: Vec<String> = if caps.pointer("/resources/subscribe") == Some(&json!(true)) {
         filter
             .get("resourceSubscriptions")
             .and_then(Value::as_array)
             .map(|a| {
                 a.iter()
                     .filter_map(Value::as_str)
-                    .take(256)
+                    .take(MAX_SUBSCRIPTIONS_PER_CLIENT)
                     .map(str::to_owned)
                     .collect()
             })
@@ -579,6 +598,18 @@ async fn listen(
     } else {
         Vec::new()
     };
+    // Held by the stream: closing it lets the server's subscriptions go.
+    let mut guards = Vec::new();
+    let mut uris = Vec::new();
+    for uri in asked {
+        let Ok((key, own)) = inner.resource_target(ep, &uri) else {
+            continue;
+        };
+        if let Ok((guard, _)) = inner.followers.subscribe(&key, &own) {
+            guards.push(guard);
+            uris.push(uri);
+        }
+    }
     let listener_fields = (
         wants("toolsListChanged") && list_changed("tools"),
         wants("promptsListChanged") && list_changed("prompts"),
@@ -605,13 +636,6 @@ async fn listen(
             "params": { "_meta": { META_SUBSCRIPTION_ID: id }, "notifications": ack }
         }))
         .await;
-    for uri in &uris {
-        let mut p = Map::new();
-        p.insert("uri".into(), json!(uri));
-        let _ = inner
-            .call(ep, "resources/subscribe", Some(p), CallCtx::default())
-            .await;
-    }
     let listener = Listener {
         tx,
         subscription_id: id,
@@ -621,7 +645,7 @@ async fn listen(
         uris: uris.into_iter().collect(),
     };
     inner.listen(ep, listener);
-    sse_response(rx, ())
+    sse_response(rx, guards)
 }
 
 impl Inner {
@@ -637,7 +661,12 @@ impl Inner {
         if let Some(h) = hubs.get(ep).filter(|h| h.is_running()) {
             return h.clone();
         }
-        let h = Hub::start(ep.clone(), self.upstreams.clone(), self.sessions.clone());
+        let h = Hub::start(
+            ep.clone(),
+            self.upstreams.clone(),
+            self.followers.clone(),
+            self.sessions.clone(),
+        );
         hubs.insert(ep.clone(), h.clone());
         h
     }
@@ -794,21 +823,14 @@ async fn legacy_post(
         "initialize" => bad(&id, INVALID_REQUEST, "this session is initialized already"),
         "ping" => Json(result_message(&id, json!({}))).into_response(),
         _ => {
-            if let Some(uri) = params
-                .as_ref()
-                .and_then(|p| p.get("uri"))
-                .and_then(Value::as_str)
-            {
-                let mut subs = session.subscriptions.lock().expect("poisoned");
-                match method.as_str() {
-                    "resources/subscribe" if subs.len() < 1024 => {
-                        subs.insert(uri.to_owned());
-                    }
-                    "resources/unsubscribe" => {
-                        subs.remove(uri);
-                    }
-                    _ => {}
-                }
+            if matches!(
+                method.as_str(),
+                "resources/subscribe" | "resources/unsubscribe"
+            ) {
+                return match subscription(&inner, &session, &method, params.as_ref()).await {
+                    Ok(v) => Json(result_message(&id, v)).into_response(),
+                    Err(e) => rpc_response(legacy_status(e.code), &id, &e),
+                };
             }
             let sse = accepts_sse(headers)
                 && (may_need_input(&method)
@@ -819,10 +841,12 @@ async fn legacy_post(
             let call_id = id.clone();
             respond(sse, id, legacy_status, move |out| async move {
                 let _busy = busy;
+                let waits = Arc::new(HumanWaits::default());
                 let peer = Arc::new(LegacyPeer {
                     session: session.clone(),
                     call_stream: out.clone(),
                     timeout: peer_timeout,
+                    waits: waits.clone(),
                 });
                 let (ptx, prx) = match out {
                     Some(_) => {
@@ -834,6 +858,8 @@ async fn legacy_post(
                 let ctx = CallCtx {
                     progress: ptx,
                     peer: Some(peer),
+                    waits: Some(waits),
+                    ..CallCtx::default()
                 };
                 let (abort, reg) = AbortHandle::new_pair();
                 let _inflight = session.start_call(&call_id, abort);
@@ -856,6 +882,74 @@ async fn legacy_post(
             .await
         }
     }
+}
+
+/// Resource subscriptions a client holds at most.
+const MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 1024;
+
+/// A handshake-era client's `resources/subscribe` or `resources/unsubscribe`.
+/// The server is subscribed once for all the gateway's clients (by the
+/// service's follower); this records the client's interest, and on its first
+/// subscription to a URI waits for the server's answer.
+async fn subscription(
+    inner: &Inner,
+    session: &sessions::ClientSession,
+    method: &str,
+    params: Option<&Map<String, Value>>,
+) -> Result<Value, RpcError> {
+    let Some(uri) = params.and_then(|p| p.get("uri")).and_then(Value::as_str) else {
+        return Err(rpc_error(INVALID_PARAMS, "params.uri must be a string"));
+    };
+    let subs = || session.subscriptions.lock().expect("poisoned");
+    if method == "resources/unsubscribe" {
+        subs().remove(uri);
+        return Ok(json!({}));
+    }
+    if subs().contains_key(uri) {
+        return Ok(json!({}));
+    }
+    if subs().len() >= MAX_SUBSCRIPTIONS_PER_CLIENT {
+        return Err(rpc_error(
+            GATEWAY_BUSY,
+            format!("a client holds at most {MAX_SUBSCRIPTIONS_PER_CLIENT} resource subscriptions"),
+        ));
+    }
+    let (key, own) = inner
+        .resource_target(&session.endpoint, uri)
+        .map_err(|e| to_rpc_error(&e))?;
+    let (guard, outcome) = inner
+        .followers
+        .subscribe(&key, &own)
+        .map_err(|SubscriptionsFull| {
+            rpc_error(
+                GATEWAY_BUSY,
+                format!("service {key} has too many resource subscriptions"),
+            )
+        })?;
+    if let Some(outcome) = outcome {
+        let wait = inner.upstreams.call_timeout(&key);
+        match tokio::time::timeout(wait, outcome).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) => {
+                return Err(rpc_error(
+                    INTERNAL_ERROR,
+                    "the subscription ended before the server answered",
+                ))
+            }
+            Err(_) => {
+                return Err(rpc_error(
+                    UPSTREAM_TIMEOUT,
+                    format!(
+                        "the server did not take the subscription within {}ms",
+                        wait.as_millis()
+                    ),
+                ))
+            }
+        }
+    }
+    subs().insert(uri.to_owned(), guard);
+    Ok(json!({}))
 }
 
 /// A client notification every upstream of the endpoint gets.

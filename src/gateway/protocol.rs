@@ -30,6 +30,8 @@ pub const H_PROTOCOL_VERSION: &str = "mcp-protocol-version";
 pub const H_METHOD: &str = "mcp-method";
 pub const H_NAME: &str = "mcp-name";
 pub const H_SESSION: &str = "mcp-session-id";
+/// `Mcp-Param-{Name}`: a tool argument the tool's schema marks with `x-mcp-header`.
+pub const H_PARAM_PREFIX: &str = "mcp-param-";
 
 pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
@@ -118,7 +120,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
         id: Value::Null,
         error: rpc_error(PARSE_ERROR, format!("invalid JSON: {e}")),
     })?;
-    let obj = match v {
+    let mut obj = match v {
         Value::Object(o) => o,
         Value::Array(_) => return Err(invalid(Value::Null, "JSON-RPC batches are not supported")),
         _ => return Err(invalid(Value::Null, "a JSON-RPC message must be an object")),
@@ -138,19 +140,19 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err(invalid(echo, "`jsonrpc` must be \"2.0\""));
     }
-    if let Some(m) = obj.get("method") {
-        let Some(method) = m
-            .as_str()
-            .filter(|m| !m.is_empty() && m.len() <= MAX_METHOD)
-        else {
-            return Err(invalid(
-                echo,
-                format!("`method` must be a string of 1 to {MAX_METHOD} bytes"),
-            ));
+    if let Some(m) = obj.remove("method") {
+        let method = match m {
+            Value::String(m) if !m.is_empty() && m.len() <= MAX_METHOD => m,
+            _ => {
+                return Err(invalid(
+                    echo,
+                    format!("`method` must be a string of 1 to {MAX_METHOD} bytes"),
+                ))
+            }
         };
-        let params = match obj.get("params") {
+        let params = match obj.remove("params") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(p)) => Some(p.clone()),
+            Some(Value::Object(p)) => Some(p),
             Some(_) => {
                 return Err(Rejected {
                     id: echo,
@@ -158,7 +160,6 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Rejected> {
                 })
             }
         };
-        let method = method.to_owned();
         return Ok(match id {
             Some(id) => Incoming::Request { id, method, params },
             None => Incoming::Notification { method, params },
@@ -222,7 +223,8 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Decodes an `Mcp-Name`/`Mcp-Param-*` value (`=?base64?…?=` or plain).
+/// Decodes an `Mcp-Name`/`Mcp-Param-*` value (`=?base64?…?=` or plain);
+/// `None` when the Base64 is not canonical (padding, alphabet) or not UTF-8.
 pub fn decode_header_value(v: &str) -> Option<String> {
     match v
         .strip_prefix("=?base64?")
@@ -233,6 +235,149 @@ pub fn decode_header_value(v: &str) -> Option<String> {
             .ok()
             .and_then(|b| String::from_utf8(b).ok()),
         None => Some(v.to_owned()),
+    }
+}
+
+/// Schema nesting followed, and annotations read, per tool at most
+/// (the tool list comes from the server).
+const MAX_PARAM_DEPTH: usize = 8;
+const MAX_PARAM_HEADERS: usize = 64;
+
+/// A parameter a tool mirrors into a header: its path under `arguments`
+/// (a chain of `properties` keys), the header's name part, lowercased, and
+/// the declared JSON type.
+#[derive(Debug, Clone, PartialEq)]
+struct Mirrored {
+    path: Vec<String>,
+    name: String,
+    kind: String,
+}
+
+/// An RFC 9110 token: what an `x-mcp-header` value must be.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The `x-mcp-header` annotations of an input schema that are statically
+/// reachable (through `properties` only); others are not recognized.
+fn mirrored(schema: &Value, path: &mut Vec<String>, out: &mut Vec<Mirrored>) {
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (key, def) in props {
+        if out.len() >= MAX_PARAM_HEADERS {
+            return;
+        }
+        path.push(key.clone());
+        if let Some(name) = def.get("x-mcp-header").and_then(Value::as_str) {
+            if is_token(name) {
+                out.push(Mirrored {
+                    path: path.clone(),
+                    name: name.to_ascii_lowercase(),
+                    kind: def
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("string")
+                        .to_owned(),
+                });
+            }
+        } else if path.len() < MAX_PARAM_DEPTH {
+            mirrored(def, path, out);
+        }
+        path.pop();
+    }
+}
+
+/// Whether a decoded header value stands for `body` of the declared `kind`.
+fn param_matches(header: &str, body: &Value, kind: &str) -> bool {
+    match (kind, body) {
+        (_, Value::String(s)) => header == s,
+        (_, Value::Bool(b)) => header == if *b { "true" } else { "false" },
+        (_, Value::Number(n)) => match (header.parse::<f64>(), n.as_f64()) {
+            (Ok(h), Some(b)) => {
+                h == b
+                    && header
+                        .bytes()
+                        .all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The `Mcp-Param-*` headers of a request (usually none).
+#[derive(Debug, Clone, Default)]
+pub struct ParamHeaders(Vec<(String, axum::http::HeaderValue)>);
+
+impl ParamHeaders {
+    pub fn of(headers: &HeaderMap) -> Self {
+        ParamHeaders(
+            headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    let name = k.as_str().strip_prefix(H_PARAM_PREFIX)?;
+                    Some((name.to_owned(), v.clone()))
+                })
+                .collect(),
+        )
+    }
+
+    /// Checks a `tools/call`'s headers against its `arguments` for each
+    /// parameter `tool`'s input schema mirrors: present and equal (after
+    /// decoding) when the argument has a value, absent when it has none.
+    /// Headers the tool does not declare are ignored (SEP-2243).
+    pub fn check(&self, tool: &Value, arguments: Option<&Value>) -> Result<(), RpcError> {
+        let mut params = Vec::new();
+        if let Some(schema) = tool.get("inputSchema") {
+            mirrored(schema, &mut Vec::new(), &mut params);
+        }
+        for m in params {
+            let header = format!("Mcp-Param-{}", m.name);
+            let mut values = self.0.iter().filter(|(n, _)| *n == m.name).map(|(_, v)| v);
+            let (first, second) = (values.next(), values.next());
+            let body = arguments
+                .and_then(|a| m.path.iter().try_fold(a, |v, k| v.get(k)))
+                .filter(|v| !v.is_null());
+            let raw = match (first, second, body) {
+                (None, _, None) => continue,
+                (Some(_), Some(_), _) => {
+                    return Err(header_mismatch(format!("{header} is sent more than once")))
+                }
+                (None, _, Some(_)) => {
+                    return Err(header_mismatch(format!(
+                        "{header} is missing but the argument `{}` has a value",
+                        m.path.join(".")
+                    )))
+                }
+                (Some(_), _, None) => {
+                    return Err(header_mismatch(format!(
+                        "{header} is sent but the argument `{}` has no value",
+                        m.path.join(".")
+                    )))
+                }
+                (Some(v), None, Some(_)) => v,
+            };
+            let Some(text) = raw.to_str().ok().map(str::trim) else {
+                return Err(header_mismatch(format!(
+                    "{header} holds characters a header value cannot"
+                )));
+            };
+            let Some(decoded) = decode_header_value(text) else {
+                return Err(header_mismatch(format!("{header} is badly Base64-encoded")));
+            };
+            let body = body.expect("matched Some above");
+            if !param_matches(&decoded, body, &m.kind) {
+                return Err(header_mismatch(format!(
+                    "{header} `{}` does not match the argument `{}`",
+                    crate::model::shown(&decoded, 80),
+                    m.path.join(".")
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::bridge::{HumanWaits, MAX_HUMAN_WAITS};
 use super::names;
-use super::protocol::{self, rpc_error, INVALID_PARAMS, METHOD_NOT_FOUND};
+use super::protocol::{self, rpc_error, ParamHeaders, INVALID_PARAMS, METHOD_NOT_FOUND};
 use super::upstream::{
     CallOptions, ClientPeer, RpcError, ServerInfo, ServiceKey, Upstream, UpstreamError,
 };
@@ -50,6 +51,14 @@ impl std::fmt::Display for Endpoint {
 pub struct CallCtx {
     pub progress: Option<mpsc::Sender<Value>>,
     pub peer: Option<Arc<dyn ClientPeer>>,
+    /// A stateless `tools/call`'s `Mcp-Param-*` headers, checked against the
+    /// arguments for the parameters the tool mirrors (SEP-2243).
+    pub param_headers: Option<ParamHeaders>,
+    /// The call's waits for its client's answers (with `peer`): they do not
+    /// count against the call timeout.
+    pub waits: Option<Arc<HumanWaits>>,
+    /// The service's session, when the caller looked it up already.
+    pub upstream: Option<(ServiceKey, Arc<dyn Upstream>)>,
 }
 
 /// Pages of one list a mesh endpoint follows per service, at most.
@@ -72,9 +81,6 @@ impl Inner {
         &self,
         key: &ServiceKey,
     ) -> Result<Arc<dyn Upstream>, UpstreamError> {
-        if !self.upstreams.exists(key) {
-            return Err(UpstreamError::NotFound { key: key.clone() });
-        }
         let wait = self
             .upstreams
             .call_timeout(key)
@@ -90,14 +96,72 @@ impl Inner {
         params: Option<Map<String, Value>>,
         ctx: CallCtx,
     ) -> Result<Value, UpstreamError> {
-        let up = self.upstream_of(key).await?;
+        let up = match ctx.upstream {
+            Some((k, up)) if k == *key => up,
+            _ => self.upstream_of(key).await?,
+        };
+        if let (Some(headers), Some(p)) = (&ctx.param_headers, &params) {
+            check_param_headers(&*up, headers, p)?;
+        }
+        let mut params = params;
+        if up.protocol() == Protocol::Handshake {
+            if let Some(p) = params.as_mut() {
+                strip_envelope(p);
+            }
+        }
+        let budget = self.upstreams.call_timeout(key);
+        let Some(waits) = ctx.waits else {
+            let opts = CallOptions {
+                timeout: budget,
+                progress: ctx.progress,
+                peer: ctx.peer,
+                meta: None,
+            };
+            return up.request(method, params.map(Value::Object), opts).await;
+        };
+        // The session's deadline is only the backstop: `bounded` ends the
+        // call once the server's own time is spent.
         let opts = CallOptions {
-            timeout: self.upstreams.call_timeout(key),
+            timeout: budget + self.config.held_ttl * MAX_HUMAN_WAITS,
             progress: ctx.progress,
             peer: ctx.peer,
             meta: None,
         };
-        up.request(method, params.map(Value::Object), opts).await
+        waits
+            .bounded(budget, up.request(method, params.map(Value::Object), opts))
+            .await
+    }
+
+    /// The service an exposed resource URI belongs to, and its own URI.
+    pub(super) fn resource_target(
+        &self,
+        ep: &Endpoint,
+        uri: &str,
+    ) -> Result<(ServiceKey, String), UpstreamError> {
+        match ep {
+            Endpoint::Service(k) => Ok((k.clone(), uri.to_owned())),
+            Endpoint::Mesh(mesh) => self.route(mesh, uri),
+        }
+    }
+
+    /// Checks a `tools/call`'s `Mcp-Param-*` headers without calling.
+    pub(super) async fn check_tool_headers(
+        &self,
+        ep: &Endpoint,
+        headers: &ParamHeaders,
+        params: &Map<String, Value>,
+    ) -> Result<(), UpstreamError> {
+        let exposed = params
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let (key, name) = match ep {
+            Endpoint::Service(k) => (k.clone(), exposed.to_owned()),
+            Endpoint::Mesh(mesh) => self.route(mesh, exposed)?,
+        };
+        let mut own = params.clone();
+        own.insert("name".into(), json!(name));
+        check_param_headers(&*self.upstream_of(&key).await?, headers, &own)
     }
 
     /// One request to an endpoint: the service itself, or routed and
@@ -128,7 +192,7 @@ impl Inner {
         let mut params = params.unwrap_or_default();
         let routed_field = match method {
             "tools/call" | "prompts/get" => Some("name"),
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+            "resources/read" => Some("uri"),
             _ => None,
         };
         if let Some(field) = routed_field {
@@ -194,7 +258,11 @@ impl Inner {
     }
 
     /// The running service and inner name an exposed mesh name points at.
-    fn route(&self, mesh: &str, exposed: &str) -> Result<(ServiceKey, String), UpstreamError> {
+    pub(super) fn route(
+        &self,
+        mesh: &str,
+        exposed: &str,
+    ) -> Result<(ServiceKey, String), UpstreamError> {
         let unknown = || {
             rpc(
                 INVALID_PARAMS,
@@ -290,6 +358,47 @@ impl Inner {
                 )),
             }),
         }
+    }
+}
+
+/// Drops a stateless client's per-request envelope (protocol version,
+/// capabilities, client info) from `_meta`: a handshake-era server
+/// negotiated its version in `initialize` and has no use for it.
+fn strip_envelope(params: &mut Map<String, Value>) {
+    let Some(Value::Object(meta)) = params.get_mut("_meta") else {
+        return;
+    };
+    for k in [
+        protocol::META_PROTOCOL_VERSION,
+        protocol::META_CLIENT_CAPABILITIES,
+        protocol::META_CLIENT_INFO,
+    ] {
+        meta.remove(k);
+    }
+    if meta.is_empty() {
+        params.remove("_meta");
+    }
+}
+
+/// Checks a `tools/call`'s `Mcp-Param-*` headers against the definition of
+/// the tool on `up` (an unknown tool declares nothing; the server decides).
+pub(super) fn check_param_headers(
+    up: &dyn Upstream,
+    headers: &ParamHeaders,
+    params: &Map<String, Value>,
+) -> Result<(), UpstreamError> {
+    let Some(name) = params.get("name").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let tools = up.tools();
+    match tools
+        .iter()
+        .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+    {
+        Some(tool) => headers
+            .check(tool, params.get("arguments"))
+            .map_err(UpstreamError::Rpc),
+        None => Ok(()),
     }
 }
 

@@ -3,7 +3,7 @@
 //! its calls in flight (for `notifications/cancelled`), its resource
 //! subscriptions, and the server→client requests waiting for its answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::bridge::HumanWaits;
+use super::follow::SubGuard;
 use super::protocol::{rpc_error, INTERNAL_ERROR, INVALID_PARAMS};
 use super::route::Endpoint;
 use super::upstream::{ClientPeer, RpcError};
@@ -35,7 +37,9 @@ pub struct ClientSession {
     pending: Mutex<HashMap<String, oneshot::Sender<Result<Value, RpcError>>>>,
     next_out: AtomicU64,
     inflight: Mutex<HashMap<String, AbortHandle>>,
-    pub subscriptions: Mutex<HashSet<String>>,
+    /// Resource subscriptions by the URI the client named (prefixed on a
+    /// mesh endpoint); dropping a guard lets the server's subscription go.
+    pub subscriptions: Mutex<HashMap<String, SubGuard>>,
     max_pending: usize,
 }
 
@@ -153,14 +157,17 @@ impl ClientSession {
             h.abort();
         }
         self.pending.lock().expect("poisoned").clear();
+        self.subscriptions.lock().expect("poisoned").clear();
     }
 }
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("too many MCP sessions are open ({max}); close one or retry later")]
-pub struct SessionsFull {
-    pub max: usize,
+pub enum SessionsFull {
+    #[error("too many MCP sessions are open ({max}); close one or retry later")]
+    All { max: usize },
+    #[error("too many MCP sessions are open on mesh {mesh} ({max}); close one or retry later")]
+    Mesh { mesh: String, max: usize },
 }
 
 /// The session table.
@@ -168,16 +175,18 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Arc<ClientSession>>>,
     next: AtomicU64,
     max: usize,
+    max_per_mesh: usize,
     idle: Duration,
     max_pending: usize,
 }
 
 impl Sessions {
-    pub fn new(max: usize, idle: Duration, max_pending: usize) -> Self {
+    pub fn new(max: usize, max_per_mesh: usize, idle: Duration, max_pending: usize) -> Self {
         Sessions {
             map: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             max,
+            max_per_mesh,
             idle,
             max_pending,
         }
@@ -190,10 +199,20 @@ impl Sessions {
         capabilities: Value,
     ) -> Result<Arc<ClientSession>, SessionsFull> {
         let mut map = self.map.lock().expect("poisoned");
-        if map.len() >= self.max {
+        let mesh = endpoint.mesh().to_owned();
+        let of_mesh = |map: &HashMap<String, Arc<ClientSession>>| {
+            map.values().filter(|s| s.endpoint.mesh() == mesh).count()
+        };
+        if map.len() >= self.max || of_mesh(&map) >= self.max_per_mesh {
             Self::expire_locked(&mut map, self.idle);
             if map.len() >= self.max {
-                return Err(SessionsFull { max: self.max });
+                return Err(SessionsFull::All { max: self.max });
+            }
+            if of_mesh(&map) >= self.max_per_mesh {
+                return Err(SessionsFull::Mesh {
+                    mesh,
+                    max: self.max_per_mesh,
+                });
             }
         }
         let s = Arc::new(ClientSession {
@@ -208,7 +227,7 @@ impl Sessions {
             pending: Mutex::new(HashMap::new()),
             next_out: AtomicU64::new(1),
             inflight: Mutex::new(HashMap::new()),
-            subscriptions: Mutex::new(HashSet::new()),
+            subscriptions: Mutex::new(HashMap::new()),
             max_pending: self.max_pending,
         });
         map.insert(s.id.clone(), s.clone());
@@ -285,7 +304,10 @@ pub struct LegacyPeer {
     pub session: Arc<ClientSession>,
     /// The SSE response stream of the call, if it is one.
     pub call_stream: Option<mpsc::Sender<Value>>,
+    /// How long one answer may take.
     pub timeout: Duration,
+    /// Where the time spent waiting for answers is credited.
+    pub waits: Arc<HumanWaits>,
 }
 
 /// Removes a pending server→client request however its wait ends.
@@ -356,6 +378,7 @@ impl ClientPeer for LegacyPeer {
                 "the client has no open stream to receive this request",
             ));
         }
+        let _waiting = self.waits.begin();
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(rpc_error(INTERNAL_ERROR, "the client session ended")),

@@ -31,6 +31,8 @@ struct Fake {
     cancelled: AtomicUsize,
     started: AtomicUsize,
     seen: Mutex<Vec<(String, Value)>>,
+    /// `subscriptions/listen` requests in flight (stateless era).
+    listening: Arc<AtomicUsize>,
 }
 
 impl Fake {
@@ -42,7 +44,53 @@ impl Fake {
             cancelled: AtomicUsize::new(0),
             started: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
+            listening: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Sends a server notification the way the real server would: a
+    /// stateless server sends change notifications only on an open
+    /// `subscriptions/listen` stream. Whether it went out.
+    fn emit(&self, msg: Value) -> bool {
+        let change = msg["method"].as_str().is_some_and(|m| {
+            m.ends_with("/list_changed") || m == "notifications/resources/updated"
+        });
+        if self.protocol == Protocol::Stateless
+            && change
+            && self.listening.load(Ordering::SeqCst) == 0
+        {
+            return false;
+        }
+        self.notes.send(Arc::new(msg)).is_ok()
+    }
+
+    /// How many times `method` was requested.
+    fn count(&self, method: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| m == method)
+            .count()
+    }
+
+    /// The params of the last `method` request.
+    fn last(&self, method: &str) -> Option<Value> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(m, _)| m == method)
+            .map(|(_, p)| p.clone())
+    }
+}
+
+/// Counts down a gauge when dropped.
+struct Gauge(Arc<AtomicUsize>);
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -81,7 +129,53 @@ impl Upstream for Fake {
         }
     }
 
+    fn tools(&self) -> Arc<Vec<Value>> {
+        Arc::new(vec![
+            json!({ "name": "echo", "inputSchema": {"type": "object"} }),
+            json!({ "name": "ask", "inputSchema": {"type": "object"} }),
+            json!({ "name": "route", "inputSchema": {"type": "object", "properties": {
+                "region": {"type": "string", "x-mcp-header": "Region"},
+                "level": {"type": "integer", "x-mcp-header": "Level"},
+                "on": {"type": "boolean", "x-mcp-header": "On"},
+                "nested": {"type": "object", "properties": {"zone": {"type": "string", "x-mcp-header": "Zone"}}},
+                "list": {"type": "array", "items": {"type": "string", "x-mcp-header": "Item"}},
+                "query": {"type": "string"}
+            }} }),
+        ])
+    }
+
     async fn request(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        opts: CallOptions,
+    ) -> Result<Value, UpstreamError> {
+        // The real session's deadline covers the whole call.
+        let timeout = opts.timeout;
+        tokio::time::timeout(timeout, self.answer(method, params, opts))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+    }
+
+    fn notify(&self, method: &str, params: Option<Value>) -> Result<(), UpstreamError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((method.to_owned(), params.unwrap_or(Value::Null)));
+        Ok(())
+    }
+
+    fn notifications(&self) -> broadcast::Receiver<Arc<Value>> {
+        self.notes.subscribe()
+    }
+
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl Fake {
+    async fn answer(
         &self,
         method: &str,
         params: Option<Value>,
@@ -114,12 +208,28 @@ impl Upstream for Fake {
             "resources/read" => Ok(
                 json!({ "contents": [{ "uri": p["uri"], "text": format!("{} read {}", self.name, p["uri"].as_str().unwrap_or("")) }] }),
             ),
-            "resources/subscribe" | "resources/unsubscribe" | "logging/setLevel" => Ok(json!({})),
+            "resources/subscribe" | "resources/unsubscribe" | "logging/setLevel"
+                if self.protocol == Protocol::Handshake =>
+            {
+                Ok(json!({}))
+            }
+            "subscriptions/listen" if self.protocol == Protocol::Stateless => {
+                self.listening.fetch_add(1, Ordering::SeqCst);
+                let _open = Gauge(self.listening.clone());
+                let _ = self.notes.send(Arc::new(json!({
+                    "jsonrpc": "2.0",
+                    "method": "notifications/subscriptions/acknowledged",
+                    "params": { "_meta": { META_SUBSCRIPTION_ID: 7 }, "notifications": p["notifications"] }
+                })));
+                tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+                Ok(json!({}))
+            }
             "completion/complete" => Ok(
                 json!({ "completion": { "values": [format!("{}", p["ref"]["name"].as_str().or(p["ref"]["uri"].as_str()).unwrap_or(""))] } }),
             ),
             "tools/call" => {
                 match p["name"].as_str().unwrap_or_default() {
+                    "route" => Ok(text(format!("routed {}", args))),
                     "echo" => Ok(text(format!(
                         "{}:{}",
                         self.name,
@@ -190,28 +300,12 @@ impl Upstream for Fake {
             ))),
         }
     }
-
-    fn notify(&self, method: &str, params: Option<Value>) -> Result<(), UpstreamError> {
-        self.seen
-            .lock()
-            .unwrap()
-            .push((method.to_owned(), params.unwrap_or(Value::Null)));
-        Ok(())
-    }
-
-    fn notifications(&self) -> broadcast::Receiver<Arc<Value>> {
-        self.notes.subscribe()
-    }
-
-    fn is_closed(&self) -> bool {
-        false
-    }
 }
 
-#[derive(Default)]
 struct Fakes {
     services: Mutex<HashMap<ServiceKey, (Arc<Fake>, bool)>>,
     events: Option<broadcast::Sender<ServiceEvent>>,
+    call_timeout: Mutex<Duration>,
 }
 
 impl Fakes {
@@ -219,7 +313,15 @@ impl Fakes {
         Arc::new(Fakes {
             services: Mutex::new(HashMap::new()),
             events: Some(broadcast::channel(64).0),
+            call_timeout: Mutex::new(Duration::from_secs(3600)),
         })
+    }
+
+    /// The service's server restarts: a new session (a fresh fake).
+    fn restart(&self, mesh: &str, name: &str) -> Arc<Fake> {
+        let protocol = self.services.lock().unwrap()[&key(mesh, name)].0.protocol;
+        self.set_up(mesh, name, false);
+        self.add(mesh, name, protocol)
     }
 
     fn add(&self, mesh: &str, name: &str, protocol: Protocol) -> Arc<Fake> {
@@ -283,7 +385,7 @@ impl Upstreams for Fakes {
     }
 
     fn call_timeout(&self, _key: &ServiceKey) -> Duration {
-        Duration::from_secs(3600)
+        *self.call_timeout.lock().unwrap()
     }
 
     fn events(&self) -> broadcast::Receiver<ServiceEvent> {
@@ -1397,4 +1499,585 @@ async fn mesh_tokens_reach_only_their_mesh() {
     r.headers_mut()
         .insert("authorization", "Bearer admin".parse().unwrap());
     assert_eq!(send(&app, r).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+// ------------------------------------------------------------------ server notifications and subscriptions
+
+/// Opens the GET stream of a handshake-era session.
+async fn get_stream(app: &Router, path: &str, sid: &str) -> Body {
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get(path)
+                .header("mcp-session-id", sid)
+                .header("accept", "text/event-stream")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body()
+}
+
+/// Calls `poke` until a message matching `want` arrives on `body`
+/// (subscriptions are set up asynchronously); that message.
+async fn poke_until(
+    body: &mut Body,
+    mut poke: impl FnMut(),
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut text = String::new();
+    for _ in 0..100 {
+        poke();
+        if let Ok(Some(Ok(frame))) =
+            tokio::time::timeout(Duration::from_millis(100), body.frame()).await
+        {
+            if let Ok(d) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&d));
+                if let Some(m) = sse_messages(&text).into_iter().find(|m| want(m)) {
+                    return m;
+                }
+            }
+        }
+    }
+    panic!("never arrived; the stream carried: {text}");
+}
+
+/// Waits (real time, generously) until `cond` holds.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}");
+}
+
+fn subscribe(path: &str, sid: &str, id: i64, method: &str, uri: &str) -> Request<Body> {
+    legacy(
+        path,
+        sid,
+        json!({"jsonrpc":"2.0","id":id,"method":method,"params":{"uri":uri}}),
+    )
+}
+
+#[tokio::test]
+async fn a_stateless_servers_list_changed_reaches_listeners_of_both_eras() {
+    let fakes = Fakes::new();
+    let fake = fakes.add("acme", "st", Protocol::Stateless);
+    let (_g, app) = gateway(&fakes, GatewayConfig::default());
+    let p = "/mcp/acme/st";
+    // A stateless client's subscriptions/listen stream.
+    let resp = app
+        .clone()
+        .oneshot(modern(
+            p,
+            json!("L1"),
+            "subscriptions/listen",
+            json!({"notifications": {"toolsListChanged": true}}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut listen = resp.into_body();
+    let note = json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"});
+    let m = poke_until(
+        &mut listen,
+        || {
+            fake.emit(note.clone());
+        },
+        |m| m["method"] == "notifications/tools/list_changed",
+    )
+    .await;
+    assert_eq!(m["params"]["_meta"][META_SUBSCRIPTION_ID], "L1");
+    // The gateway keeps one upstream subscription, asking for what the server offers.
+    let upstream = fake.last("subscriptions/listen").unwrap();
+    assert_eq!(upstream["notifications"]["toolsListChanged"], true);
+    assert_eq!(upstream["notifications"]["promptsListChanged"], true);
+
+    // A handshake-era client's GET stream hears it too, without the
+    // upstream's subscription id.
+    let sid = initialize(&app, p, json!({})).await;
+    let mut get = get_stream(&app, p, &sid).await;
+    let m = poke_until(
+        &mut get,
+        || {
+            fake.emit(note.clone());
+        },
+        |m| m["method"] == "notifications/tools/list_changed",
+    )
+    .await;
+    assert!(m.pointer("/params/_meta").is_none(), "{m}");
+
+    // Nobody listens: the upstream subscription is closed.
+    drop(listen);
+    drop(get);
+    let d = Request::delete(p)
+        .header("mcp-session-id", &sid)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, d).await.status, StatusCode::NO_CONTENT);
+    tokio::time::pause();
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_secs(6)).await;
+        tokio::task::yield_now().await;
+    }
+    tokio::time::resume();
+    eventually("the upstream listen was never cancelled", || {
+        fake.listening.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn resource_subscriptions_are_shared_released_and_sent_again_after_a_restart() {
+    let fakes = Fakes::new();
+    let fake = fakes.add("acme", "time", Protocol::Handshake);
+    let (g, app) = gateway(&fakes, GatewayConfig::default());
+    let p = "/mcp/acme/time";
+    let s1 = initialize(&app, p, json!({})).await;
+    let s2 = initialize(&app, p, json!({})).await;
+    for (sid, id) in [(&s1, 1), (&s2, 2)] {
+        let a = send(
+            &app,
+            subscribe(p, sid, id, "resources/subscribe", "mem://a"),
+        )
+        .await;
+        assert_eq!(a.body["result"], json!({}), "{}", a.body);
+    }
+    // One upstream subscription for both clients.
+    assert_eq!(fake.count("resources/subscribe"), 1);
+    // One client leaving does not unsubscribe the other.
+    let a = send(
+        &app,
+        subscribe(p, &s1, 3, "resources/unsubscribe", "mem://a"),
+    )
+    .await;
+    assert_eq!(a.body["result"], json!({}));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.count("resources/unsubscribe"), 0);
+    // Only s2 hears updates of mem://a.
+    let mut get1 = get_stream(&app, p, &s1).await;
+    let mut get2 = get_stream(&app, p, &s2).await;
+    let updated = json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"mem://a"}});
+    poke_until(
+        &mut get2,
+        || {
+            fake.emit(updated.clone());
+        },
+        |m| m["method"] == "notifications/resources/updated",
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), get1.frame())
+            .await
+            .is_err(),
+        "an unsubscribed client got the update"
+    );
+    // The last subscriber's session ends: unsubscribed upstream.
+    let d = Request::delete(p)
+        .header("mcp-session-id", &s2)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, d).await.status, StatusCode::NO_CONTENT);
+    eventually(
+        "the last subscriber left but nothing was unsubscribed",
+        || fake.count("resources/unsubscribe") == 1,
+    )
+    .await;
+    assert_eq!(
+        fake.last("resources/unsubscribe").unwrap()["uri"],
+        "mem://a"
+    );
+
+    // A subscription made on one server process is made again on the next.
+    let a = send(&app, subscribe(p, &s1, 4, "resources/subscribe", "mem://b")).await;
+    assert_eq!(a.body["result"], json!({}));
+    let fresh = fakes.restart("acme", "time");
+    eventually(
+        "the subscription was not sent again after a restart",
+        || {
+            fresh
+                .last("resources/subscribe")
+                .is_some_and(|p| p["uri"] == "mem://b")
+        },
+    )
+    .await;
+    drop(get1);
+    assert_eq!(g.sessions(), 1);
+}
+
+#[tokio::test]
+async fn resource_subscriptions_of_a_stateless_server_ride_its_listen_stream() {
+    let fakes = Fakes::new();
+    let fake = fakes.add("acme", "st", Protocol::Stateless);
+    let (_g, app) = gateway(&fakes, GatewayConfig::default());
+    // Through the mesh endpoint: names are prefixed there.
+    let p = "/mcp/acme";
+    let sid = initialize(&app, p, json!({})).await;
+    let a = send(
+        &app,
+        subscribe(p, &sid, 1, "resources/subscribe", "st__mem://a"),
+    )
+    .await;
+    assert_eq!(a.body["result"], json!({}), "{}", a.body);
+    // The stateless server has no resources/subscribe: the filter of the
+    // gateway's listen stream carries the URI instead.
+    assert_eq!(fake.count("resources/subscribe"), 0);
+    eventually("no upstream listen carries the subscription", || {
+        fake.last("subscriptions/listen")
+            .is_some_and(|p| p["notifications"]["resourceSubscriptions"] == json!(["mem://a"]))
+    })
+    .await;
+    let mut get = get_stream(&app, p, &sid).await;
+    let m = poke_until(
+        &mut get,
+        || {
+            fake.emit(json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"mem://a"}}));
+        },
+        |m| m["method"] == "notifications/resources/updated",
+    )
+    .await;
+    assert_eq!(m["params"]["uri"], "st__mem://a");
+    // Unsubscribing drops the URI from the upstream filter.
+    let a = send(
+        &app,
+        subscribe(p, &sid, 2, "resources/unsubscribe", "st__mem://a"),
+    )
+    .await;
+    assert_eq!(a.body["result"], json!({}));
+    eventually("the URI stayed in the upstream filter", || {
+        fake.last("subscriptions/listen").is_some_and(|p| {
+            p["notifications"]["resourceSubscriptions"]
+                .as_array()
+                .is_none_or(|a| a.is_empty())
+        })
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------ Mcp-Param-* headers
+
+/// A stateless `tools/call` of `route` with extra headers.
+fn routed(path: &str, name: &str, args: Value, extra: &[(&str, &str)]) -> Request<Body> {
+    let mut r = modern(
+        path,
+        json!(1),
+        "tools/call",
+        json!({"name": name, "arguments": args}),
+    );
+    for (k, v) in extra {
+        r.headers_mut().append(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            axum::http::HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+        );
+    }
+    r
+}
+
+#[tokio::test]
+async fn param_headers_are_checked_against_the_arguments() {
+    let fakes = Fakes::new();
+    fakes.add("acme", "time", Protocol::Handshake);
+    let (_g, app) = gateway(&fakes, GatewayConfig::default());
+    let ok = |a: &Answer| {
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        assert!(a.body["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("routed"));
+    };
+    let refused = |a: &Answer, what: &str| {
+        assert_eq!(
+            (a.status, a.body["error"]["code"].as_i64()),
+            (StatusCode::BAD_REQUEST, Some(HEADER_MISMATCH)),
+            "{what}: {}",
+            a.body
+        );
+    };
+    for p in ["/mcp/acme/time", "/mcp/acme"] {
+        let tool = if p == "/mcp/acme" {
+            "time__route"
+        } else {
+            "route"
+        };
+        let call = |args: Value, extra: &[(&str, &str)]| routed(p, tool, args, extra);
+        // Plain, Base64 and case-insensitive names; integers compare as numbers.
+        ok(&send(
+            &app,
+            call(
+                json!({"region": "us-west1"}),
+                &[("Mcp-Param-Region", "us-west1")],
+            ),
+        )
+        .await);
+        ok(&send(
+            &app,
+            call(
+                json!({"region": "Hello"}),
+                &[("mcp-param-region", "=?base64?SGVsbG8=?=")],
+            ),
+        )
+        .await);
+        ok(&send(
+            &app,
+            call(
+                json!({"region": " padded "}),
+                &[("Mcp-Param-Region", "=?base64?IHBhZGRlZCA=?=")],
+            ),
+        )
+        .await);
+        ok(&send(
+            &app,
+            call(json!({"level": 42}), &[("Mcp-Param-Level", "42.0")]),
+        )
+        .await);
+        ok(&send(&app, call(json!({"on": true}), &[("Mcp-Param-On", "true")])).await);
+        ok(&send(
+            &app,
+            call(
+                json!({"nested": {"zone": "z1"}}),
+                &[("Mcp-Param-Zone", "z1")],
+            ),
+        )
+        .await);
+        // Not in the body (or null): no header expected.
+        ok(&send(&app, call(json!({"query": "q", "region": null}), &[])).await);
+        // A value without the whole sentinel is literal.
+        ok(&send(
+            &app,
+            call(
+                json!({"region": "=?base64?SGVsbG8="}),
+                &[("Mcp-Param-Region", "=?base64?SGVsbG8=")],
+            ),
+        )
+        .await);
+        // Annotations behind `items` are not recognized: nothing expected.
+        ok(&send(&app, call(json!({"list": ["a"]}), &[])).await);
+
+        refused(
+            &send(&app, call(json!({"region": "us-west1"}), &[])).await,
+            "missing header",
+        );
+        refused(
+            &send(
+                &app,
+                call(json!({"region": "us-west1"}), &[("Mcp-Param-Region", "eu")]),
+            )
+            .await,
+            "other value",
+        );
+        refused(
+            &send(
+                &app,
+                call(
+                    json!({"region": "Hello"}),
+                    &[("Mcp-Param-Region", "=?base64?SGVsbG8?=")],
+                ),
+            )
+            .await,
+            "bad padding",
+        );
+        refused(
+            &send(
+                &app,
+                call(
+                    json!({"region": "Hello"}),
+                    &[("Mcp-Param-Region", "=?base64?SGVs!!!bG8=?=")],
+                ),
+            )
+            .await,
+            "bad alphabet",
+        );
+        refused(
+            &send(
+                &app,
+                call(json!({"region": "é"}), &[("Mcp-Param-Region", "\u{e9}")]),
+            )
+            .await,
+            "raw non-ASCII",
+        );
+        refused(
+            &send(
+                &app,
+                call(json!({"level": 42}), &[("Mcp-Param-Level", "43")]),
+            )
+            .await,
+            "other number",
+        );
+        refused(
+            &send(&app, call(json!({"on": true}), &[("Mcp-Param-On", "1")])).await,
+            "boolean spelled otherwise",
+        );
+        refused(
+            &send(&app, call(json!({}), &[("Mcp-Param-Region", "us-west1")])).await,
+            "header without an argument",
+        );
+        refused(
+            &send(
+                &app,
+                call(
+                    json!({"region": "a"}),
+                    &[("Mcp-Param-Region", "a"), ("Mcp-Param-Region", "a")],
+                ),
+            )
+            .await,
+            "repeated header",
+        );
+        // Headers the tool does not declare are ignored.
+        ok(&send(
+            &app,
+            call(json!({"query": "q"}), &[("Mcp-Param-Other", "x")]),
+        )
+        .await);
+    }
+}
+
+// ------------------------------------------------------------------ a human's time
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_human_is_bounded_by_the_hold_time_not_the_call_timeout() {
+    let fakes = Fakes::new();
+    fakes.add("acme", "time", Protocol::Handshake);
+    *fakes.call_timeout.lock().unwrap() = Duration::from_secs(2);
+    let config = GatewayConfig {
+        held_ttl: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let (_g, app) = gateway(&fakes, config);
+    let p = "/mcp/acme/time";
+
+    // The server's own work still ends at the call timeout.
+    let a = send(
+        &app,
+        modern(
+            p,
+            json!(1),
+            "tools/call",
+            json!({"name":"slow","arguments":{}}),
+        ),
+    )
+    .await;
+    assert_eq!(a.body["error"]["code"], UPSTREAM_TIMEOUT, "{}", a.body);
+
+    // A stateless client takes a minute to answer an elicitation.
+    let a = send(&app, ask(2, "sy", json!({"elicitation": {}}))).await;
+    let r = &a.body["result"];
+    assert_eq!(r["resultType"], "input_required", "{}", a.body);
+    let key = r["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let mut retry = json!({"name":"ask","arguments":{"who":"sy"},"requestState": r["requestState"],
+        "inputResponses": { key: {"action":"accept","content":{"name":"Sy"}} }});
+    retry["_meta"] = meta(json!({"elicitation": {}}));
+    let a = send(&app, modern(p, json!(3), "tools/call", retry)).await;
+    assert_eq!(
+        a.body["result"]["content"][0]["text"], "sy answered Sy",
+        "{}",
+        a.body
+    );
+
+    // So does a handshake-era client.
+    let sid = initialize(&app, p, json!({"elicitation": {}})).await;
+    let resp = app
+        .clone()
+        .oneshot(legacy(p, &sid, json!({"jsonrpc":"2.0","id":"h1","method":"tools/call","params":{"name":"ask","arguments":{"who":"hy"}}})))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let request = loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&f.into_data().unwrap()));
+        if let Some(m) = sse_messages(&text)
+            .into_iter()
+            .find(|m| m["method"] == "elicitation/create")
+        {
+            break m;
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let a = send(&app, legacy(p, &sid, json!({"jsonrpc":"2.0","id": request["id"],"result":{"action":"accept","content":{"name":"Hy"}}}))).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let rest = body.collect().await.unwrap().to_bytes();
+    text.push_str(&String::from_utf8_lossy(&rest));
+    let last = sse_messages(&text).pop().unwrap();
+    assert_eq!(
+        last["result"]["content"][0]["text"], "hy answered Hy",
+        "{last}"
+    );
+}
+
+#[tokio::test]
+async fn one_mesh_cannot_take_every_session() {
+    let fakes = Fakes::new();
+    fakes.add("acme", "time", Protocol::Handshake);
+    fakes.add("beta", "time", Protocol::Handshake);
+    let config = GatewayConfig {
+        max_sessions: 100,
+        max_sessions_per_mesh: 4,
+        ..Default::default()
+    };
+    let (g, app) = gateway(&fakes, config);
+    for p in ["/mcp/acme/time", "/mcp/acme", "/mcp/acme/time", "/mcp/acme"] {
+        initialize(&app, p, json!({})).await;
+    }
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{}}});
+    let a = send(&app, raw("/mcp/acme", &[], init.to_string())).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_i64()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some(GATEWAY_BUSY))
+    );
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("acme"),
+        "{}",
+        a.body
+    );
+    // Another mesh is not locked out.
+    initialize(&app, "/mcp/beta/time", json!({})).await;
+    assert_eq!(g.sessions(), 5);
+}
+
+#[tokio::test]
+async fn a_handshake_server_gets_no_stateless_envelope_but_the_rest_of_meta() {
+    let fakes = Fakes::new();
+    let fake = fakes.add("acme", "time", Protocol::Handshake);
+    let stateless = fakes.add("acme", "st", Protocol::Stateless);
+    let (_g, app) = gateway(&fakes, GatewayConfig::default());
+    let mut m = meta(json!({}));
+    m["progressToken"] = json!("p1");
+    m["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    for (p, f) in [("/mcp/acme/time", &fake), ("/mcp/acme/st", &stateless)] {
+        let a = send(
+            &app,
+            modern(
+                p,
+                json!(1),
+                "tools/call",
+                json!({"name":"echo","arguments":{"text":"x"},"_meta": m}),
+            ),
+        )
+        .await;
+        assert!(a.body["result"].is_object(), "{}", a.body);
+        let sent = f.last("tools/call").unwrap();
+        assert_eq!(sent["_meta"]["progressToken"], "p1", "{sent}");
+        assert_eq!(sent["_meta"]["traceparent"], m["traceparent"], "{sent}");
+        let envelope = sent["_meta"].get(META_PROTOCOL_VERSION).is_some();
+        // Only the stateless server needs the envelope.
+        assert_eq!(envelope, f.protocol == Protocol::Stateless, "{sent}");
+    }
 }

@@ -43,6 +43,12 @@ pub enum UpstreamError {
 #[async_trait]
 pub trait Upstream: Send + Sync {
     fn info(&self) -> ServerInfo;
+    /// The server's era, without copying its [`ServerInfo`].
+    fn protocol(&self) -> Protocol {
+        self.info().protocol
+    }
+    /// The server's tools as last listed (for `Mcp-Param-*` validation).
+    fn tools(&self) -> Arc<Vec<Value>>;
     /// Any request; dropping the future before it resolves cancels it upstream.
     async fn request(
         &self,
