@@ -1,7 +1,7 @@
 # meshbox — build, test, bench, lint.
 CARGO ?= cargo
 
-.PHONY: build run test test-lanes test-docker lint bench fmt images images-local fuzz
+.PHONY: build run test test-lanes test-docker lint bench fmt images images-local fuzz conformance
 MESHBOX := target/release/meshbox
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 
@@ -24,6 +24,11 @@ test: lint
 test-lanes:
 	$(CARGO) test --no-fail-fast -- --ignored
 
+# The official MCP conformance suite against the gateway, both revisions
+# (needs node/npm and the npm registry; fails on a required scenario).
+conformance:
+	scripts/conformance.sh
+
 test-docker:
 	$(CARGO) test --test docker -- --ignored
 
@@ -40,6 +45,7 @@ bench:
 	$(CARGO) bench --bench sources
 	$(CARGO) bench --bench docker
 	$(CARGO) bench --bench sandbox
+	$(CARGO) bench --bench gateway
 
 # Runner images from the official base images (needs a registry of images).
 images: build

@@ -160,7 +160,7 @@ impl Default for SessionConfig {
         SessionConfig {
             max_line: DEFAULT_MAX_LINE,
             roots: Vec::new(),
-            exit_grace: Duration::from_millis(200),
+            exit_grace: Duration::from_millis(1000),
             queue_len: 1024,
             queue_bytes: 16 << 20,
             max_peer_requests: 64,
