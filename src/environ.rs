@@ -8,24 +8,17 @@
 
 use std::collections::BTreeMap;
 
-/// Proxy and CA-bundle variables: servers and installers.
-pub const PROXY_AND_CA: &[&str] = &[
+/// Proxy variables: servers and installers.
+pub const PROXY: &[&str] = &[
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
     "http_proxy",
     "https_proxy",
     "no_proxy",
-    "NODE_EXTRA_CA_CERTS",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "PIP_CERT",
-    "GIT_SSL_CAINFO",
 ];
 
-/// The CA-bundle variables of [`PROXY_AND_CA`]: host paths, meaningless
+/// CA-bundle variables: servers and installers. Host paths, meaningless
 /// inside an image.
 pub const CA_FILES: &[&str] = &[
     "NODE_EXTRA_CA_CERTS",
@@ -36,6 +29,9 @@ pub const CA_FILES: &[&str] = &[
     "PIP_CERT",
     "GIT_SSL_CAINFO",
 ];
+
+/// The runner variables a server gets: [`PROXY`] and [`CA_FILES`].
+pub const PROXY_AND_CA: &[&[&str]] = &[PROXY, CA_FILES];
 
 /// Registry settings: installers only.
 pub const REGISTRY: &[&str] = &[
@@ -84,7 +80,12 @@ mod tests {
 
     #[test]
     fn lists_hold_no_secrets_and_no_duplicates() {
-        let mut all: Vec<&str> = PROXY_AND_CA.iter().chain(REGISTRY).copied().collect();
+        let mut all: Vec<&str> = PROXY
+            .iter()
+            .chain(CA_FILES)
+            .chain(REGISTRY)
+            .copied()
+            .collect();
         let n = all.len();
         all.sort_unstable();
         all.dedup();
@@ -92,6 +93,5 @@ mod tests {
         assert!(all
             .iter()
             .all(|k| !k.contains("TOKEN") && !k.contains("SECRET")));
-        assert!(CA_FILES.iter().all(|k| PROXY_AND_CA.contains(k)));
     }
 }

@@ -85,7 +85,9 @@ async fn idle_connections_under_a_1024_fd_limit_do_not_lock_out_health() {
 
 #[tokio::test]
 async fn half_sent_headers_and_idle_keep_alive_are_closed() {
-    let d = Daemon::start();
+    // The default (10 s, unit-tested in api::listen) shortened to keep the
+    // lane fast; the closing is the same.
+    let d = Daemon::start_with(&["--header-timeout", "3"], &[]);
     let addr = host_port(&d);
     // Never a complete head.
     let mut half = TcpStream::connect(&addr).await.unwrap();
@@ -107,9 +109,9 @@ async fn half_sent_headers_and_idle_keep_alive_are_closed() {
         String::from_utf8_lossy(&buf[..n])
     );
     let (a, b, c) = tokio::join!(
-        closed_within(&mut half, Duration::from_secs(15)),
-        closed_within(&mut silent, Duration::from_secs(15)),
-        closed_within(&mut kept, Duration::from_secs(15)),
+        closed_within(&mut half, Duration::from_secs(6)),
+        closed_within(&mut silent, Duration::from_secs(6)),
+        closed_within(&mut kept, Duration::from_secs(6)),
     );
     eprintln!("closed after {a:?}, {b:?}, {c:?}");
     health_within(&d, Duration::from_secs(1)).await;
@@ -117,7 +119,7 @@ async fn half_sent_headers_and_idle_keep_alive_are_closed() {
 
 #[tokio::test]
 async fn a_dripped_body_is_cut_at_the_body_deadline() {
-    let d = Daemon::start_with(&["--body-timeout", "5"], &[]);
+    let d = Daemon::start_with(&["--body-timeout", "3"], &[]);
     let addr = host_port(&d);
     let mut s = TcpStream::connect(&addr).await.unwrap();
     s.write_all(
@@ -127,18 +129,18 @@ async fn a_dripped_body_is_cut_at_the_body_deadline() {
     .unwrap();
     let started = Instant::now();
     let drip = async {
-        // A byte every 2 s: never idle long enough for an inactivity timer.
+        // A byte every second: never idle long enough for an inactivity timer.
         loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             if s.write_all(b" ").await.is_err() {
                 break;
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(30), drip).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), drip).await;
     let elapsed = started.elapsed();
     assert!(
-        elapsed < Duration::from_secs(30),
+        elapsed < Duration::from_secs(15),
         "the server kept reading a dripped body for {elapsed:?}"
     );
     let (_, list) = d.get("/v1/meshes/m/services").await;

@@ -161,7 +161,8 @@ fn base_env(config: &InstallConfig, ca_bundle: Option<&str>) -> BTreeMap<String,
         ("PIP_DISABLE_PIP_VERSION_CHECK".to_owned(), "1".to_owned()),
     ]);
     env.extend(crate::environ::from_runner(&[
-        crate::environ::PROXY_AND_CA,
+        crate::environ::PROXY,
+        crate::environ::CA_FILES,
         crate::environ::REGISTRY,
     ]));
     if let Some(bundle) = ca_bundle {

@@ -191,8 +191,11 @@ impl SandboxedInstalls {
         argv.push(source_arg);
         argv.push("--".into());
         argv.extend(req.args.iter().cloned());
-        let mut env =
-            crate::environ::from_runner(&[crate::environ::PROXY_AND_CA, crate::environ::REGISTRY]);
+        let mut env = crate::environ::from_runner(&[
+            crate::environ::PROXY,
+            crate::environ::CA_FILES,
+            crate::environ::REGISTRY,
+        ]);
         // Host paths mean nothing inside the image: its own bundle is baked in.
         for k in crate::environ::CA_FILES {
             env.remove(*k);

@@ -363,6 +363,13 @@ mod tests {
     use http_body_util::BodyExt;
 
     #[test]
+    fn defaults_close_slow_clients_within_fifteen_seconds() {
+        let c = ServeConfig::default();
+        assert!(c.header_timeout <= Duration::from_secs(15));
+        assert!(c.body_timeout <= Duration::from_secs(30));
+    }
+
+    #[test]
     fn caps_follow_the_fd_limit() {
         assert_eq!(connection_cap(1024), 512);
         assert_eq!(connection_cap(10), 16);

@@ -12,7 +12,6 @@ pub mod listen;
 mod route_tests;
 mod v1;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -22,7 +21,6 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum::Router;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
 
 pub use auth::{parse_mesh_tokens, MeshTokensError, Tokens};
 pub use error::ApiError;
@@ -149,14 +147,7 @@ pub(crate) fn call_span(
     span
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, with the
-/// connection bounds of `config` (header, body and idle timeouts, a cap on
-/// connections): the one entry for every route meshbox serves.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    listen::serve(listener, router, config, shutdown).await
-}
+/// Serves `router` with the connection bounds of a [`ServeConfig`] (header,
+/// body and idle timeouts, a cap on connections): the one entry for every
+/// route meshbox serves.
+pub use listen::serve;

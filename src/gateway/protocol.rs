@@ -8,19 +8,19 @@ use serde_json::{json, Map, Value};
 
 use super::upstream::RpcError;
 
-/// The stateless era's versions, newest first.
-pub const MODERN_VERSIONS: &[&str] = &["2026-07-28"];
+// Versions, JSON-RPC codes and `_meta` keys are the session's (one list).
+pub use crate::mcp::protocol::code::{
+    HEADER_MISMATCH, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
+    MISSING_CAPABILITY as MISSING_CLIENT_CAPABILITY, PARSE_ERROR, UNSUPPORTED_VERSION,
+};
+pub use crate::mcp::protocol::meta::{
+    CLIENT_CAPABILITIES as META_CLIENT_CAPABILITIES, CLIENT_INFO as META_CLIENT_INFO,
+    PROTOCOL_VERSION as META_PROTOCOL_VERSION, SERVER_INFO as META_SERVER_INFO,
+};
 /// Handshake-era versions a client may negotiate in `initialize`, newest first.
-pub const LEGACY_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
-
-pub const PARSE_ERROR: i64 = -32700;
-pub const INVALID_REQUEST: i64 = -32600;
-pub const METHOD_NOT_FOUND: i64 = -32601;
-pub const INVALID_PARAMS: i64 = -32602;
-pub const INTERNAL_ERROR: i64 = -32603;
-pub const HEADER_MISMATCH: i64 = -32020;
-pub const MISSING_CLIENT_CAPABILITY: i64 = -32021;
-pub const UNSUPPORTED_VERSION: i64 = -32022;
+pub use crate::mcp::protocol::HANDSHAKE_VERSIONS as LEGACY_VERSIONS;
+/// The stateless era's versions, newest first.
+pub const MODERN_VERSIONS: &[&str] = &[crate::mcp::protocol::STATELESS_VERSION];
 /// meshbox's own codes, outside the JSON-RPC reserved range.
 pub const UPSTREAM_UNAVAILABLE: i64 = -31001;
 pub const UPSTREAM_TIMEOUT: i64 = -31002;
@@ -33,10 +33,6 @@ pub const H_SESSION: &str = "mcp-session-id";
 /// `Mcp-Param-{Name}`: a tool argument the tool's schema marks with `x-mcp-header`.
 pub const H_PARAM_PREFIX: &str = "mcp-param-";
 
-pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
-pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
-pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
-pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 pub const META_SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// Longest accepted method name and string id.

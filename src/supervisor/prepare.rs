@@ -294,7 +294,7 @@ pub async fn server_env(
         ("HOME".to_owned(), home.to_string_lossy().into_owned()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
     ]);
-    env.extend(environ::from_runner(&[environ::PROXY_AND_CA]));
+    env.extend(environ::from_runner(environ::PROXY_AND_CA));
     env.extend(crate::secrets::resolve_env(spec_env, secrets).await?);
     Ok(env)
 }
@@ -350,7 +350,9 @@ mod tests {
         for k in env.keys() {
             assert!(
                 ["PATH", "HOME", "LANG", "API_KEY"].contains(&k.as_str())
-                    || environ::PROXY_AND_CA.contains(&k.as_str()),
+                    || environ::PROXY_AND_CA
+                        .iter()
+                        .any(|l| l.contains(&k.as_str())),
                 "{k}"
             );
         }
