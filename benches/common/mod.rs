@@ -229,7 +229,7 @@ impl HttpCaller {
         use http_body_util::BodyExt;
         self.sender.ready().await.unwrap();
         let mut req = hyper::Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(path)
             .header(hyper::header::HOST, &self.host)
             .header(hyper::header::CONTENT_TYPE, "application/json");
@@ -237,7 +237,10 @@ impl HttpCaller {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(body)).unwrap();
-        let resp = self.sender.send_request(req).await.unwrap();
+        let resp = match self.sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => panic!("{method} {path} on {}: {e}", self.host),
+        };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();

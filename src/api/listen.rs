@@ -293,6 +293,8 @@ pub async fn serve(
             drop(stream);
             continue;
         }
+        // Small answers go out at once, not after the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let reg = tracker.register();
         let conn = http.serve_connection(
             TokioIo::new(stream),
