@@ -123,6 +123,31 @@ fn evict(
     gone
 }
 
+/// The longest a change to the uid table waits for another process's.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The table as `file` holds it (empty when absent or unreadable).
+fn read_table(file: &Path) -> BTreeMap<String, Entry> {
+    let stored: BTreeMap<String, Stored> = std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    stored
+        .into_iter()
+        .map(|(k, s)| {
+            let e = match s {
+                Stored::Entry(e) => e,
+                Stored::Uid(uid) => Entry {
+                    uid,
+                    used: 0,
+                    home: None,
+                },
+            };
+            (k, e)
+        })
+        .collect()
+}
+
 /// Hands a forgotten owner's home back to root, so whoever gets its uid
 /// next cannot enter it.
 fn disown_home(e: &Entry) {
@@ -140,25 +165,7 @@ fn disown_home(e: &Entry) {
 impl Uids {
     pub fn open(data_dir: Option<&Path>) -> Uids {
         let file = data_dir.map(|d| d.join("sandbox-uids.json"));
-        let stored: BTreeMap<String, Stored> = file
-            .as_ref()
-            .and_then(|f| std::fs::read(f).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let table = stored
-            .into_iter()
-            .map(|(k, s)| {
-                let e = match s {
-                    Stored::Entry(e) => e,
-                    Stored::Uid(uid) => Entry {
-                        uid,
-                        used: 0,
-                        home: None,
-                    },
-                };
-                (k, e)
-            })
-            .collect();
+        let table = file.as_deref().map(read_table).unwrap_or_default();
         Uids {
             file,
             table: Mutex::new(table),
@@ -166,9 +173,40 @@ impl Uids {
         }
     }
 
+    /// Several meshbox processes (`meshbox run`s, a `serve`) share one table
+    /// file: each change is made under an exclusive lock on its lock file,
+    /// to the table as that file holds it then. `None` without a file.
+    fn lock_file(&self) -> std::io::Result<Option<std::fs::File>> {
+        let Some(f) = &self.file else {
+            return Ok(None);
+        };
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(f.with_extension("lock"))?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(Some(lock)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::other(format!(
+                        "{} is locked by another meshbox for over {} s",
+                        f.display(),
+                        LOCK_WAIT.as_secs()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+    }
+
     fn save(&self, table: &BTreeMap<String, Entry>) -> std::io::Result<()> {
         if let Some(f) = &self.file {
-            let tmp = f.with_extension("json.tmp");
+            let tmp = f.with_extension(format!("json.{}.tmp", std::process::id()));
             std::fs::write(&tmp, serde_json::to_vec(table).unwrap_or_default())?;
             std::fs::rename(&tmp, f)?;
         }
@@ -180,6 +218,11 @@ impl Uids {
         let k = key_of(key);
         let now = now();
         let mut table = self.table.lock().expect("uid table poisoned");
+        let _locked = self.lock_file()?;
+        if let Some(f) = &self.file {
+            // What other processes allocated meanwhile.
+            *table = read_table(f);
+        }
         if let Some(e) = table.get_mut(&k) {
             let uid = e.uid;
             let stale = now.saturating_sub(e.used) > REFRESH_SECS;
@@ -242,6 +285,37 @@ mod tests {
         assert_eq!(u.get(&key("acme", "time"), None).unwrap(), a);
         let again = Uids::open(Some(d.path()));
         assert_eq!(again.get(&key("acme", "fs"), None).unwrap(), b);
+    }
+
+    #[test]
+    fn processes_sharing_one_table_neither_fail_nor_hand_out_one_uid_twice() {
+        // Each `Uids` stands for a meshbox process (its own memory, one file),
+        // as two `meshbox run`s in one home.
+        let d = tempfile::tempdir().unwrap();
+        let uids: Vec<(String, u32)> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|p| {
+                    let dir = d.path();
+                    s.spawn(move || {
+                        let u = Uids::open(Some(dir));
+                        (0..25)
+                            .map(|i| {
+                                let k = key("run", &format!("p{p}-s{i}"));
+                                (key_of(&k), u.get(&k, None).unwrap())
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+        });
+        let distinct: std::collections::HashSet<u32> = uids.iter().map(|(_, u)| *u).collect();
+        assert_eq!(distinct.len(), uids.len(), "one uid handed out twice");
+        // Every allocation is in the file, none lost to another's write.
+        let kept = read_table(&d.path().join("sandbox-uids.json"));
+        for (k, uid) in &uids {
+            assert_eq!(kept.get(k).map(|e| e.uid), Some(*uid), "{k}");
+        }
     }
 
     #[test]
