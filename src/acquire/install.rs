@@ -598,36 +598,14 @@ impl Installer {
                     ],
                 ),
             ],
-            Some(branch) => vec![(
-                format!("git clone {url}"),
-                vec![
-                    "git",
-                    "clone",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--branch",
-                    branch,
-                    "--",
-                    url,
-                    &tmp_s,
-                ],
-            )],
-            None => vec![(
-                format!("git clone {url}"),
-                vec![
-                    "git",
-                    "clone",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--",
-                    url,
-                    &tmp_s,
-                ],
-            )],
+            branch => {
+                let mut argv = vec!["git", "clone", "--quiet", "--depth", "1", "--no-tags"];
+                if let Some(b) = branch {
+                    argv.extend(["--branch", b]);
+                }
+                argv.extend(["--", url, &tmp_s]);
+                vec![(format!("git clone {url}"), argv)]
+            }
         };
         for (what, argv) in steps {
             if let Err(e) = self.run(cx, &what, &argv, None).await {
