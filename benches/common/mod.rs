@@ -149,13 +149,18 @@ pub struct HttpCaller {
 impl HttpCaller {
     pub async fn connect(base: &str) -> HttpCaller {
         let host = base.trim_start_matches("http://").to_owned();
-        let stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let sender = Self::open(&host).await;
+        HttpCaller { sender, host }
+    }
+
+    async fn open(host: &str) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let stream = tokio::net::TcpStream::connect(host).await.unwrap();
         stream.set_nodelay(true).unwrap();
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
         tokio::spawn(conn);
-        HttpCaller { sender, host }
+        sender
     }
 
     /// POST `body` to `path`: the status and the whole answer.
@@ -227,7 +232,12 @@ impl HttpCaller {
         body: Bytes,
     ) -> (u16, hyper::HeaderMap, Bytes) {
         use http_body_util::BodyExt;
-        self.sender.ready().await.unwrap();
+        // meshbox closes a kept-alive connection that stays idle past its
+        // header timeout (as it should); a caller that sat out a long
+        // measurement opens a new one, as any pooling client would.
+        if self.sender.ready().await.is_err() {
+            self.sender = Self::open(&self.host).await;
+        }
         let mut req = hyper::Request::builder()
             .method(method.clone())
             .uri(path)
