@@ -100,6 +100,7 @@ fn request<'a>(
         args: &[],
         install_env: env,
         install_timeout: timeout,
+        plan: None,
     }
 }
 

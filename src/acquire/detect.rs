@@ -2,9 +2,10 @@
 
 use std::path::{Component, Path};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::AcquireError;
+use super::{AcquireError, Launch};
 use crate::model::Runtime;
 
 /// bun lockfile/bunfig → bun, package.json → node, pyproject/requirements/*.py → python.
@@ -115,91 +116,226 @@ pub(crate) fn pyproject_scripts(text: &str) -> Vec<String> {
     out
 }
 
-/// The command that starts the server in `dir` with `runtime` (a python
-/// server with the directory's own `.venv`, when it has one).
-pub fn detect_entry(dir: &Path, runtime: Runtime) -> Result<Vec<String>, AcquireError> {
-    detect_entry_in(dir, runtime, None)
+/// How a directory's server starts, decided by one look at the directory
+/// ([`DirPlan::detect`], at validation or else at preparation) and then
+/// resolved against what the install made ([`DirPlan::launch`]) without
+/// looking for an entry again. It crosses into an install container as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirPlan {
+    pub runtime: Option<Runtime>,
+    pub entry: Entry,
 }
 
-/// As [`detect_entry`], a python server with the environment `venv` (its
-/// dependencies in meshbox's cache) instead of the directory's `.venv`.
-pub fn detect_entry_in(
-    dir: &Path,
-    runtime: Runtime,
-    venv: Option<&Path>,
-) -> Result<Vec<String>, AcquireError> {
+/// The entry a [`DirPlan`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entry {
+    /// The spec's `command`: replaces any entry.
+    Command(Vec<String>),
+    /// A file of the directory, run by its runtime (`node f`, `bun run f`,
+    /// python: the environment's interpreter).
+    File(String),
+    /// A python project's `[project.scripts]`, which its install puts into
+    /// the environment's `bin` (the first one there is run); `fallback`, a
+    /// server file of the directory, when the install made none.
+    Scripts {
+        names: Vec<String>,
+        fallback: Option<String>,
+    },
+    /// Made by the package's `build` script: found in the build's output.
+    Built,
+}
+
+/// Node and bun entries looked for after package.json's.
+const NODE_FILES: &[&str] = &[
+    "dist/index.js",
+    "build/index.js",
+    "index.js",
+    "src/index.js",
+];
+/// Python server files, in order.
+const PYTHON_FILES: &[&str] = &[
+    "server.py",
+    "main.py",
+    "src/server.py",
+    "src/main.py",
+    "__main__.py",
+];
+
+#[cfg(test)]
+thread_local! {
+    /// Looks taken by [`DirPlan::detect`] on this thread, per directory.
+    static LOOKS: std::cell::RefCell<std::collections::HashMap<std::path::PathBuf, usize>> =
+        Default::default();
+}
+
+/// How many times [`DirPlan::detect`] looked at `dir` on this thread.
+#[cfg(test)]
+pub(crate) fn looks(dir: &Path) -> usize {
+    LOOKS.with(|l| l.borrow().get(dir).copied().unwrap_or(0))
+}
+
+impl DirPlan {
+    /// Looks at `dir` once: its runtime (`runtime`, else detected), and the
+    /// spec's `command` or the entry found, or the install that makes one (a
+    /// `build` script; a python project's console scripts).
+    pub fn detect(
+        dir: &Path,
+        runtime: Option<Runtime>,
+        command: Option<&[String]>,
+    ) -> Result<DirPlan, AcquireError> {
+        #[cfg(test)]
+        LOOKS.with(|l| *l.borrow_mut().entry(dir.to_path_buf()).or_default() += 1);
+        if !dir.is_dir() {
+            return Err(AcquireError::MissingDir(dir.to_path_buf()));
+        }
+        let runtime = runtime.or_else(|| detect_runtime(dir));
+        let no_entry = |hint: String| AcquireError::NoEntry {
+            dir: dir.to_path_buf(),
+            hint,
+        };
+        let entry = match (command, runtime) {
+            (Some(cmd), _) => Entry::Command(cmd.to_vec()),
+            (None, None) => return Err(no_entry(
+                "no package.json, pyproject.toml, requirements.txt or bun lockfile; give `command`"
+                    .into(),
+            )),
+            (None, Some(rt @ (Runtime::Node | Runtime::Bun))) => node_entry(dir, rt)?,
+            (None, Some(Runtime::Python)) => python_entry(dir)?,
+        };
+        Ok(DirPlan { runtime, entry })
+    }
+
+    /// The launch in `dir` (the directory looked at, or a build's output
+    /// for [`Entry::Built`], which is looked at there), with the python
+    /// environment `venv` (else the directory's own `.venv`, else `python3`).
+    pub fn launch(
+        &self,
+        dir: &Path,
+        args: &[String],
+        venv: Option<&Path>,
+    ) -> Result<Launch, AcquireError> {
+        let venv_bin = venv.map_or_else(|| dir.join(".venv/bin"), |v| v.join("bin"));
+        let python = || {
+            let p = venv_bin.join("python");
+            if p.exists() {
+                p.to_string_lossy().into_owned()
+            } else {
+                "python3".into()
+            }
+        };
+        let file = |f: &str| -> Vec<String> {
+            match self.runtime {
+                Some(Runtime::Bun) => vec!["bun".into(), "run".into(), f.into()],
+                Some(Runtime::Python) => vec![python(), f.into()],
+                _ => vec!["node".into(), f.into()],
+            }
+        };
+        let mut argv = match &self.entry {
+            Entry::Command(cmd) => cmd.clone(),
+            Entry::File(f) => file(f),
+            Entry::Scripts { names, fallback } => {
+                match names.iter().map(|n| venv_bin.join(n)).find(|p| p.is_file()) {
+                    Some(p) => vec![p.to_string_lossy().into_owned()],
+                    None => match fallback {
+                        Some(f) => file(f),
+                        None => {
+                            return Err(AcquireError::NoEntry {
+                                dir: dir.to_path_buf(),
+                                hint: format!(
+                                    "the install made none of its scripts ({})",
+                                    names.join(", ")
+                                ),
+                            })
+                        }
+                    },
+                }
+            }
+            Entry::Built => {
+                let rt = self.runtime.unwrap_or(Runtime::Node);
+                let built = DirPlan {
+                    runtime: Some(rt),
+                    entry: node_entry(dir, rt)?,
+                };
+                return match built.entry {
+                    Entry::Built => Err(AcquireError::NoEntry {
+                        dir: dir.to_path_buf(),
+                        hint: "the build made no entry".into(),
+                    }),
+                    _ => built.launch(dir, args, venv),
+                };
+            }
+        };
+        argv.extend(args.iter().cloned());
+        Ok(Launch {
+            argv,
+            workdir: dir.to_path_buf(),
+            runtime: self.runtime,
+            ..Launch::default()
+        })
+    }
+}
+
+/// A node or bun directory's entry: package.json's `bin`/`main`, else the
+/// first of [`NODE_FILES`] (bun: and `index.ts`), else its `build` script's.
+fn node_entry(dir: &Path, runtime: Runtime) -> Result<Entry, AcquireError> {
     let no_entry = |hint: String| AcquireError::NoEntry {
         dir: dir.to_path_buf(),
         hint,
     };
-    match runtime {
-        Runtime::Node | Runtime::Bun => {
-            let mut candidates = Vec::new();
-            if let Some(pkg) = read_package_json(dir)? {
-                if let Some(e) = package_json_entry(&pkg).map_err(|e| no_entry(e.to_string()))? {
-                    candidates.push(e);
-                }
-            }
-            candidates.extend(
-                [
-                    "dist/index.js",
-                    "build/index.js",
-                    "index.js",
-                    "src/index.js",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            if runtime == Runtime::Bun {
-                candidates.extend(["index.ts", "src/index.ts"].iter().map(|s| s.to_string()));
-            }
-            for c in candidates {
-                if !inside(&c) {
-                    return Err(no_entry(format!(
-                        "entry `{c}` points outside the directory"
-                    )));
-                }
-                if dir.join(&c).is_file() {
-                    return Ok(match runtime {
-                        Runtime::Bun => vec!["bun".into(), "run".into(), c],
-                        _ => vec!["node".into(), c],
-                    });
-                }
-            }
-            Err(no_entry(
-                "no package.json bin/main and none of dist/index.js, build/index.js, index.js, src/index.js exists".into(),
-            ))
+    let pkg = read_package_json(dir)?;
+    let mut candidates = Vec::new();
+    if let Some(pkg) = &pkg {
+        if let Some(e) = package_json_entry(pkg).map_err(|e| no_entry(e.to_string()))? {
+            candidates.push(e);
         }
-        Runtime::Python => {
-            let venv_bin = venv.map_or_else(|| dir.join(".venv/bin"), |v| v.join("bin"));
-            if let Ok(text) = std::fs::read_to_string(dir.join("pyproject.toml")) {
-                for script in pyproject_scripts(&text) {
-                    let p = venv_bin.join(&script);
-                    if inside(&script) && p.is_file() {
-                        return Ok(vec![p.to_string_lossy().into_owned()]);
-                    }
-                }
-            }
-            let python = if venv_bin.join("python").exists() {
-                venv_bin.join("python").to_string_lossy().into_owned()
-            } else {
-                "python3".into()
-            };
-            for c in [
-                "server.py",
-                "main.py",
-                "src/server.py",
-                "src/main.py",
-                "__main__.py",
-            ] {
-                if dir.join(c).is_file() {
-                    return Ok(vec![python, c.into()]);
-                }
-            }
-            Err(no_entry(
-                "no pyproject script installed and none of server.py, main.py, src/server.py, src/main.py exists".into(),
-            ))
+    }
+    candidates.extend(NODE_FILES.iter().map(|s| s.to_string()));
+    if runtime == Runtime::Bun {
+        candidates.extend(["index.ts", "src/index.ts"].iter().map(|s| s.to_string()));
+    }
+    for c in candidates {
+        if !inside(&c) {
+            return Err(no_entry(format!(
+                "entry `{c}` points outside the directory"
+            )));
         }
+        if dir.join(&c).is_file() {
+            return Ok(Entry::File(c));
+        }
+    }
+    if pkg.is_some_and(|p| {
+        p.pointer("/scripts/build")
+            .and_then(Value::as_str)
+            .is_some()
+    }) {
+        return Ok(Entry::Built);
+    }
+    Err(no_entry(
+        "no package.json bin/main and none of dist/index.js, build/index.js, index.js, src/index.js exists".into(),
+    ))
+}
+
+/// A python directory's entry: its project's console scripts (installed by
+/// the install), else the first of [`PYTHON_FILES`].
+fn python_entry(dir: &Path) -> Result<Entry, AcquireError> {
+    let file = PYTHON_FILES
+        .iter()
+        .find(|c| dir.join(c).is_file())
+        .map(|c| c.to_string());
+    let names: Vec<String> = std::fs::read_to_string(dir.join("pyproject.toml"))
+        .map(|t| pyproject_scripts(&t))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| inside(n))
+        .collect();
+    match (names.is_empty(), file) {
+        (false, fallback) => Ok(Entry::Scripts { names, fallback }),
+        (true, Some(f)) => Ok(Entry::File(f)),
+        (true, None) => Err(AcquireError::NoEntry {
+            dir: dir.to_path_buf(),
+            hint: "no pyproject script and none of server.py, main.py, src/server.py, src/main.py exists".into(),
+        }),
     }
 }
 
@@ -253,23 +389,25 @@ mod tests {
             r#"{"main":"../../etc/passwd"}"#,
         )
         .unwrap();
-        assert!(detect_entry(d.path(), Runtime::Node).is_err());
+        assert!(DirPlan::detect(d.path(), None, None).is_err());
         std::fs::write(d.path().join("package.json"), r#"{"main":"srv.js"}"#).unwrap();
         std::fs::write(d.path().join("srv.js"), "").unwrap();
-        assert_eq!(
-            detect_entry(d.path(), Runtime::Node).unwrap(),
-            vec!["node", "srv.js"]
-        );
+        let plan = DirPlan::detect(d.path(), None, None).unwrap();
+        assert_eq!(plan.entry, Entry::File("srv.js".into()));
+        let launch = plan.launch(d.path(), &["-v".into()], None).unwrap();
+        assert_eq!(launch.argv, vec!["node", "srv.js", "-v"]);
+        assert_eq!(launch.runtime, Some(Runtime::Node));
     }
 
     #[test]
     fn python_entry() {
         let d = tempfile::tempdir().unwrap();
-        assert!(detect_entry(d.path(), Runtime::Python).is_err());
+        assert!(DirPlan::detect(d.path(), Some(Runtime::Python), None).is_err());
         std::fs::create_dir(d.path().join("src")).unwrap();
         std::fs::write(d.path().join("src/server.py"), "").unwrap();
+        let plan = DirPlan::detect(d.path(), Some(Runtime::Python), None).unwrap();
         assert_eq!(
-            detect_entry(d.path(), Runtime::Python).unwrap(),
+            plan.launch(d.path(), &[], None).unwrap().argv,
             vec!["python3", "src/server.py"]
         );
         assert_eq!(
@@ -278,5 +416,69 @@ mod tests {
             ),
             vec!["mcp-x"]
         );
+    }
+
+    #[test]
+    fn a_build_script_or_console_scripts_promise_an_entry_the_install_makes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("package.json"),
+            r#"{"name":"x","scripts":{"build":"tsc"}}"#,
+        )
+        .unwrap();
+        let plan = DirPlan::detect(d.path(), None, None).unwrap();
+        assert_eq!(plan.entry, Entry::Built);
+        // Resolved in the build's output, where the entry is looked for.
+        let out = tempfile::tempdir().unwrap();
+        assert!(plan.launch(out.path(), &[], None).is_err(), "no output yet");
+        std::fs::create_dir(out.path().join("dist")).unwrap();
+        std::fs::write(out.path().join("dist/index.js"), "").unwrap();
+        assert_eq!(
+            plan.launch(out.path(), &[], None).unwrap().argv,
+            vec!["node", "dist/index.js"]
+        );
+
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("pyproject.toml"),
+            "[project]\nname = \"x\"\n[project.scripts]\nx-server = \"x:main\"\n",
+        )
+        .unwrap();
+        let plan = DirPlan::detect(d.path(), None, None).unwrap();
+        assert_eq!(
+            plan.entry,
+            Entry::Scripts {
+                names: vec!["x-server".into()],
+                fallback: None
+            }
+        );
+        let venv = tempfile::tempdir().unwrap();
+        assert!(plan.launch(d.path(), &[], Some(venv.path())).is_err());
+        std::fs::create_dir(venv.path().join("bin")).unwrap();
+        std::fs::write(venv.path().join("bin/x-server"), "").unwrap();
+        assert_eq!(
+            plan.launch(d.path(), &[], Some(venv.path())).unwrap().argv,
+            vec![venv
+                .path()
+                .join("bin/x-server")
+                .to_string_lossy()
+                .into_owned()]
+        );
+        // Without scripts nor a server file there is nothing to run.
+        std::fs::write(d.path().join("pyproject.toml"), "[project]\nname = \"x\"\n").unwrap();
+        assert!(DirPlan::detect(d.path(), None, None).is_err());
+    }
+
+    #[test]
+    fn plans_cross_into_install_containers_as_json() {
+        let plan = DirPlan {
+            runtime: Some(Runtime::Python),
+            entry: Entry::Scripts {
+                names: vec!["a".into()],
+                fallback: Some("server.py".into()),
+            },
+        };
+        let text = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<DirPlan>(&text).unwrap(), plan);
     }
 }

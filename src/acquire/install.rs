@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use super::detect::{detect_runtime, package_json_entry};
+use super::detect::{package_json_entry, DirPlan};
 use super::step::{self, EntryLock, Step};
 use super::{pypi_name, AcquireError, AcquireRequest, Launch, Source};
 use crate::model::Runtime;
@@ -237,6 +237,7 @@ impl Installer {
             runtime,
             command,
             args,
+            plan,
             ..
         } = *req;
         let cx = Cx {
@@ -245,7 +246,7 @@ impl Installer {
             progress,
         };
         match source {
-            Source::Path(dir) => self.local(&cx, dir, runtime, command, args).await,
+            Source::Path(dir) => self.local(&cx, dir, plan, runtime, command, args).await,
             Source::Npm { name, version } => {
                 self.npm(&cx, name, version.as_deref(), runtime, command, args)
                     .await
@@ -253,12 +254,14 @@ impl Installer {
             Source::Pypi { requirement } => self.pypi(&cx, requirement, command, args).await,
             Source::Git { url, reference } => {
                 let dir = self.git(&cx, url, reference.as_deref()).await?;
+                let plan = DirPlan::detect(&dir, runtime, command)?;
                 if let (Some(image), None) = (image_runtime, runtime) {
-                    if let Some(needs) = detect_runtime(&dir).filter(|rt| *rt != image) {
+                    if let Some(needs) = plan.runtime.filter(|rt| *rt != image) {
                         return Err(AcquireError::NeedsRuntime { needs, image });
                     }
                 }
-                self.local(&cx, &dir, runtime, command, args).await
+                self.local(&cx, &dir, Some(&plan), runtime, command, args)
+                    .await
             }
             Source::Image(_) => Err(AcquireError::Unsupported { kind: "image" }),
         }

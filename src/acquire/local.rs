@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::install::{io_err, step, Cx, Installer, COMPLETE};
-use super::{detect_runtime, dir_fingerprint, fnv, launch_from_dir_in, AcquireError, Launch};
+use super::{dir_fingerprint, fnv, AcquireError, DirPlan, Entry, Launch};
 use crate::model::Runtime;
 
 /// Files whose content decides a node directory's dependencies.
@@ -144,24 +144,34 @@ impl Installer {
         std::fs::write(entry.join(COMPLETE), "").map_err(io_err(entry))
     }
 
-    /// Dependencies of a local directory into the cache; how to start it.
+    /// Dependencies of a local directory into the cache; how to start it:
+    /// by `plan`, looked for in the directory now when there is none yet.
     pub(super) async fn local(
         &self,
         cx: &Cx<'_>,
         dir: &Path,
+        plan: Option<&DirPlan>,
         runtime: Option<Runtime>,
         command: Option<&[String]>,
         args: &[String],
     ) -> Result<Launch, AcquireError> {
+        let detected;
+        let plan = match plan {
+            Some(p) => p,
+            None => {
+                detected = DirPlan::detect(dir, runtime, command)?;
+                &detected
+            }
+        };
         if !dir.is_dir() {
             return Err(AcquireError::MissingDir(dir.to_path_buf()));
         }
-        match runtime.or_else(|| detect_runtime(dir)) {
+        match plan.runtime {
             Some(rt @ (Runtime::Node | Runtime::Bun)) => {
-                self.local_node(cx, dir, rt, command, args).await
+                self.local_node(cx, dir, rt, plan, args).await
             }
-            Some(Runtime::Python) => self.local_python(cx, dir, command, args).await,
-            None => launch_from_dir_in(dir, None, command, args, None),
+            Some(Runtime::Python) => self.local_python(cx, dir, plan, args).await,
+            None => plan.launch(dir, args, None),
         }
     }
 
@@ -214,7 +224,7 @@ impl Installer {
         cx: &Cx<'_>,
         dir: &Path,
         rt: Runtime,
-        command: Option<&[String]>,
+        plan: &DirPlan,
         args: &[String],
     ) -> Result<Launch, AcquireError> {
         let pkg: Value = std::fs::read(dir.join("package.json"))
@@ -226,14 +236,7 @@ impl Installer {
                 .and_then(Value::as_object)
                 .is_some_and(|m| !m.is_empty())
         };
-        let builds = pkg
-            .pointer("/scripts/build")
-            .and_then(Value::as_str)
-            .is_some();
-        // Detected once: its failure tells whether a build must make the entry.
-        let detected = launch_from_dir_in(dir, Some(rt), command, args, None);
-        let needs_build = builds && command.is_none() && detected.is_err();
-        if needs_build {
+        if plan.entry == Entry::Built {
             // The build writes its output: it runs in a copy in the cache.
             let entry = self.entry(dir, "build", &dir_fingerprint(dir));
             self.fill_once(cx, &entry, |entry| async move {
@@ -258,9 +261,9 @@ impl Installer {
                 .map(drop)
             })
             .await?;
-            return launch_from_dir_in(&entry, Some(rt), None, args, None);
+            return plan.launch(&entry, args, None);
         }
-        let mut launch = detected?;
+        let mut launch = plan.launch(dir, args, None)?;
         if !has("dependencies") || dir.join("node_modules").exists() {
             return Ok(launch);
         }
@@ -300,13 +303,13 @@ impl Installer {
         &self,
         cx: &Cx<'_>,
         dir: &Path,
-        command: Option<&[String]>,
+        plan: &DirPlan,
         args: &[String],
     ) -> Result<Launch, AcquireError> {
         let reqs = dir.join("requirements.txt").is_file();
         let project = dir.join("pyproject.toml").is_file() || dir.join("setup.py").is_file();
         if !reqs && !project {
-            return launch_from_dir_in(dir, Some(Runtime::Python), command, args, None);
+            return plan.launch(dir, args, None);
         }
         // Requirements: their content decides. A project installs its own
         // code: every file does.
@@ -343,8 +346,7 @@ impl Installer {
             }
         })
         .await?;
-        let mut launch =
-            launch_from_dir_in(dir, Some(Runtime::Python), command, args, Some(&venv))?;
+        let mut launch = plan.launch(dir, args, Some(&venv))?;
         launch.deps = Some(entry);
         Ok(launch)
     }

@@ -21,7 +21,9 @@ use std::str::FromStr;
 
 use crate::model::{shown, Runtime};
 
-pub use detect::{detect_entry, detect_entry_in, detect_runtime};
+#[cfg(test)]
+pub(crate) use detect::looks;
+pub use detect::{detect_runtime, DirPlan, Entry};
 pub use install::{fnv, tail, InstallConfig, Installer, Progress, ProgressSink, Update};
 
 /// What to acquire, as the supervisor (or `meshbox run`, or `meshbox install`
@@ -37,6 +39,9 @@ pub struct AcquireRequest<'a> {
     pub install_env: &'a std::collections::BTreeMap<String, String>,
     /// Budget of one install step; the installer's default when `None`.
     pub install_timeout: Option<std::time::Duration>,
+    /// A `path:` source's entry, when it was already detected (at
+    /// validation): never looked for again.
+    pub plan: Option<&'a DirPlan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -401,76 +406,6 @@ pub struct Launch {
     pub deps: Option<PathBuf>,
 }
 
-/// Resolves a local directory into a launch: the spec's `command` when given
-/// (a `command` replaces the detected entry), else the detected entry.
-pub fn launch_from_dir(
-    dir: &Path,
-    runtime: Option<Runtime>,
-    command: Option<&[String]>,
-    args: &[String],
-) -> Result<Launch, AcquireError> {
-    launch_from_dir_in(dir, runtime, command, args, None)
-}
-
-/// As [`launch_from_dir`], a python entry with the environment `venv`.
-fn launch_from_dir_in(
-    dir: &Path,
-    runtime: Option<Runtime>,
-    command: Option<&[String]>,
-    args: &[String],
-    venv: Option<&Path>,
-) -> Result<Launch, AcquireError> {
-    if !dir.is_dir() {
-        return Err(AcquireError::MissingDir(dir.to_path_buf()));
-    }
-    let runtime = runtime.or_else(|| detect_runtime(dir));
-    let mut argv = match command {
-        Some(cmd) => cmd.to_vec(),
-        None => {
-            let rt = runtime.ok_or_else(|| AcquireError::NoEntry {
-                dir: dir.to_path_buf(),
-                hint: "no package.json, pyproject.toml, requirements.txt or bun lockfile; give `command`".into(),
-            })?;
-            detect_entry_in(dir, rt, venv)?
-        }
-    };
-    argv.extend(args.iter().cloned());
-    Ok(Launch {
-        argv,
-        workdir: dir.to_path_buf(),
-        runtime,
-        ..Launch::default()
-    })
-}
-
-/// Checks a local directory before anything runs: it exists, and either an
-/// entry is found, or the install will make one (a `build` script, or a
-/// Python project's `[project.scripts]`, installed into its environment).
-pub fn check_dir(
-    dir: &Path,
-    runtime: Option<Runtime>,
-    command: Option<&[String]>,
-) -> Result<(), AcquireError> {
-    match launch_from_dir(dir, runtime, command, &[]) {
-        Ok(_) => Ok(()),
-        Err(e @ AcquireError::NoEntry { .. }) => {
-            let builds = std::fs::read(dir.join("package.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|p| p.pointer("/scripts/build").is_some());
-            let scripts = std::fs::read_to_string(dir.join("pyproject.toml"))
-                .is_ok_and(|t| !detect::pyproject_scripts(&t).is_empty());
-            let python = runtime.or_else(|| detect_runtime(dir)) == Some(Runtime::Python);
-            if builds || (python && scripts) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Paths, sizes and mtimes of a directory's files (skipping `.git`,
 /// `node_modules`, `.venv`, `__pycache__`): changes when its content does.
 pub fn dir_fingerprint(dir: &Path) -> String {
@@ -515,20 +450,6 @@ mod tests {
     }
     fn bad(s: &str) {
         assert!(s.parse::<Source>().is_err(), "{s:?} accepted");
-    }
-
-    #[test]
-    fn a_python_project_whose_entry_is_a_console_script_is_accepted() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("pyproject.toml"),
-            "[project]\nname = \"x\"\n[project.scripts]\nx-server = \"x:main\"\n",
-        )
-        .unwrap();
-        check_dir(d.path(), None, None).unwrap();
-        // Without scripts nor a server file there is nothing to run.
-        std::fs::write(d.path().join("pyproject.toml"), "[project]\nname = \"x\"\n").unwrap();
-        assert!(check_dir(d.path(), None, None).is_err());
     }
 
     #[test]

@@ -86,12 +86,22 @@ pub struct SandboxedInstalls {
     answers: PathBuf,
 }
 
-/// The runtime a source runs with, as far as it is known before installing.
-pub fn runtime_hint(source: &Source, runtime: Option<Runtime>) -> Runtime {
-    runtime.unwrap_or(match source {
+/// `meshbox install`'s variable holding a `path:` source's [`DirPlan`]
+/// (JSON), as the host found it.
+///
+/// [`DirPlan`]: super::DirPlan
+pub const PLAN_VAR: &str = "MESHBOX_DIR_PLAN";
+
+/// The runtime a source runs with, as far as it is known before installing
+/// (a `path:` source's: as its plan found it).
+pub fn runtime_hint(req: &AcquireRequest<'_>) -> Runtime {
+    req.runtime.unwrap_or(match req.source {
         Source::Npm { .. } => Runtime::Node,
         Source::Pypi { .. } => Runtime::Python,
-        Source::Path(dir) => super::detect_runtime(dir).unwrap_or(Runtime::Node),
+        Source::Path(dir) => req
+            .plan
+            .map_or_else(|| super::detect_runtime(dir), |p| p.runtime)
+            .unwrap_or(Runtime::Node),
         // Detected after the clone: the step may answer `NeedsRuntime`.
         Source::Git { .. } | Source::Image(_) => Runtime::Node,
     })
@@ -114,7 +124,7 @@ impl SandboxedInstalls {
             return Err(AcquireError::Unsupported { kind: "image" });
         }
         let explicit = req.runtime.or(runtime);
-        let runtime = runtime.unwrap_or_else(|| runtime_hint(source, req.runtime));
+        let runtime = runtime.unwrap_or_else(|| runtime_hint(req));
         let ident = match source {
             Source::Path(dir) => format!("path:{}", dir.display()),
             other => other.to_string(),
@@ -201,6 +211,12 @@ impl SandboxedInstalls {
             env.remove(*k);
         }
         env.extend(req.install_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let (Source::Path(_), Some(plan)) = (source, req.plan) {
+            env.insert(
+                PLAN_VAR.to_owned(),
+                serde_json::to_string(plan).unwrap_or_default(),
+            );
+        }
         Ok(Plan::Install(InstallStep {
             runtime,
             volume,
@@ -293,7 +309,29 @@ mod tests {
             args,
             install_env: env,
             install_timeout: None,
+            plan: None,
         }
+    }
+
+    #[test]
+    fn a_path_source_carries_its_plan_into_the_install_container() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SandboxedInstalls::new(d.path().join("answers"));
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("server.py"), "").unwrap();
+        let plan = super::super::DirPlan::detect(src.path(), None, None).unwrap();
+        // The host's look decides the image, as it decides the entry.
+        std::fs::remove_file(src.path().join("server.py")).unwrap();
+        let source = Source::Path(src.path().to_path_buf());
+        let env = BTreeMap::new();
+        let mut r = req(&source, &[], &env);
+        r.plan = Some(&plan);
+        let Plan::Install(step) = s.plan(&r, None).unwrap() else {
+            panic!("cold source planned as warm")
+        };
+        assert_eq!(step.runtime, Runtime::Python);
+        let sent: super::super::DirPlan = serde_json::from_str(&step.env[PLAN_VAR]).unwrap();
+        assert_eq!(sent, plan);
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::CliError;
-use crate::acquire::sandboxed::InstallAnswer;
-use crate::acquire::{AcquireError, AcquireRequest, InstallConfig, Installer, Progress, Source};
+use crate::acquire::sandboxed::{InstallAnswer, PLAN_VAR};
+use crate::acquire::{
+    AcquireError, AcquireRequest, DirPlan, InstallConfig, Installer, Progress, Source,
+};
 use crate::images::{self, BuildOptions, ImageError};
 use crate::model::{runner_image, Runtime};
 use crate::orchestrator::docker::{self, DockerBackend, DockerConfig};
@@ -29,6 +31,11 @@ pub struct InstallArgs {
     /// The spec's `command`, as a JSON array.
     #[arg(long)]
     pub command_json: Option<String>,
+    /// A `path:` source's entry as the host found it (JSON): not looked for
+    /// again. In the environment, so that a runner image built by an older
+    /// meshbox, which does not know it, still installs (and looks itself).
+    #[arg(long, env = PLAN_VAR, hide_env_values = true)]
+    pub plan_json: Option<String>,
     #[arg(long, default_value_t = 600)]
     pub install_timeout: u64,
     /// Environment of the install steps, as K=V (repeatable).
@@ -59,6 +66,12 @@ pub async fn install(args: InstallArgs) -> Result<(), CliError> {
         ),
         None => None,
     };
+    let plan: Option<DirPlan> = match &args.plan_json {
+        Some(j) => Some(
+            serde_json::from_str(j).map_err(|e| CliError::Usage(format!("--plan-json: {e}")))?,
+        ),
+        None => None,
+    };
     let mut config = InstallConfig::new(args.cache.clone());
     config.timeout = Duration::from_secs(args.install_timeout.max(1));
     let installer = Installer::new(config);
@@ -71,6 +84,7 @@ pub async fn install(args: InstallArgs) -> Result<(), CliError> {
         args: &args.args,
         install_env: &env,
         install_timeout: None,
+        plan: plan.as_ref(),
     };
     let answer = match installer.acquire(&req, image_runtime, &progress).await {
         Ok(launch) => InstallAnswer::Launch {

@@ -200,7 +200,17 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
         install_timeout: Duration::from_secs(args.install_timeout.max(1)),
         install_env,
     };
-    let result = one.run(Validated { spec, source }, input, shutdown).await;
+    let result = one
+        .run(
+            Validated {
+                spec,
+                source,
+                plan: None,
+            },
+            input,
+            shutdown,
+        )
+        .await;
     if args.backend == RunBackend::Docker {
         // What a dropped phase (an install) left to a background removal.
         backend.sweep(&[]).await;

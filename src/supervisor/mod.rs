@@ -392,13 +392,17 @@ impl Supervisor {
     /// lifecycle consumes. A local directory is checked too: on a deploy, a
     /// missing directory or entry is bad input.
     pub fn validate(&self, spec: ServiceSpec) -> Result<Validated, SupervisorError> {
-        let v = self.validate_shape(spec)?;
+        let mut v = self.validate_shape(spec)?;
         // Secret files: only from the operator's secret directories, only
         // small regular files (checked, not read; read again at start).
         crate::secrets::check_env(&v.spec.env, &self.config().secrets).map_err(SpecError::from)?;
         self.check_mounts(&v.spec, true)?;
         if let Source::Path(dir) = &v.source {
-            crate::acquire::check_dir(dir, v.spec.runtime, v.spec.command.as_deref())?;
+            v.plan = Some(crate::acquire::DirPlan::detect(
+                dir,
+                v.spec.runtime,
+                v.spec.command.as_deref(),
+            )?);
         }
         Ok(v)
     }
@@ -429,7 +433,11 @@ impl Supervisor {
             .orchestrator
             .check(&probe)
             .map_err(SupervisorError::Unsupported)?;
-        Ok(Validated { spec, source })
+        Ok(Validated {
+            spec,
+            source,
+            plan: None,
+        })
     }
 
     /// Every spec mount must lie inside a mount root (symlinks followed

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::acquire::sandboxed::{Finished, InstallStep, Plan, SandboxedInstalls, CACHE_MOUNT};
-use crate::acquire::{AcquireError, AcquireRequest, Installer, Launch, Progress, Source, Update};
+use crate::acquire::{
+    AcquireError, AcquireRequest, DirPlan, Installer, Launch, Progress, Source, Update,
+};
 use crate::config::{EnvValue, ServiceSpec};
 use crate::environ;
 use crate::model::{runner_image, Limits, Runtime, ServiceKey};
@@ -29,11 +31,14 @@ pub struct Acquirers<'a> {
     pub install_timeout: Duration,
 }
 
-/// A spec validated once: the parsed source travels with it.
+/// A spec validated once: the parsed source travels with it, and a `path:`
+/// source's entry once it was looked for (none for a stored spec restored
+/// while its directory may be missing: looked for at its start).
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub spec: ServiceSpec,
     pub source: Source,
+    pub plan: Option<DirPlan>,
 }
 
 /// An acquired source, ready to become a sandbox.
@@ -69,6 +74,7 @@ pub async fn acquire(
                 .map(Duration::from_secs)
                 .unwrap_or(acquirers.install_timeout),
         ),
+        plan: v.plan.as_ref(),
     };
     if let Source::Image(image) = &v.source {
         let mut argv: Vec<String> = spec.command.clone().unwrap_or_default();

@@ -30,7 +30,7 @@ use super::lifecycle::{Decider, EndCause, Event, Next, Then};
 use super::logs::{drain_lines, LogRing};
 use super::prepare::{self, Acquirers, Validated};
 use super::{Ctx, ServiceEvent, ServiceKey, StartError, SupervisorError};
-use crate::acquire::{Progress, Source};
+use crate::acquire::{DirPlan, Progress, Source};
 use crate::config::{HealthSpec, Runtime, ServiceSpec};
 use crate::mcp::{
     CallError, CallOptions, ConnectError, LogSink, ServerInfo, Session, SessionConfig,
@@ -176,6 +176,8 @@ pub struct Service {
     pub key: ServiceKey,
     pub spec: ServiceSpec,
     source: Source,
+    /// A `path:` source's entry as validation found it.
+    plan: Option<DirPlan>,
     spec_hash: String,
     backend: &'static str,
     state: Mutex<State>,
@@ -241,12 +243,13 @@ impl Service {
         opts: LaunchOptions,
     ) -> Arc<Service> {
         let (control_tx, control_rx) = mpsc::channel(16);
-        let Validated { spec, source } = v;
+        let Validated { spec, source, plan } = v;
         let metrics = ctx.metrics.service(&key);
         let svc = Arc::new(Service {
             key,
             backend: ctx.orchestrator.capabilities().name,
             source,
+            plan,
             spec_hash: spec.hash(),
             state: Mutex::new(State {
                 health: Health::Unknown,
@@ -558,6 +561,7 @@ impl Service {
         let v = Validated {
             spec: self.spec.clone(),
             source: self.source.clone(),
+            plan: self.plan.clone(),
         };
         let started = Instant::now();
         let prepared = prepare::acquire(&*ctx.orchestrator, &acquirers, &self.key, &v, &progress)

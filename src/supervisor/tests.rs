@@ -57,6 +57,32 @@ async fn wait_until(mut pred: impl FnMut() -> bool) {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_directory_is_looked_at_once_per_deploy_and_its_restarts() {
+    let (sup, fake, dir) = supervisor(Script::CrashAfterHandshake);
+    std::fs::write(dir.path().join("package.json"), r#"{"name":"x"}"#).unwrap();
+    std::fs::write(dir.path().join("index.js"), "").unwrap();
+    let spec = ServiceSpec {
+        source: format!("path:{}", dir.path().display()),
+        ..Default::default()
+    };
+    sup.deploy(key(), spec).await.unwrap();
+    // Crashes and is restarted: every start uses the deploy's look.
+    wait_until(|| fake.spawns().len() >= 3).await;
+    assert_eq!(crate::acquire::looks(dir.path()), 1);
+    let argv: Vec<Vec<String>> = fake
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Record::Spawn { argv, .. } => Some(argv.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(argv.iter().all(|a| a == &["node", "index.js"]), "{argv:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn crash_loop_backs_off_then_crashes_and_retries_slowly() {
     let (sup, fake, dir) = supervisor(Script::CrashAfterHandshake);
     let st = sup.deploy(key(), spec(&dir)).await.unwrap();
