@@ -683,7 +683,7 @@ impl Session {
             shared.clone(),
         ));
         let frames =
-            FramedRead::with_capacity(reader, LineCodec::new(shared.config.max_line), 64 * 1024);
+            FramedRead::with_capacity(reader, LineCodec::new(shared.config.max_line), READ_BUFFER);
         let reader = tokio::spawn(read_loop(shared.clone(), frames, exit));
         let refresher = tokio::spawn(refresh_loop(shared.clone()));
         Session {

@@ -534,18 +534,17 @@ impl Drop for ProcessHandle {
 }
 
 /// Reads the init's report: the first report line on its stderr. What the
-/// init noted before it (a layer it could not build) and the rest of the
-/// stream (the server's own stderr) stay in the returned reader.
+/// init noted before it (a layer it could not build), what was read past it,
+/// and the rest of the stream (the server's own stderr) make the returned
+/// reader, which keeps no buffer of its own for the server's lifetime.
 async fn read_report<R>(
     stderr: R,
-) -> io::Result<(
-    Option<Report>,
-    tokio::io::Chain<io::Cursor<Vec<u8>>, BufReader<R>>,
-)>
+) -> io::Result<(Option<Report>, tokio::io::Chain<io::Cursor<Vec<u8>>, R>)>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
-    let mut reader = BufReader::with_capacity(plan::MAX_REPORT, stderr);
+    // Small: a report longer than it is read on into `line` (up to the cap).
+    let mut reader = BufReader::with_capacity(REPORT_READ_BUFFER, stderr);
     let mut notes = Vec::new();
     let read = async {
         let mut line = Vec::new();
@@ -567,7 +566,10 @@ where
         }
     };
     match tokio::time::timeout(SETUP_TIMEOUT, read).await {
-        Ok(Ok(r)) => Ok((r, io::Cursor::new(notes).chain(reader))),
+        Ok(Ok(r)) => {
+            notes.extend_from_slice(reader.buffer());
+            Ok((r, io::Cursor::new(notes).chain(reader.into_inner())))
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -575,6 +577,9 @@ where
         )),
     }
 }
+
+/// The read buffer of [`read_report`].
+const REPORT_READ_BUFFER: usize = 4 * 1024;
 
 /// Everything the parent set up for one sandbox besides the process.
 struct Prepared {
@@ -1239,6 +1244,28 @@ mod tests {
             init_program: None,
             ..Default::default()
         })
+    }
+
+    #[tokio::test]
+    async fn the_report_is_taken_out_and_every_other_byte_of_stderr_kept() {
+        use tokio::io::AsyncReadExt;
+        let report = serde_json::to_vec(&Report::Ready(plan::Layers::default())).unwrap();
+        // A note before the report, the server's stderr after it, more than
+        // one read buffer of it, arriving with the report.
+        let mut stream = b"no cgroup layer\n".to_vec();
+        stream.extend_from_slice(&report);
+        stream.push(b'\n');
+        let tail: Vec<u8> = (0..3 * REPORT_READ_BUFFER)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        stream.extend_from_slice(&tail);
+        let (got, mut rest) = read_report(&stream[..]).await.unwrap();
+        assert_eq!(got, Some(Report::Ready(plan::Layers::default())));
+        let mut out = Vec::new();
+        rest.read_to_end(&mut out).await.unwrap();
+        let mut want = b"no cgroup layer\n".to_vec();
+        want.extend_from_slice(&tail);
+        assert_eq!(out, want);
     }
 
     #[test]
