@@ -32,7 +32,7 @@ use meshbox::orchestrator::{Mount, MountSource, Orchestrator, SandboxHandle, San
 use serde_json::json;
 
 /// Starts per variant; `MESHBOX_BENCH_STARTS` overrides.
-const STARTS: usize = 21;
+const STARTS: usize = 61;
 const CALLS: usize = 2000;
 const TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -5,14 +5,17 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use meshbox::cli::{self, Cli, CliError, Command};
+use meshbox::orchestrator::process::init::COMMAND as INIT;
 use meshbox::telemetry::{self, TelemetryConfig};
 
 fn main() {
-    let cli = Cli::parse();
-    // The process sandbox's init must stay single-threaded: no runtime, no tracing.
-    if let Command::SandboxInit = cli.command {
+    // The process sandbox's init must stay single-threaded: no runtime, no
+    // tracing. It is on every sandboxed start's path: taken before the
+    // whole command line's parser is built.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(INIT)) {
         std::process::exit(meshbox::orchestrator::process::init::main());
     }
+    let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         _ => "warn",

@@ -200,8 +200,9 @@ pub enum Command {
     #[command(hide = true)]
     Install(admin::InstallArgs),
     /// The process sandbox's init (meshbox re-executes itself with this;
-    /// its plan arrives on fd 3). Never run it by hand.
-    #[command(hide = true)]
+    /// its plan arrives at the head of stdin; `main` takes it before this
+    /// parser). Never run it by hand.
+    #[command(hide = true, name = crate::orchestrator::process::init::COMMAND)]
     SandboxInit,
 }
 

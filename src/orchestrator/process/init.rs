@@ -39,6 +39,9 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use super::plan::{InitPlan, Layers, Report, UserPlan, MAX_PLAN};
 use super::{egress, fs, seccomp};
 
+/// The hidden subcommand meshbox re-executes itself with.
+pub const COMMAND: &str = "sandbox-init";
+
 /// A failed step of the sandbox setup.
 #[derive(Debug, thiserror::Error)]
 #[error("{step}")]

@@ -409,7 +409,7 @@ enum ProbeError {
 fn probe_once(program: &Path, plan: &InitPlan) -> Result<Layers, ProbeError> {
     use std::io::{BufRead, Write};
     let mut child = std::process::Command::new(program)
-        .arg("sandbox-init")
+        .arg(init::COMMAND)
         .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -1066,7 +1066,7 @@ impl Orchestrator for ProcessBackend {
             // pre_exec hook, so no fork of this (large, threaded) process.
             Some((_, init)) => {
                 let mut c = Command::new(init);
-                c.arg0("meshbox").arg("sandbox-init").env_clear();
+                c.arg0("meshbox").arg(init::COMMAND).env_clear();
                 c
             }
             None => {
