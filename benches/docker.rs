@@ -162,6 +162,14 @@ async fn main() {
         w.as_secs_f64() / b.as_secs_f64()
     );
     let docker_p50 = call_p50(&http, &base, "first").await;
+    // A shutdown leaves containers to be adopted by the next meshbox: the
+    // bench removes what it deployed.
+    let r = http
+        .delete(format!("{base}/v1/meshes/bench/services/first"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
     sup.shutdown().await;
     let _ = stop.send(());
 

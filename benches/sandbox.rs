@@ -82,14 +82,25 @@ struct Running {
 
 enum Stop {
     Sandbox(Box<dyn SandboxHandle>),
-    Child(tokio::task::JoinHandle<()>),
+    /// A plain child in a process group of its own: the group is killed
+    /// (`srt` leaves its proxies' helpers behind when only it is).
+    Child {
+        waiter: tokio::task::JoinHandle<()>,
+        group: i32,
+    },
 }
 
 impl Running {
     fn kill(self) {
         match self.stop {
             Stop::Sandbox(h) => h.kill(),
-            Stop::Child(t) => t.abort(),
+            Stop::Child { waiter, group } => {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(group),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                waiter.abort();
+            }
         }
     }
 }
@@ -127,8 +138,10 @@ async fn start_plain(argv: &[String], home: &Path) -> (Running, Duration) {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .expect("spawn");
+    let group = child.id().expect("running") as i32;
     let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
     let (tx, rx) = tokio::sync::watch::channel(None);
     // Owns the child: aborting the task drops (and so kills) it.
@@ -141,7 +154,7 @@ async fn start_plain(argv: &[String], home: &Path) -> (Running, Duration) {
     (
         Running {
             session,
-            stop: Stop::Child(waiter),
+            stop: Stop::Child { waiter, group },
         },
         took,
     )
