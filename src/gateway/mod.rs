@@ -989,22 +989,34 @@ fn not_allowed() -> Response {
     r
 }
 
+/// The session a GET or DELETE names: the endpoint as this caller may
+/// reach it, and its session by `Mcp-Session-Id` (405 without the header,
+/// 404 for a session that is not this caller's on this endpoint).
+async fn named_session(
+    inner: &Inner,
+    path: &HashMap<String, String>,
+    principal: Option<Extension<Principal>>,
+    headers: &HeaderMap,
+) -> Result<(Endpoint, String, Arc<sessions::ClientSession>), Response> {
+    let principal = principal_of(principal);
+    let ep = endpoint_of(inner, path, &principal).await?;
+    let sid = header(headers, H_SESSION).ok_or_else(not_allowed)?;
+    let session = inner
+        .sessions
+        .get(sid, &principal, &ep)
+        .ok_or_else(|| unknown_session(&Value::Null))?;
+    Ok((ep, sid.to_owned(), session))
+}
+
 async fn get_mcp(
     State(inner): St,
     Path(path): Path<HashMap<String, String>>,
     principal: Option<Extension<Principal>>,
     headers: HeaderMap,
 ) -> Response {
-    let principal = principal_of(principal);
-    let ep = match endpoint_of(&inner, &path, &principal).await {
-        Ok(ep) => ep,
+    let (ep, _, session) = match named_session(&inner, &path, principal, &headers).await {
+        Ok(named) => named,
         Err(r) => return r,
-    };
-    let Some(sid) = header(&headers, H_SESSION) else {
-        return not_allowed();
-    };
-    let Some(session) = inner.sessions.get(sid, &principal, &ep) else {
-        return unknown_session(&Value::Null);
     };
     if !accepts_sse(&headers) {
         return rpc_response(
@@ -1035,18 +1047,11 @@ async fn delete_mcp(
     principal: Option<Extension<Principal>>,
     headers: HeaderMap,
 ) -> Response {
-    let principal = principal_of(principal);
-    let ep = match endpoint_of(&inner, &path, &principal).await {
-        Ok(ep) => ep,
+    let sid = match named_session(&inner, &path, principal, &headers).await {
+        Ok((_, sid, _)) => sid,
         Err(r) => return r,
     };
-    let Some(sid) = header(&headers, H_SESSION) else {
-        return not_allowed();
-    };
-    if inner.sessions.get(sid, &principal, &ep).is_none() {
-        return unknown_session(&Value::Null);
-    }
-    inner.sessions.remove(sid);
+    inner.sessions.remove(&sid);
     inner.count_sessions();
     StatusCode::NO_CONTENT.into_response()
 }
