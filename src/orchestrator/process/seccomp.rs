@@ -8,6 +8,7 @@
 //! Owns only the filter's content; the init applies it as the last layer.
 
 use std::collections::BTreeMap;
+use std::io;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -76,16 +77,49 @@ fn arch() -> Result<TargetArch, SeccompError> {
 
 /// The compiled filter, ready to install.
 pub fn program() -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules(x32_live())?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch()?,
+    )
+    .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Build)
+}
+
+/// Whether this kernel runs x32 system calls. Most kernels have them off
+/// (a boot-time setting); then every x32 number answers ENOSYS whatever a
+/// filter says, and leaving their rules out halves the filter, which the
+/// kernel emulates once per system call number when it is installed.
+fn x32_live() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: getpid takes no arguments and has no effect.
+        let r = unsafe { libc::syscall(X32_BIT | libc::SYS_getpid) };
+        !(r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The rules of the main filter; `x32`: also the x32 numbers of the calls.
+fn rules(x32: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in DENIED {
         rules.insert(*nr, Vec::new());
         #[cfg(target_arch = "x86_64")]
-        rules.insert(*nr | X32_BIT, Vec::new());
+        if x32 {
+            rules.insert(*nr | X32_BIT, Vec::new());
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    for nr in X32_ONLY {
-        rules.insert(*nr | X32_BIT, Vec::new());
+    if x32 {
+        for nr in X32_ONLY {
+            rules.insert(*nr | X32_BIT, Vec::new());
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x32;
     // clone with a namespace flag; clone3 hides its flags in memory, so a
     // second filter answers it ENOSYS and libc falls back to clone.
     let any_ns: Vec<SeccompRule> = [
@@ -111,14 +145,7 @@ pub fn program() -> Result<BpfProgram, SeccompError> {
     .collect::<Result<_, _>>()
     .map_err(SeccompError::Build)?;
     rules.insert(libc::SYS_clone, any_ns);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch()?,
-    )
-    .map_err(SeccompError::Build)?;
-    filter.try_into().map_err(SeccompError::Build)
+    Ok(rules)
 }
 
 /// The filter answering ENOSYS to `clone3`.
@@ -184,5 +211,21 @@ mod tests {
         ] {
             assert!(names.contains(&must), "{must} is not denied");
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_numbers_are_denied_where_the_kernel_runs_them() {
+        let with = rules(true).unwrap();
+        let without = rules(false).unwrap();
+        for (name, nr) in DENIED {
+            assert!(with.contains_key(nr) && without.contains_key(nr), "{name}");
+            assert!(with.contains_key(&(nr | X32_BIT)), "x32 {name}");
+            assert!(!without.contains_key(&(nr | X32_BIT)), "x32 {name}");
+        }
+        for nr in X32_ONLY {
+            assert!(with.contains_key(&(nr | X32_BIT)));
+        }
+        assert!(without.contains_key(&libc::SYS_clone));
     }
 }
