@@ -77,51 +77,72 @@ fn make_read_only(tree: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A user namespace mapping `from` (an owner on disk) onto `to` (the
-/// service), held by a short-lived helper child; its fd idmaps mounts.
-fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> io::Result<OwnedFd> {
-    use nix::unistd::{fork, ForkResult};
-    use std::io::{Read, Write};
-    let (ready_r, ready_w) = std::os::unix::net::UnixStream::pair()?;
-    // SAFETY: called from the single-threaded sandbox init, before any thread starts.
-    match unsafe { fork() }.map_err(io::Error::from)? {
-        ForkResult::Child => {
-            drop(ready_r);
-            let mut w = ready_w;
-            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
-            let _ = w.write_all(&[u8::from(ok)]);
-            // Wait until the parent has taken the namespace (it closes its end).
-            let _ = w.read(&mut [0u8; 1]);
-            std::process::exit(0);
-        }
-        ForkResult::Parent { child } => {
-            drop(ready_w);
-            let mut r = ready_r;
-            let mut ok = [0u8; 1];
-            let res = (|| {
-                r.read_exact(&mut ok)?;
-                if ok[0] != 1 {
-                    return Err(io::Error::other(
-                        "the helper could not create a user namespace",
-                    ));
-                }
-                let pid = child.as_raw();
-                std::fs::write(
-                    format!("/proc/{pid}/uid_map"),
-                    format!("{} {} 1", from.0, to.0),
-                )?;
-                std::fs::write(
-                    format!("/proc/{pid}/gid_map"),
-                    format!("{} {} 1", from.1, to.1),
-                )?;
-                let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
-                Ok(OwnedFd::from(f))
-            })();
-            drop(r);
-            let _ = nix::sys::wait::waitpid(child, None);
-            res
+/// The process holding an idmapping user namespace. It shares this
+/// process's memory and only sleeps; [`NsHolder::release`] kills it, and
+/// dropping the holder reaps it (by then it is long gone, so nothing waits
+/// on its wake-up).
+struct NsHolder {
+    pid: nix::unistd::Pid,
+    released: bool,
+    /// The helper's stack: freed only once the helper is reaped.
+    _stack: Box<[u8]>,
+}
+
+impl NsHolder {
+    fn release(&mut self) {
+        if !self.released {
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+            self.released = true;
         }
     }
+}
+
+impl Drop for NsHolder {
+    fn drop(&mut self) {
+        self.release();
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+}
+
+/// A user namespace mapping `from` (an owner on disk) onto `to` (the
+/// service), made by cloning a helper straight into it (no fork of this
+/// process's page tables, no round trip to learn it exists); its fd
+/// idmaps mounts.
+fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> io::Result<(OwnedFd, NsHolder)> {
+    use nix::sched::CloneFlags;
+    let mut stack = vec![0u8; 16 * 1024].into_boxed_slice();
+    let sleep = Box::new(|| loop {
+        // SAFETY: pause(2) only; the helper never returns from here.
+        unsafe { libc::pause() };
+    });
+    // SAFETY: with CLONE_VM the helper runs `sleep` on its own stack in this
+    // (single-threaded) process's memory: one syscall in a loop, nothing
+    // allocated, no lock taken; the stack outlives it (NsHolder).
+    let pid = unsafe {
+        nix::sched::clone(
+            sleep,
+            &mut stack,
+            CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_VM,
+            Some(libc::SIGCHLD),
+        )
+    }
+    .map_err(io::Error::from)?;
+    let holder = NsHolder {
+        pid,
+        released: false,
+        _stack: stack,
+    };
+    let pid = pid.as_raw();
+    std::fs::write(
+        format!("/proc/{pid}/uid_map"),
+        format!("{} {} 1", from.0, to.0),
+    )?;
+    std::fs::write(
+        format!("/proc/{pid}/gid_map"),
+        format!("{} {} 1", from.1, to.1),
+    )?;
+    let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+    Ok((OwnedFd::from(f), holder))
 }
 
 /// Idmaps a detached tree through `userns`.
@@ -266,7 +287,12 @@ fn overlay(lower: &Path, dir: &Path, userxattr: bool) -> Result<OwnedFd, LayerEr
 /// clone, idmapped to the service (`to`) when another uid owns it, is
 /// attached at its path (the overlay's lower layer must be a mount of this
 /// namespace); the overlay on top, detached, is returned.
-fn private_layer(v: &Visible, dir: &Path, to: Option<(u32, u32)>) -> Result<OwnedFd, LayerError> {
+fn private_layer(
+    v: &Visible,
+    dir: &Path,
+    to: Option<(u32, u32)>,
+    holders: &mut Vec<NsHolder>,
+) -> Result<OwnedFd, LayerError> {
     use std::os::unix::fs::MetadataExt;
     let lower = clone_tree(&v.path).map_err(sys("cloning the lower layer"))?;
     make_read_only(&lower).map_err(sys("making the lower layer read-only"))?;
@@ -274,8 +300,12 @@ fn private_layer(v: &Visible, dir: &Path, to: Option<(u32, u32)>) -> Result<Owne
         let meta = std::fs::metadata(&v.path).map_err(sys("inspecting the lower layer"))?;
         let owner = (meta.uid(), meta.gid());
         if owner != to {
-            let ns = idmap_userns(owner, to).map_err(sys("idmapping the lower layer"))?;
-            idmap(&lower, &ns).map_err(sys("idmapping the lower layer"))?;
+            let (ns, mut holder) =
+                idmap_userns(owner, to).map_err(sys("idmapping the lower layer"))?;
+            let mapped = idmap(&lower, &ns);
+            holder.release();
+            holders.push(holder);
+            mapped.map_err(sys("idmapping the lower layer"))?;
         }
     }
     attach(&lower, &v.path).map_err(sys("attaching the lower layer"))?;
@@ -325,9 +355,11 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
         .collect();
     visible.sort_by_key(|v| v.path.as_os_str().len());
     let mut trees = Vec::with_capacity(visible.len());
+    // Idmap helpers, reaped when the mounts are done.
+    let mut holders = Vec::new();
     for v in visible {
         if let (false, Some(dir)) = (v.write, &v.overlay) {
-            match private_layer(v, dir, plan.idmap_to) {
+            match private_layer(v, dir, plan.idmap_to, &mut holders) {
                 Ok(tree) => {
                     out.overlaid.push(v.path.clone());
                     trees.push((v, tree, true));
@@ -349,8 +381,11 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
             let meta = std::fs::metadata(&v.path).map_err(at("inspecting", &v.path))?;
             let owner = (meta.uid(), meta.gid());
             if owner != to {
-                let ns = idmap_userns(owner, to).map_err(at("idmapping", &v.path))?;
-                idmap(&tree, &ns).map_err(at("idmapping", &v.path))?;
+                let (ns, mut holder) = idmap_userns(owner, to).map_err(at("idmapping", &v.path))?;
+                let mapped = idmap(&tree, &ns);
+                holder.release();
+                holders.push(holder);
+                mapped.map_err(at("idmapping", &v.path))?;
             }
         }
         trees.push((v, tree, v.path.is_dir()));
@@ -400,6 +435,8 @@ pub fn setup_mounts(plan: &FsPlan, new_proc: bool) -> Result<Mounted, MountError
             .map_err(|e| at("hiding", h)(e.into()))?;
         }
     }
+    // Released right after their idmap: gone by now, reaped without a wait.
+    drop(holders);
     Ok(out)
 }
 
