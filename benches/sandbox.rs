@@ -250,6 +250,8 @@ async fn main() {
         .into_owned();
     let server = vec![node.clone(), "server.js".to_owned()];
     let boxed = ProcessBackend::new(sandboxed_config());
+    // As `meshbox serve` does: an init loads ahead of each start.
+    boxed.start_spare();
     let homes = tempfile::tempdir().unwrap();
     let home = |name: &str| {
         let h = homes.path().join(name);

@@ -473,6 +473,79 @@ fn cgroup_dirs(needle: &str) -> Vec<PathBuf> {
     out
 }
 
+/// The parent of `pid`, from /proc.
+fn ppid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The live sandbox inits waiting among `parent`'s children (meshbox keeps
+/// one loaded ahead of the next start).
+fn waiting_inits(parent: u32) -> Vec<u32> {
+    with_marker("sandbox-init")
+        .into_iter()
+        .filter(|p| ppid(*p) == Some(parent))
+        .filter(|p| {
+            // A waiting init has no child yet; a running sandbox's init has one.
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+                .map(|c| c.trim().is_empty())
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+async fn one_waiting_init(parent: u32, not: Option<u32>) -> u32 {
+    let start = Instant::now();
+    loop {
+        let inits: Vec<u32> = waiting_inits(parent)
+            .into_iter()
+            .filter(|p| Some(*p) != not)
+            .collect();
+        if let [one] = inits[..] {
+            return one;
+        }
+        assert!(inits.len() < 2, "more than one init waits ahead: {inits:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no sandbox init was started ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_start_takes_the_init_loaded_ahead_which_never_outlives_meshbox() {
+    require_root();
+    let mut h = Host::start(&[]);
+    let meshbox = h.d.pid();
+    let ahead = one_waiting_init(meshbox, None).await;
+    let st = h.deploy("ahead", "a", json!({})).await;
+    let server = st["pid"].as_u64().expect("a pid while running") as u32;
+    // server ← the namespace's init ← the outer init: the one started ahead.
+    let outer = ppid(server).and_then(ppid);
+    assert_eq!(
+        outer,
+        Some(ahead),
+        "the start did not take the waiting init"
+    );
+    assert_eq!(ppid(ahead), Some(meshbox));
+    // The next one is loaded meanwhile, and dies with meshbox.
+    let next = one_waiting_init(meshbox, Some(ahead)).await;
+    h.d.kill();
+    let start = Instant::now();
+    while common::pid_alive(next) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the init started ahead outlived meshbox"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn sigkill_then_restart_leaves_nothing() {

@@ -365,7 +365,9 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(data_dir: PathBuf, path: Option<String>) -> Daemon {
-        let backend = Arc::new(ProcessBackend::new(sandboxed_config()));
+        let backend = ProcessBackend::new(sandboxed_config());
+        backend.start_spare();
+        let backend = Arc::new(backend);
         let mut config = SupervisorConfig::new(data_dir);
         if let Some(p) = path {
             config.server_path = p.clone();

@@ -180,11 +180,16 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<i32, CliError> {
     // run can remove everything it started (awaited) before it exits.
     let instance_dir = data_dir.join("run").join(std::process::id().to_string());
     let backend: Box<dyn Orchestrator> = match args.backend {
-        RunBackend::Process => Box::new(ProcessBackend::new(ProcessConfig {
-            cgroups: !args.no_cgroups,
-            data_dir: Some(data_dir.clone()),
-            ..Default::default()
-        })),
+        RunBackend::Process => {
+            let backend = ProcessBackend::new(ProcessConfig {
+                cgroups: !args.no_cgroups,
+                data_dir: Some(data_dir.clone()),
+                ..Default::default()
+            });
+            // Its init loads while the source is looked at or installed.
+            backend.start_spare();
+            Box::new(backend)
+        }
         RunBackend::Docker => Box::new(
             DockerBackend::connect(DockerConfig {
                 data_dir: instance_dir.clone(),

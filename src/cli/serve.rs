@@ -262,12 +262,15 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
         source,
     })?;
     let process = || -> Arc<dyn Orchestrator> {
-        Arc::new(ProcessBackend::new(ProcessConfig {
+        let backend = ProcessBackend::new(ProcessConfig {
             cgroups: !args.no_cgroups,
             data_dir: Some(data_dir.clone()),
             require_isolation: args.require_isolation,
             ..Default::default()
-        }))
+        });
+        // The first start need not wait for meshbox to be executed again.
+        backend.start_spare();
+        Arc::new(backend)
     };
     let docker_config = DockerConfig {
         data_dir: data_dir.clone(),

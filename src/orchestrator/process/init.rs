@@ -1,7 +1,9 @@
 //! `meshbox sandbox-init`: the small init every process-mode server starts
 //! under. meshbox re-executes itself with this hidden subcommand (so this
 //! code runs single-threaded, before any async runtime) and hands it an
-//! [`InitPlan`] at the head of its stdin. It joins the sandbox's cgroups,
+//! [`InitPlan`] at the head of its stdin; what does not depend on the plan
+//! (loading, the seccomp filter) is done before it is read, so an init
+//! started ahead of its sandbox has done it already. It joins the sandbox's cgroups,
 //! sets its rlimits and its parent-death signal, then builds the sandbox
 //! in a fixed order:
 //!
@@ -128,6 +130,8 @@ fn failed(e: &InitError) -> Report {
 /// Entry point of `meshbox sandbox-init`; returns the exit code when it
 /// cannot exec the server.
 pub fn main() -> i32 {
+    // Ahead of the plan (an init started ahead of its sandbox waits below).
+    let filters = build_filters();
     let plan = match read_plan() {
         Ok(p) => p,
         Err(e) => {
@@ -135,7 +139,7 @@ pub fn main() -> i32 {
             return 125;
         }
     };
-    match run(&plan) {
+    match run(&plan, filters) {
         Ok(never) => match never {},
         Err(e) => {
             report(&failed(&e));
@@ -192,7 +196,15 @@ fn write_file(path: &str, content: &str) -> Result<(), std::io::Error> {
     std::fs::write(path, content)
 }
 
-fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
+/// The seccomp programs, compiled before the plan arrives (they do not
+/// depend on it); whether they are installed is the plan's choice.
+type Filters = Result<(seccompiler::BpfProgram, seccompiler::BpfProgram), seccomp::SeccompError>;
+
+fn build_filters() -> Filters {
+    Ok((seccomp::program()?, seccomp::clone3_program()?))
+}
+
+fn run(plan: &InitPlan, filters: Filters) -> Result<std::convert::Infallible, InitError> {
     adopt_limits(plan)?;
     let mut old_mask = SigSet::empty();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
@@ -237,7 +249,7 @@ fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
         match unsafe { fork() }.step("forking the namespace init")? {
             ForkResult::Child => {
                 drop(status_r);
-                let e = match inner(plan, layers, Some(status_w), &old_mask) {
+                let e = match inner(plan, layers, Some(status_w), &old_mask, filters) {
                     Ok(never) => match never {},
                     Err(e) => e,
                 };
@@ -255,7 +267,7 @@ fn run(plan: &InitPlan) -> Result<std::convert::Infallible, InitError> {
         }
     } else {
         nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
-        inner(plan, layers, None, &old_mask)
+        inner(plan, layers, None, &old_mask, filters)
     }
 }
 
@@ -378,6 +390,7 @@ fn inner(
     mut layers: Layers,
     status_out: Option<OwnedFd>,
     old_mask: &SigSet,
+    filters: Filters,
 ) -> Result<std::convert::Infallible, InitError> {
     let pid1 = status_out.is_some();
     if pid1 {
@@ -419,10 +432,7 @@ fn inner(
         None
     };
     let filters = if plan.seccomp {
-        Some((
-            seccomp::program().step("building the seccomp filter")?,
-            seccomp::clone3_program().step("building the seccomp filter")?,
-        ))
+        Some(filters.step("building the seccomp filter")?)
     } else {
         None
     };

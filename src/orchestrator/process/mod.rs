@@ -146,6 +146,9 @@ pub struct ProcessBackend {
     user_home: Option<PathBuf>,
     is_root: bool,
     seq: AtomicU64,
+    /// An init started ahead of the next sandbox: loaded and waiting for
+    /// its plan, so a start does not wait for meshbox to be executed again.
+    spare: std::sync::Mutex<Option<tokio::process::Child>>,
 }
 
 fn is_root() -> bool {
@@ -171,6 +174,7 @@ impl ProcessBackend {
             user_home,
             is_root: root,
             seq: AtomicU64::new(0),
+            spare: std::sync::Mutex::new(None),
             config,
         };
         backend.support = backend.probe();
@@ -193,6 +197,43 @@ impl ProcessBackend {
 
     fn without(&self, layer: Layer) -> bool {
         self.config.without.contains(&layer)
+    }
+
+    /// Starts an init for the next sandbox now (one at most; none where no
+    /// init runs). It loads, then waits for its plan on stdin; it ends when
+    /// its stdin closes, so it never outlives meshbox. Needs the runtime.
+    pub fn start_spare(&self) {
+        let Some(init) = self
+            .config
+            .init_program
+            .as_deref()
+            .filter(|_| self.support.init)
+        else {
+            return;
+        };
+        if self.spare.lock().expect("spare lock").is_some() {
+            return;
+        }
+        match start_init(init) {
+            Ok(child) => {
+                if let Some(extra) = self.spare.lock().expect("spare lock").replace(child) {
+                    // Another start kept one meanwhile: dropping it kills it.
+                    drop(extra);
+                }
+            }
+            Err(e) => debug!(error = %e, "could not start a spare sandbox init"),
+        }
+    }
+
+    /// The spare init when it is still waiting, else a new one.
+    fn take_init(&self, init: &Path) -> io::Result<tokio::process::Child> {
+        let spare = self.spare.lock().expect("spare lock").take();
+        if let Some(mut c) = spare {
+            if matches!(c.try_wait(), Ok(None)) {
+                return Ok(c);
+            }
+        }
+        start_init(init)
     }
 
     /// Whose uid the probe's server runs under (the strongest choice left).
@@ -403,6 +444,23 @@ enum ProbeError {
     Refused { step: String, error: String },
     #[error("the init program did not answer")]
     Silent,
+}
+
+/// A sandbox init in its own process group, its stdio piped (the plan goes
+/// in at the head of stdin; stdin and stdout then become the server's).
+/// No pre_exec hook, so no fork of this (large, threaded) process: the init
+/// joins the cgroups and sets the limits itself.
+fn start_init(init: &Path) -> io::Result<tokio::process::Child> {
+    Command::new(init)
+        .arg0("meshbox")
+        .arg(init::COMMAND)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0)
+        .spawn()
 }
 
 /// Runs the init in probe mode; the layers it got, or why it failed.
@@ -1061,14 +1119,8 @@ impl Orchestrator for ProcessBackend {
             },
             _ => None,
         };
-        let mut cmd = match &prepared {
-            // The init joins the cgroups and sets the limits itself: no
-            // pre_exec hook, so no fork of this (large, threaded) process.
-            Some((_, init)) => {
-                let mut c = Command::new(init);
-                c.arg0("meshbox").arg(init::COMMAND).env_clear();
-                c
-            }
+        let spawned = match &prepared {
+            Some((_, init)) => self.take_init(init),
             None => {
                 // Bare: the program itself (check() refused what needs the init).
                 let setup = ChildSetup {
@@ -1093,15 +1145,15 @@ impl Orchestrator for ProcessBackend {
                 unsafe {
                     c.pre_exec(move || setup.run());
                 }
-                c
+                c.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .process_group(0)
+                    .spawn()
             }
         };
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        let mut child = match cmd.spawn() {
+        let mut child = match spawned {
             Ok(c) => c,
             Err(source) => {
                 cgroups.remove().await;
@@ -1146,6 +1198,8 @@ impl Orchestrator for ProcessBackend {
                         source,
                     }),
                 };
+                // The server is starting: the next sandbox's init loads meanwhile.
+                self.start_spare();
                 let (layers, rest) = match outcome {
                     Ok(x) => x,
                     Err(e) => {
