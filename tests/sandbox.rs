@@ -546,6 +546,67 @@ async fn a_start_takes_the_init_loaded_ahead_which_never_outlives_meshbox() {
     }
 }
 
+/// A server's end is known when it ends, not when its sandbox is torn down:
+/// unmounting the source's overlay syncs the host's filesystem, which takes
+/// seconds on a busy disk (CI right after a build), and a call pending on a
+/// crashed server failed with "closed its stdout" instead of its exit code.
+/// Here the sandbox's outer init is stopped (SIGSTOP) before the server
+/// ends, standing in for that teardown: the end and its code must still be
+/// known at once, and the sandbox counts as released only once the init is gone.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_server_end_is_known_before_its_sandbox_is_torn_down() {
+    use meshbox::model::{wait_exit, ServiceKey};
+    use meshbox::orchestrator::process::{ProcessBackend, ProcessConfig};
+    use meshbox::orchestrator::{Orchestrator, SandboxSpec};
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use tokio::io::AsyncWriteExt;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let backend = ProcessBackend::new(ProcessConfig {
+        init_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_meshbox"))),
+        ..Default::default()
+    });
+    let spec = SandboxSpec {
+        owner: ServiceKey {
+            mesh: "m".into(),
+            name: "ends".into(),
+        },
+        argv: ["/bin/sh", "-c", "read go; exit 7"]
+            .map(String::from)
+            .to_vec(),
+        env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
+        home: Some(home),
+        ..Default::default()
+    };
+    let mut sandbox = backend.spawn(spec).await.expect("spawn");
+    let server = sandbox.pid.expect("the server's pid");
+    // The server's parent is the pid namespace's init; its parent, the
+    // sandbox's outer init: meshbox's child, whose exit ends the sandbox.
+    let outer = ppid(ppid(server).unwrap()).unwrap();
+    assert_eq!(ppid(outer), Some(std::process::id()));
+    kill(Pid::from_raw(outer as i32), Signal::SIGSTOP).unwrap();
+    sandbox.io.stdin.write_all(b"go\n").await.unwrap();
+    sandbox.io.stdin.flush().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), wait_exit(&mut sandbox.exit)).await;
+    let handle = sandbox.handle;
+    let stop = tokio::spawn(async move { handle.stop(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released_early = stop.is_finished();
+    kill(Pid::from_raw(outer as i32), Signal::SIGCONT).unwrap();
+    let ended = ended.expect("the server's end was known only once its sandbox was torn down");
+    assert_eq!(ended.code, Some(7), "{ended:?}");
+    assert!(!released_early, "released while its init was still there");
+    let released = tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .expect("not released once its init went")
+        .unwrap();
+    assert_eq!(released.code, Some(7), "{released:?}");
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn sigkill_then_restart_leaves_nothing() {

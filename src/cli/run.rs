@@ -25,7 +25,7 @@ use crate::acquire::{InstallConfig, Installer, Progress, Source};
 use crate::model::{wait_exit, ExitReason, ServiceKey};
 use crate::orchestrator::docker::{DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, RELEASE_LIMIT};
 use crate::supervisor::prepare::{self, Acquirers, Validated};
 
 /// How long a server gets to exit on its own once its stdin is closed, and
@@ -330,7 +330,11 @@ impl One<'_> {
         };
         let requested = !matches!(stop, Stop::Exited(_));
         let reason = match stop {
-            Stop::Exited(r) => r,
+            Stop::Exited(r) => {
+                // Nothing of it may outlive this command: its teardown included.
+                sandbox.handle.released(RELEASE_LIMIT).await;
+                r
+            }
             Stop::Signal | Stop::InputClosed => {
                 // Closing the server's stdin is its cue; then SIGTERM, SIGKILL.
                 to_server.abort();

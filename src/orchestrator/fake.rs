@@ -53,6 +53,8 @@ pub enum Record {
     Kill,
     Adopt(ServiceKey),
     Release(ServiceKey),
+    /// A sandbox whose server exited let go of what it held.
+    Released,
     Sweep(Vec<ServiceKey>),
     InstallStarted,
     InstallDropped,
@@ -76,6 +78,9 @@ pub struct Fake {
     pub sandboxed_install: Option<Duration>,
     /// Sandboxes whose server has not exited.
     pub alive: Arc<AtomicUsize>,
+    /// A sandbox whose server exited takes this long to let go of what it
+    /// held (a process sandbox's teardown).
+    pub release_delay: Mutex<Duration>,
 }
 
 impl Fake {
@@ -89,6 +94,7 @@ impl Fake {
             volume_missing: AtomicBool::new(false),
             sandboxed_install: None,
             alive: Arc::new(AtomicUsize::new(0)),
+            release_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -134,6 +140,8 @@ impl Fake {
 struct FakeHandle {
     exit: watch::Sender<Option<ExitReason>>,
     records: Records,
+    /// When the sandbox has let go of what it held: this long after its exit.
+    release_delay: Duration,
 }
 
 impl FakeHandle {
@@ -168,6 +176,11 @@ impl SandboxHandle for FakeHandle {
             signal: Some(9),
             ..Default::default()
         });
+    }
+    async fn released(&self, limit: Duration) {
+        let _ = self.exit.subscribe().wait_for(Option::is_some).await;
+        tokio::time::sleep(self.release_delay.min(limit)).await;
+        self.record(Record::Released);
     }
 }
 
@@ -294,6 +307,7 @@ impl Orchestrator for Fake {
             handle: Box::new(FakeHandle {
                 exit: exit_tx,
                 records: self.records.clone(),
+                release_delay: *self.release_delay.lock().unwrap(),
             }),
             pid: Some(4242),
             container_id: None,

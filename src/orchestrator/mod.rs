@@ -184,6 +184,10 @@ pub struct SandboxIo {
     pub stderr: BoxRead,
 }
 
+/// How long a sandbox whose server exited may take to let go of all it held
+/// ([`SandboxHandle::released`]) before its user goes on anyway.
+pub const RELEASE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Control of a running sandbox; dropping it kills whatever is left.
 #[async_trait]
 pub trait SandboxHandle: Send + Sync {
@@ -192,6 +196,14 @@ pub trait SandboxHandle: Send + Sync {
     async fn stop(&self, grace: Duration) -> ExitReason;
     /// Kills at once, without grace (the whole tree).
     fn kill(&self);
+    /// Waits, up to `limit`, until the sandbox whose server ended
+    /// ([`Sandbox::exit`]) has let go of all it held: a process sandbox's
+    /// namespaces are torn down after the server's end is known (unmounting
+    /// its overlay syncs the filesystem under it), and the next start of the
+    /// same service reuses its layer. Default: at once.
+    async fn released(&self, limit: Duration) {
+        let _ = limit;
+    }
     /// Lets go of the sandbox without stopping it (to re-adopt it after a
     /// restart). False where the backend cannot: the caller then stops it.
     fn detach(&self) -> bool {
@@ -206,7 +218,8 @@ pub trait SandboxHandle: Send + Sync {
 
 pub struct Sandbox {
     pub io: SandboxIo,
-    /// `Some` once the server has exited.
+    /// `Some` once the server has exited (and everything it started; the
+    /// sandbox may still be tearing down: see [`SandboxHandle::released`]).
     pub exit: ExitWatch,
     pub handle: Box<dyn SandboxHandle>,
     pub pid: Option<u32>,

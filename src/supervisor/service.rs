@@ -37,7 +37,7 @@ use crate::mcp::{
 };
 use crate::metrics::ServiceMetrics;
 use crate::model::{wait_exit, Enforced, ExitReason, Isolation, LogStream, Protocol};
-use crate::orchestrator::{SandboxHandle, SandboxSpec, Usage};
+use crate::orchestrator::{SandboxHandle, SandboxSpec, Usage, RELEASE_LIMIT};
 use crate::store::Remembered;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -618,7 +618,10 @@ impl Service {
                 .filter(|(hash, _)| *hash == self.spec_hash)
                 .map(|(_, p)| *p)
         });
-        let mut adopt = opts.adopt;
+        let mut carry = Carry {
+            adopt: opts.adopt,
+            releasing: None,
+        };
         let mut prepared: Option<SandboxSpec> = None;
         let mut reinstalled = false;
         let mut next = Next::PrepareNow;
@@ -633,7 +636,7 @@ impl Service {
                             &ctx,
                             &spec,
                             &mut pin,
-                            &mut adopt,
+                            &mut carry,
                             &mut control,
                             &mut decider,
                         )
@@ -766,6 +769,18 @@ impl Service {
         }
     }
 
+    /// The server exited on its own (its sandbox may still be letting go
+    /// of what it held: the next run waits for that).
+    fn exited(&self, reason: ExitReason, started: Instant) -> RunEnd {
+        self.note(&format!("server exited: {reason}"));
+        self.state().last_error = Some(format!("server exited: {reason}"));
+        self.clear_sandbox(Some(reason));
+        RunEnd::Ended {
+            ran_for: started.elapsed(),
+            cause: EndCause::Exited,
+        }
+    }
+
     fn clear_sandbox(&self, exit: Option<ExitReason>) {
         if exit.as_ref().is_some_and(|e| e.oom_killed) {
             self.metrics.oom_killed();
@@ -786,7 +801,7 @@ impl Service {
         ctx: &Ctx,
         spec: &SandboxSpec,
         pin: &mut Option<Protocol>,
-        adopt: &mut bool,
+        carry: &mut Carry,
         control: &mut mpsc::Receiver<Control>,
         decider: &mut Decider,
     ) -> RunEnd {
@@ -797,8 +812,16 @@ impl Service {
             Phase::Starting
         });
         let orchestrator = &ctx.orchestrator;
+        // The last run's server exited: its sandbox lets go of its layer first.
+        if let Some(previous) = carry.releasing.take() {
+            let released = previous.released(RELEASE_LIMIT);
+            if let Step::Control(c) = interruptible(released, control).await {
+                carry.releasing = Some(previous);
+                return control_end(c);
+            }
+        }
         // After a restart of meshbox: the same sandbox may still be running.
-        let adopted = if std::mem::take(adopt) && orchestrator.capabilities().detach {
+        let adopted = if std::mem::take(&mut carry.adopt) && orchestrator.capabilities().detach {
             match interruptible(orchestrator.adopt(spec), control).await {
                 Step::Done(s) => s,
                 Step::Control(c) => return control_end(c),
@@ -962,18 +985,14 @@ impl Service {
                     break control_end(c);
                 }
                 reason = wait_exit(&mut exit) => {
-                    self.note(&format!("server exited: {reason}"));
                     warn!(%reason, "server exited");
-                    self.state().last_error = Some(format!("server exited: {reason}"));
-                    self.clear_sandbox(Some(reason));
-                    break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::Exited };
+                    carry.releasing = Some(handle.clone());
+                    break self.exited(reason, started);
                 }
                 e = session.closed() => {
                     if let CallError::Exited(reason) = e {
-                        self.note(&format!("server exited: {reason}"));
-                        self.state().last_error = Some(format!("server exited: {reason}"));
-                        self.clear_sandbox(Some(reason));
-                        break RunEnd::Ended { ran_for: started.elapsed(), cause: EndCause::Exited };
+                        carry.releasing = Some(handle.clone());
+                        break self.exited(reason, started);
                     }
                     self.note("the server closed its stdout; stopping it");
                     self.state().last_error = Some("server closed its stdout".into());
@@ -1017,6 +1036,15 @@ fn control_end(c: Control) -> RunEnd {
         Control::Restart => RunEnd::RestartRequested,
         Control::Stop | Control::Detach => RunEnd::Stopped,
     }
+}
+
+/// What one run of the server hands the next.
+struct Carry {
+    /// Re-adopt a sandbox still running (once, after meshbox restarted).
+    adopt: bool,
+    /// The sandbox of a server that exited, maybe still letting go of what
+    /// it held (the next start of this service reuses its layer).
+    releasing: Option<Arc<dyn SandboxHandle>>,
 }
 
 /// Probes the server every `interval` and reports each round; a probe that

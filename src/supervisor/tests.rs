@@ -129,6 +129,49 @@ async fn crash_loop_backs_off_then_crashes_and_retries_slowly() {
     );
 }
 
+/// A server's end is known before its sandbox has let go of what it held
+/// (a process sandbox's teardown syncs the filesystem under its overlay):
+/// the status says so at once, the next start waits for the release (it
+/// reuses the layer), and an undeploy meanwhile takes effect at once.
+#[tokio::test(start_paused = true)]
+async fn a_restart_waits_for_the_last_sandbox_to_let_go() {
+    let (sup, fake, dir) = supervisor(Script::Healthy);
+    fake.then(&[Script::CrashAfterHandshake, Script::CrashAfterHandshake]);
+    *fake.release_delay.lock().unwrap() = Duration::from_secs(5);
+    sup.deploy(key(), spec(&dir)).await.unwrap();
+    wait_until(|| fake.spawns().len() >= 2).await;
+    let records = fake.records.lock().unwrap().clone();
+    let released = records
+        .iter()
+        .find(|(_, r)| *r == Record::Released)
+        .map(|(t, _)| *t)
+        .expect("the first sandbox was released");
+    let spawns = fake.spawns();
+    assert!(
+        released <= spawns[1],
+        "started before the last sandbox let go"
+    );
+    assert!(
+        spawns[1] - spawns[0] >= Duration::from_secs(5),
+        "{:?}",
+        spawns[1] - spawns[0]
+    );
+    // The second crashes too: while its sandbox lets go the status already
+    // says it is not running, and an undeploy does not wait.
+    wait_until(|| {
+        sup.get(&key()).unwrap().status().last_exit.is_some()
+            && fake.spawns().len() == 2
+            && sup.get(&key()).unwrap().phase() != Phase::Running
+    })
+    .await;
+    let st = sup.get(&key()).unwrap().status();
+    assert_eq!(st.pid, None, "{st:?}");
+    let t = Instant::now();
+    sup.undeploy(&key()).await.unwrap();
+    assert!(t.elapsed() <= Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(fake.spawns().len(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn unanswered_pings_restart_after_three_intervals() {
     let (sup, fake, dir) = supervisor(Script::Deaf);

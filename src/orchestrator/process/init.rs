@@ -19,7 +19,10 @@
 //!
 //! Without a pid namespace the outer init is a child subreaper instead and
 //! kills every descendant when the server ends. The exit status of the
-//! server (code or signal) is passed up unchanged.
+//! server (code or signal) is passed up unchanged, and told to meshbox at
+//! once on [`ENDED_FD`]: the init's own exit waits for the sandbox's
+//! teardown (unmounting the source's overlay syncs the filesystem under it,
+//! seconds on a busy disk).
 //!
 //! Owns every namespace, credential and filter syscall of the process
 //! backend; it never touches meshbox's state.
@@ -43,6 +46,10 @@ use super::{egress, fs, seccomp};
 
 /// The hidden subcommand meshbox re-executes itself with.
 pub const COMMAND: &str = "sandbox-init";
+
+/// The write end of a pipe from meshbox, where the init tells how the server
+/// ended once it and everything else in the sandbox is gone.
+pub const ENDED_FD: i32 = 3;
 
 /// A failed step of the sandbox setup.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +137,8 @@ fn failed(e: &InitError) -> Report {
 /// Entry point of `meshbox sandbox-init`; returns the exit code when it
 /// cannot exec the server.
 pub fn main() -> i32 {
+    // First, before anything here opens a file that could take its number.
+    let ended = take_ended_fd();
     // Ahead of the plan (an init started ahead of its sandbox waits below).
     let filters = build_filters();
     let plan = match read_plan() {
@@ -139,12 +148,36 @@ pub fn main() -> i32 {
             return 125;
         }
     };
-    match run(&plan, filters) {
+    match run(&plan, filters, ended) {
         Ok(never) => match never {},
         Err(e) => {
             report(&failed(&e));
             125
         }
+    }
+}
+
+/// [`ENDED_FD`] when meshbox passed a pipe there, made close-on-exec so
+/// the server never holds it.
+fn take_ended_fd() -> Option<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::stat::{fstat, SFlag};
+    // SAFETY: only borrowed for the checks; owned below once it is ours.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ENDED_FD) };
+    let st = fstat(fd).ok()?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+        return None;
+    }
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    // SAFETY: an open pipe nothing else in this process owns.
+    Some(unsafe { OwnedFd::from_raw_fd(ENDED_FD) })
+}
+
+/// Tells meshbox how the server ended (best effort: meshbox also learns it
+/// from the init's exit).
+fn tell_ended(fd: Option<OwnedFd>, ended: Ended) {
+    if let Some(fd) = fd {
+        let _ = File::from(fd).write_all(status_line(ended).as_bytes());
     }
 }
 
@@ -204,7 +237,11 @@ fn build_filters() -> Filters {
     Ok((seccomp::program()?, seccomp::clone3_program()?))
 }
 
-fn run(plan: &InitPlan, filters: Filters) -> Result<std::convert::Infallible, InitError> {
+fn run(
+    plan: &InitPlan,
+    filters: Filters,
+    ended: Option<OwnedFd>,
+) -> Result<std::convert::Infallible, InitError> {
     adopt_limits(plan)?;
     let mut old_mask = SigSet::empty();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
@@ -249,7 +286,7 @@ fn run(plan: &InitPlan, filters: Filters) -> Result<std::convert::Infallible, In
         match unsafe { fork() }.step("forking the namespace init")? {
             ForkResult::Child => {
                 drop(status_r);
-                let e = match inner(plan, layers, Some(status_w), &old_mask, filters) {
+                let e = match inner(plan, layers, Some(status_w), ended, &old_mask, filters) {
                     Ok(never) => match never {},
                     Err(e) => e,
                 };
@@ -258,6 +295,9 @@ fn run(plan: &InitPlan, filters: Filters) -> Result<std::convert::Infallible, In
             }
             ForkResult::Parent { child } => {
                 drop(status_w);
+                // The namespace's init tells meshbox; this copy would only
+                // keep the pipe open.
+                drop(ended);
                 release_stdio();
                 let own = supervise(child, Reaper::OnlyChild);
                 let mut relayed = String::new();
@@ -267,18 +307,26 @@ fn run(plan: &InitPlan, filters: Filters) -> Result<std::convert::Infallible, In
         }
     } else {
         nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
-        inner(plan, layers, None, &old_mask, filters)
+        inner(plan, layers, None, ended, &old_mask, filters)
     }
 }
 
 /// How a server ended, as the inits pass it up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
+pub(super) enum Ended {
     Code(i32),
     Signal(i32),
 }
 
-fn parse_status(s: &str) -> Option<Ended> {
+/// The line an init passes the server's end on: `exit N` or `signal N`.
+fn status_line(ended: Ended) -> String {
+    match ended {
+        Ended::Code(c) => format!("exit {c}\n"),
+        Ended::Signal(s) => format!("signal {s}\n"),
+    }
+}
+
+pub(super) fn parse_status(s: &str) -> Option<Ended> {
     let (kind, n) = s.trim().split_once(' ')?;
     let n = n.parse().ok()?;
     match kind {
@@ -389,6 +437,7 @@ fn inner(
     plan: &InitPlan,
     mut layers: Layers,
     status_out: Option<OwnedFd>,
+    ended_out: Option<OwnedFd>,
     old_mask: &SigSet,
     filters: Filters,
 ) -> Result<std::convert::Infallible, InitError> {
@@ -451,6 +500,7 @@ fn inner(
     match unsafe { fork() }.step("forking the server")? {
         ForkResult::Child => {
             drop(status_out);
+            drop(ended_out);
             let server = Server {
                 plan,
                 layers,
@@ -490,12 +540,9 @@ fn inner(
                     Reaper::Subreaper
                 },
             );
+            tell_ended(ended_out, ended);
             if let Some(fd) = status_out {
-                let line = match ended {
-                    Ended::Code(c) => format!("exit {c}"),
-                    Ended::Signal(s) => format!("signal {s}"),
-                };
-                let _ = File::from(fd).write_all(line.as_bytes());
+                let _ = File::from(fd).write_all(status_line(ended).as_bytes());
                 std::process::exit(0);
             }
             relay(ended)
@@ -577,5 +624,8 @@ mod tests {
         assert_eq!(parse_status("signal 9\n"), Some(Ended::Signal(9)));
         assert_eq!(parse_status(""), None);
         assert_eq!(parse_status("exit x"), None);
+        for e in [Ended::Code(0), Ended::Code(7), Ended::Signal(15)] {
+            assert_eq!(parse_status(&status_line(e)), Some(e));
+        }
     }
 }

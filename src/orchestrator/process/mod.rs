@@ -23,6 +23,7 @@ mod usage;
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -148,7 +149,15 @@ pub struct ProcessBackend {
     seq: AtomicU64,
     /// An init started ahead of the next sandbox: loaded and waiting for
     /// its plan, so a start does not wait for meshbox to be executed again.
-    spare: std::sync::Mutex<Option<tokio::process::Child>>,
+    spare: std::sync::Mutex<Option<Init>>,
+}
+
+/// A started `meshbox sandbox-init`, and the read end of the pipe on which
+/// it tells how the server ended (before its own exit, which waits for the
+/// sandbox's teardown).
+struct Init {
+    child: tokio::process::Child,
+    ended: OwnedFd,
 }
 
 fn is_root() -> bool {
@@ -215,8 +224,8 @@ impl ProcessBackend {
             return;
         }
         match start_init(init) {
-            Ok(child) => {
-                if let Some(extra) = self.spare.lock().expect("spare lock").replace(child) {
+            Ok(init) => {
+                if let Some(extra) = self.spare.lock().expect("spare lock").replace(init) {
                     // Another start kept one meanwhile: dropping it kills it.
                     drop(extra);
                 }
@@ -226,11 +235,11 @@ impl ProcessBackend {
     }
 
     /// The spare init when it is still waiting, else a new one.
-    fn take_init(&self, init: &Path) -> io::Result<tokio::process::Child> {
+    fn take_init(&self, init: &Path) -> io::Result<Init> {
         let spare = self.spare.lock().expect("spare lock").take();
-        if let Some(mut c) = spare {
-            if matches!(c.try_wait(), Ok(None)) {
-                return Ok(c);
+        if let Some(mut i) = spare {
+            if matches!(i.child.try_wait(), Ok(None)) {
+                return Ok(i);
             }
         }
         start_init(init)
@@ -450,9 +459,11 @@ enum ProbeError {
 /// in at the head of stdin; stdin and stdout then become the server's).
 /// No pre_exec hook, so no fork of this (large, threaded) process: the init
 /// joins the cgroups and sets the limits itself.
-fn start_init(init: &Path) -> io::Result<tokio::process::Child> {
-    Command::new(init)
-        .arg0("meshbox")
+fn start_init(init: &Path) -> io::Result<Init> {
+    use command_fds::{CommandFdExt, FdMapping};
+    let (ended, tell) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut c = Command::new(init);
+    c.arg0("meshbox")
         .arg(init::COMMAND)
         .env_clear()
         .stdin(Stdio::piped())
@@ -460,7 +471,43 @@ fn start_init(init: &Path) -> io::Result<tokio::process::Child> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0)
-        .spawn()
+        .fd_mappings(vec![FdMapping {
+            parent_fd: tell,
+            child_fd: init::ENDED_FD,
+        }])
+        .map_err(io::Error::other)?;
+    // The write end is closed here once `c` is dropped: only the init has it.
+    let child = c.spawn()?;
+    Ok(Init { child, ended })
+}
+
+/// The exit reason of a server whose end its init told.
+fn ended_reason(e: init::Ended, oom_killed: bool) -> ExitReason {
+    match e {
+        init::Ended::Code(c) => ExitReason {
+            code: Some(c),
+            signal: None,
+            oom_killed,
+        },
+        init::Ended::Signal(n) => ExitReason {
+            code: None,
+            signal: Some(n),
+            oom_killed,
+        },
+    }
+}
+
+/// How the server ended, as its init tells it on [`init::ENDED_FD`]; `None`
+/// when the init ends without telling.
+async fn told_end(fd: OwnedFd) -> Option<init::Ended> {
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok()?;
+    let mut line = Vec::new();
+    BufReader::new(pipe)
+        .take(64)
+        .read_until(b'\n', &mut line)
+        .await
+        .ok()?;
+    init::parse_status(std::str::from_utf8(&line).ok()?)
 }
 
 /// Runs the init in probe mode; the layers it got, or why it failed.
@@ -576,6 +623,12 @@ impl SandboxHandle for ProcessHandle {
     fn kill(&self) {
         killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
         self.cgroups.kill_all();
+    }
+
+    async fn released(&self, limit: Duration) {
+        if self.wait_for(limit).await.is_none() {
+            warn!(?limit, "the sandbox's init is still tearing down; going on");
+        }
     }
 
     async fn usage(&self) -> Option<super::Usage> {
@@ -1120,7 +1173,7 @@ impl Orchestrator for ProcessBackend {
             _ => None,
         };
         let spawned = match &prepared {
-            Some((_, init)) => self.take_init(init),
+            Some((_, init)) => self.take_init(init).map(|i| (i.child, Some(i.ended))),
             None => {
                 // Bare: the program itself (check() refused what needs the init).
                 let setup = ChildSetup {
@@ -1151,9 +1204,10 @@ impl Orchestrator for ProcessBackend {
                     .kill_on_drop(true)
                     .process_group(0)
                     .spawn()
+                    .map(|c| (c, None))
             }
         };
-        let mut child = match spawned {
+        let (mut child, told) = match spawned {
             Ok(c) => c,
             Err(source) => {
                 cgroups.remove().await;
@@ -1244,17 +1298,43 @@ impl Orchestrator for ProcessBackend {
             stdout: Box::pin(child.stdout.take().expect("stdout piped")),
             stderr,
         };
+        // Two moments: the server's end (what the session and the supervisor
+        // wait for), told by the init as soon as the sandbox's processes are
+        // gone; and the sandbox's release (what the handle waits for), when
+        // the init itself is, its namespaces torn down.
+        let (ended_tx, ended_rx) = watch::channel(None);
         let (exit_tx, exit_rx) = watch::channel(None);
         {
             let cgroups = cgroups.clone();
             tokio::spawn(async move {
-                let status = child.wait().await;
+                let told = async {
+                    match told {
+                        Some(fd) => told_end(fd).await,
+                        None => None,
+                    }
+                };
+                let early = tokio::select! {
+                    status = child.wait() => Err(status),
+                    told = told => Ok(told),
+                };
+                let (status, told) = match early {
+                    Err(status) => (status, None),
+                    Ok(told) => {
+                        if let Some(e) = told {
+                            ended_tx.send_replace(Some(ended_reason(e, cgroups.oom_killed())));
+                        }
+                        (child.wait().await, told)
+                    }
+                };
                 // The leader is gone: nothing of its tree may outlive it.
                 killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 cgroups.kill_all();
                 let oom = cgroups.oom_killed();
-                let reason = match status {
-                    Ok(st) => {
+                let reason = match (told, status) {
+                    // How the server ended, not how its init did (killed
+                    // meanwhile by a stop that came after the end).
+                    (Some(e), _) => ended_reason(e, oom),
+                    (None, Ok(st)) => {
                         use std::os::unix::process::ExitStatusExt;
                         ExitReason {
                             code: st.code(),
@@ -1262,11 +1342,18 @@ impl Orchestrator for ProcessBackend {
                             oom_killed: oom,
                         }
                     }
-                    Err(e) => {
+                    (None, Err(e)) => {
                         warn!(error = %e, "waiting for server failed");
                         ExitReason::default()
                     }
                 };
+                ended_tx.send_if_modified(|e| {
+                    let first = e.is_none();
+                    if first {
+                        *e = Some(reason.clone());
+                    }
+                    first
+                });
                 exit_tx.send_replace(Some(reason));
                 cgroups.remove().await;
                 drop(proxy);
@@ -1274,7 +1361,7 @@ impl Orchestrator for ProcessBackend {
         }
         Ok(Sandbox {
             io,
-            exit: exit_rx.clone(),
+            exit: ended_rx,
             handle: Box::new(ProcessHandle {
                 pgid,
                 exit: exit_rx,
