@@ -331,8 +331,12 @@ impl One<'_> {
         let requested = !matches!(stop, Stop::Exited(_));
         let reason = match stop {
             Stop::Exited(r) => {
-                // Nothing of it may outlive this command: its teardown included.
-                sandbox.handle.released(RELEASE_LIMIT).await;
+                // Nothing of it may outlive this command: its teardown
+                // included, unless a signal says not to wait.
+                tokio::select! {
+                    () = sandbox.handle.released(RELEASE_LIMIT) => {}
+                    _ = &mut shutdown => {}
+                }
                 r
             }
             Stop::Signal | Stop::InputClosed => {

@@ -1307,25 +1307,15 @@ impl Orchestrator for ProcessBackend {
         {
             let cgroups = cgroups.clone();
             tokio::spawn(async move {
-                let told = async {
-                    match told {
-                        Some(fd) => told_end(fd).await,
-                        None => None,
-                    }
+                let told = tokio::select! {
+                    told = async { told_end(told?).await } => told,
+                    _ = child.wait() => None,
                 };
-                let early = tokio::select! {
-                    status = child.wait() => Err(status),
-                    told = told => Ok(told),
-                };
-                let (status, told) = match early {
-                    Err(status) => (status, None),
-                    Ok(told) => {
-                        if let Some(e) = told {
-                            ended_tx.send_replace(Some(ended_reason(e, cgroups.oom_killed())));
-                        }
-                        (child.wait().await, told)
-                    }
-                };
+                if let Some(e) = told {
+                    ended_tx.send_replace(Some(ended_reason(e, cgroups.oom_killed())));
+                }
+                // Waited for again, or for the first time: tokio keeps the status.
+                let status = child.wait().await;
                 // The leader is gone: nothing of its tree may outlive it.
                 killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 cgroups.kill_all();
