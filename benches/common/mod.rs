@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use meshbox::api::{self, ApiConfig};
@@ -146,26 +148,37 @@ impl Direct {
 }
 
 /// One HTTP/1.1 keep-alive connection of one caller: no pool, no lock.
+///
+/// The connection is driven by the caller's own task, as a load generator's
+/// event loop does (a pipelining client writes from the caller's task too):
+/// no hand-off to a connection task and back on every request.
 pub struct HttpCaller {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    conn: Pin<Box<Conn>>,
     host: String,
 }
+
+type Conn = hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
 
 impl HttpCaller {
     pub async fn connect(base: &str) -> HttpCaller {
         let host = base.trim_start_matches("http://").to_owned();
-        let sender = Self::open(&host).await;
-        HttpCaller { sender, host }
+        let (sender, conn) = Self::open(&host).await;
+        HttpCaller { sender, conn, host }
     }
 
-    async fn open(host: &str) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    async fn open(
+        host: &str,
+    ) -> (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        Pin<Box<Conn>>,
+    ) {
         let stream = tokio::net::TcpStream::connect(host).await.unwrap();
         stream.set_nodelay(true).unwrap();
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
-        tokio::spawn(conn);
-        sender
+        (sender, Box::pin(conn))
     }
 
     /// POST `body` to `path`: the status and the whole answer.
@@ -240,8 +253,8 @@ impl HttpCaller {
         // meshbox closes a kept-alive connection that stays idle past its
         // header timeout (as it should); a caller that sat out a long
         // measurement opens a new one, as any pooling client would.
-        if self.sender.ready().await.is_err() {
-            self.sender = Self::open(&self.host).await;
+        if (&mut self.conn).now_or_never().is_some() {
+            (self.sender, self.conn) = Self::open(&self.host).await;
         }
         let mut req = hyper::Request::builder()
             .method(method.clone())
@@ -252,14 +265,24 @@ impl HttpCaller {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(body)).unwrap();
-        let resp = match self.sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => panic!("{method} {path} on {}: {e}", self.host),
+        let sender = &mut self.sender;
+        let exchange = async move {
+            sender.ready().await?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, headers, bytes))
         };
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, headers, bytes)
+        let ended = tokio::select! {
+            biased;
+            r = exchange => match r {
+                Ok(answer) => return answer,
+                Err(e) => e.to_string(),
+            },
+            r = &mut self.conn => format!("the connection ended: {r:?}"),
+        };
+        panic!("{method} {path} on {}: {ended}", self.host)
     }
 }
 
