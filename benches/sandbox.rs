@@ -6,7 +6,9 @@
 //!   tools/list), bare (a plain child process on pipes, same environment)
 //!   vs sandboxed (the process backend: namespaces, own uid, Landlock,
 //!   seccomp), with the default network and with `none` (a network
-//!   namespace too), median of `STARTS`, interleaved (target ≤ 1.1×);
+//!   namespace too), median of `STARTS`, interleaved (target ≤ 1.1×); the
+//!   filesystem is synced first and each sandbox is torn down before the
+//!   next start, so no writeback of earlier work runs beside a start;
 //! - call p50 of `CALLS` sequential `echo` calls, bare vs sandboxed, in
 //!   `ROUNDS` alternating rounds: the ratio of the two p50s, and the median
 //!   of the rounds' paired ratios (target ≤ 1.05×);
@@ -94,9 +96,15 @@ enum Stop {
 }
 
 impl Running {
-    fn kill(self) {
+    /// Kills the server and, for a sandbox, waits until it is torn down (as
+    /// the supervisor does before it starts a service again), so that no
+    /// teardown runs beside the next measured start.
+    async fn kill(self) {
         match self.stop {
-            Stop::Sandbox(h) => h.kill(),
+            Stop::Sandbox(h) => {
+                h.kill();
+                h.released(Duration::from_secs(10)).await;
+            }
             Stop::Child { waiter, group } => {
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(group),
@@ -304,6 +312,9 @@ async fn main() {
         h
     };
     let none = NetworkPolicy::Mode(NetworkMode::None);
+    // What earlier benches wrote is flushed now, not by the first measured
+    // sandboxes' teardowns (unmounting an overlay syncs the filesystem).
+    nix::unistd::sync();
     println!("meshbox sandbox bench — fixture: tests/fixtures/node_server (node), one run");
     println!("process backend: {}", boxed.describe());
     println!();
@@ -319,7 +330,7 @@ async fn main() {
     for i in 0..starts {
         let (r, took) = start_plain(&server, &home("bare")).await;
         b.push(took);
-        r.kill();
+        r.kill().await;
         // The default network (full): no network namespace.
         let spec_full = spec(
             server.clone(),
@@ -330,12 +341,12 @@ async fn main() {
         let (r, took) = start(&boxed, spec_full).await;
         s.push(took);
         s_setup.push(last_setup());
-        r.kill();
+        r.kill().await;
         let spec_none = spec(server.clone(), &home(&format!("n{i}")), i, none.clone());
         let (r, took) = start(&boxed, spec_none).await;
         n.push(took);
         n_setup.push(last_setup());
-        r.kill();
+        r.kill().await;
     }
     let spread = |v: &[Duration]| {
         let (q1, q3) = quartiles(v);
@@ -388,7 +399,7 @@ async fn main() {
     )
     .await;
     let p = call_p50s(&bare.session, &r.session).await;
-    r.kill();
+    r.kill().await;
     let call_ratio = us(p.b) / us(p.a);
     println!(
         "bare {:>7.1} µs | sandboxed {:>7.1} µs | ratio of the p50s {call_ratio:.3}x | paired, median of {ROUNDS} rounds {:.3}x (target ≤ 1.05x, both): {}",
@@ -418,12 +429,12 @@ async fn main() {
             for _ in 0..STARTS {
                 let (r, took) = start_plain(&argv, &home("srt")).await;
                 w.push(took);
-                r.kill();
+                r.kill().await;
             }
             let w = median(w);
             let (r, _) = start_plain(&argv, &home("srt")).await;
             let p = call_p50s(&bare.session, &r.session).await;
-            r.kill();
+            r.kill().await;
             println!(
                 "srt start-to-running {:>7.1} ms ({:.2}x bare) | call p50 {:>7.1} µs ({:.2}x bare {:.1} µs; paired {:.2}x)",
                 ms(w),
@@ -435,5 +446,5 @@ async fn main() {
             );
         }
     }
-    bare.kill();
+    bare.kill().await;
 }
