@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{cpu_time, median, rss_kib, Direct, HttpCaller, ProcDaemon};
+use common::{cpu_time, median, rss_kib, us, verdict, Direct, HttpCaller, ProcDaemon};
 use serde_json::json;
 
 const SEQ_CALLS: usize = 3000;
@@ -56,10 +56,6 @@ fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
         per_sec: lat.len() as f64 / wall.as_secs_f64(),
         calls: lat.len(),
     }
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 type CallFut = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -154,14 +150,6 @@ fn row(label: &str, base: &Stats, other: &Stats, who: &str) {
         us(other.p50) - us(base.p50),
         other.per_sec / base.per_sec,
     );
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT MET"
-    }
 }
 
 fn free_port() -> u16 {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{cpu_time, Direct, HttpCaller, ProcDaemon};
+use common::{cpu_time, verdict, Direct, HttpCaller, ProcDaemon};
 use futures_util::future::BoxFuture;
 use serde_json::json;
 
@@ -513,7 +513,6 @@ async fn main() {
         ("mcp-proxy", mp_row.many.per_sec())
     };
     let ratio = gateway_row.many.per_sec() / better_rate;
-    let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
     println!();
     println!("== summary (targets from issue 12) ==");
     println!(

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, sandboxed_config};
+use common::{median, sandboxed_config, us, verdict};
 use meshbox::mcp::{Session, SessionConfig};
 use meshbox::model::{ExitReason, ExitWatch, NetworkMode, NetworkPolicy, Protocol, ServiceKey};
 use meshbox::orchestrator::process::host::resolve_program;
@@ -279,20 +279,8 @@ fn quartiles(v: &[Duration]) -> (Duration, Duration) {
     (v[v.len() / 4], v[(3 * v.len()) / 4])
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT MET"
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 #[tokio::main]

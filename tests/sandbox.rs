@@ -374,16 +374,27 @@ fn with_marker(marker: &str) -> Vec<u32> {
         .collect()
 }
 
-async fn gone_within(marker: &str, limit: Duration) {
+/// Polls `done` until it holds; fails with `why` once `limit` has passed.
+async fn within(limit: Duration, why: impl Fn() -> String, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
-    while !with_marker(marker).is_empty() {
-        assert!(
-            start.elapsed() < limit,
-            "processes outlived their service: {:?}",
-            with_marker(marker)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while !done() {
+        assert!(start.elapsed() < limit, "{}", why());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn gone_within(marker: &str, limit: Duration) {
+    within(
+        limit,
+        || {
+            format!(
+                "processes outlived their service: {:?}",
+                with_marker(marker)
+            )
+        },
+        || with_marker(marker).is_empty(),
+    )
+    .await;
 }
 
 async fn leave_grandchild(h: &Host, mesh: &str, name: &str, marker: &str) {
@@ -392,14 +403,12 @@ async fn leave_grandchild(h: &Host, mesh: &str, name: &str, marker: &str) {
             .await,
         "ok"
     );
-    let start = Instant::now();
-    while with_marker(marker).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the grandchild did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    within(
+        Duration::from_secs(10),
+        || "the grandchild did not start".into(),
+        || !with_marker(marker).is_empty(),
+    )
+    .await;
 }
 
 fn limits_cases() -> [(&'static str, Value); 2] {
@@ -536,14 +545,12 @@ async fn a_start_takes_the_init_loaded_ahead_which_never_outlives_meshbox() {
     // The next one is loaded meanwhile, and dies with meshbox.
     let next = one_waiting_init(meshbox, Some(ahead)).await;
     h.d.kill();
-    let start = Instant::now();
-    while common::pid_alive(next) {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the init started ahead outlived meshbox"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    within(
+        Duration::from_secs(5),
+        || "the init started ahead outlived meshbox".into(),
+        || !common::pid_alive(next),
+    )
+    .await;
 }
 
 /// A server's end is known when it ends, not when its sandbox is torn down:

@@ -437,6 +437,20 @@ pub fn sandboxed_config() -> ProcessConfig {
     }
 }
 
+/// How a bench prints a figure against its issue's target.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT MET"
+    }
+}
+
+/// A duration in microseconds.
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
