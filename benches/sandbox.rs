@@ -7,8 +7,9 @@
 //!   vs sandboxed (the process backend: namespaces, own uid, Landlock,
 //!   seccomp), with the default network and with `none` (a network
 //!   namespace too), median of `STARTS`, interleaved (target ≤ 1.1×); the
-//!   filesystem is synced first and each sandbox is torn down before the
-//!   next start, so no writeback of earlier work runs beside a start;
+//!   filesystem is synced first, and each start begins on a quiet machine
+//!   (`SETTLE` after the last: its teardown and the backend's next spare
+//!   init are done), so no earlier work runs beside a start;
 //! - call p50 of `CALLS` sequential `echo` calls, bare vs sandboxed, in
 //!   `ROUNDS` alternating rounds: the ratio of the two p50s, and the median
 //!   of the rounds' paired ratios (target ≤ 1.05×);
@@ -40,6 +41,9 @@ const CALLS: usize = 4000;
 /// Call measurements alternate between the two servers in this many rounds.
 const ROUNDS: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// The pause before each measured start: longer than the backend's delay
+/// before it loads the next spare init, plus that load.
+const SETTLE: Duration = Duration::from_millis(400);
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_server")
@@ -292,7 +296,7 @@ async fn main() {
     let server = vec![node.clone(), "server.js".to_owned()];
     let boxed = ProcessBackend::new(sandboxed_config());
     // As `meshbox serve` does: an init loads ahead of each start.
-    boxed.start_spare();
+    boxed.keep_spare();
     let homes = tempfile::tempdir().unwrap();
     let home = |name: &str| {
         let h = homes.path().join(name);
@@ -316,6 +320,7 @@ async fn main() {
     let (mut s_setup, mut n_setup) = (Vec::new(), Vec::new());
     let last_setup = || SETUP.lock().unwrap().last().copied().unwrap_or_default();
     for i in 0..starts {
+        tokio::time::sleep(SETTLE).await;
         let (r, took) = start_plain(&server, &home("bare")).await;
         b.push(took);
         r.kill().await;
@@ -326,11 +331,13 @@ async fn main() {
             i,
             NetworkPolicy::Unset,
         );
+        tokio::time::sleep(SETTLE).await;
         let (r, took) = start(&boxed, spec_full).await;
         s.push(took);
         s_setup.push(last_setup());
         r.kill().await;
         let spec_none = spec(server.clone(), &home(&format!("n{i}")), i, none.clone());
+        tokio::time::sleep(SETTLE).await;
         let (r, took) = start(&boxed, spec_none).await;
         n.push(took);
         n_setup.push(last_setup());

@@ -430,6 +430,35 @@ fn ends_within_a_second_of_sigterm_sigint_or_stdin_eof_while_serving() {
     }
 }
 
+/// `meshbox run` starts one server: it takes the sandbox init loaded ahead
+/// of it and loads no other (only `serve` keeps one ahead of every start).
+#[test]
+fn run_keeps_no_sandbox_init_loaded_once_its_server_runs() {
+    let py = format!("path:{}", fixture("py_server").display());
+    let mut run = Run::start(&[&py], &[]);
+    assert_eq!(
+        text(&run.handshake_and_call("add", json!({"a": 1, "b": 2}))),
+        "3"
+    );
+    // Longer than `serve` waits before it loads the next one.
+    std::thread::sleep(Duration::from_secs(1));
+    let me = run.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap();
+    let waiting: Vec<String> = children
+        .split_whitespace()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // A waiting init has no child yet; the server's init has one.
+            String::from_utf8_lossy(&cmdline).contains("sandbox-init")
+                && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .is_ok_and(|c| c.trim().is_empty())
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(waiting.is_empty(), "inits left waiting: {waiting:?}");
+    assert_eq!(run.stop_by("eof"), Some(0), "{}", run.stderr());
+}
+
 #[test]
 fn a_server_ignoring_eof_and_sigterm_is_killed_in_time() {
     let dir = tempfile::tempdir().unwrap();

@@ -491,6 +491,17 @@ fn ppid(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// When `pid` started, in clock ticks (1/100 s) since boot.
+fn started_at(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("a live process");
+    // Fields after the command's closing parenthesis; starttime is field 22.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    rest.split(' ')
+        .nth(19)
+        .and_then(|t| t.parse().ok())
+        .expect("starttime")
+}
+
 /// The live sandbox inits waiting among `parent`'s children (meshbox keeps
 /// one loaded ahead of the next start).
 fn waiting_inits(parent: u32) -> Vec<u32> {
@@ -542,8 +553,15 @@ async fn a_start_takes_the_init_loaded_ahead_which_never_outlives_meshbox() {
         "the start did not take the waiting init"
     );
     assert_eq!(ppid(ahead), Some(meshbox));
-    // The next one is loaded meanwhile, and dies with meshbox.
+    // The next one loads once the server has had its boot (not beside it,
+    // where it would take a core from the server), and dies with meshbox.
     let next = one_waiting_init(meshbox, Some(ahead)).await;
+    let (server_at, next_at) = (started_at(server), started_at(next));
+    assert!(
+        next_at >= server_at + 20,
+        "the next init loaded {} ticks after the server started, during its boot",
+        next_at - server_at
+    );
     h.d.kill();
     within(
         Duration::from_secs(5),

@@ -389,7 +389,7 @@ pub struct Daemon {
 impl Daemon {
     pub async fn start(data_dir: PathBuf, path: Option<String>) -> Daemon {
         let backend = ProcessBackend::new(sandboxed_config());
-        backend.start_spare();
+        backend.keep_spare();
         let backend = Arc::new(backend);
         let mut config = SupervisorConfig::new(data_dir);
         if let Some(p) = path {

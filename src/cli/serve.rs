@@ -268,8 +268,8 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
             require_isolation: args.require_isolation,
             ..Default::default()
         });
-        // The first start need not wait for meshbox to be executed again.
-        backend.start_spare();
+        // No start waits for meshbox to be executed again.
+        backend.keep_spare();
         Arc::new(backend)
     };
     let docker_config = DockerConfig {

@@ -149,8 +149,15 @@ pub struct ProcessBackend {
     seq: AtomicU64,
     /// An init started ahead of the next sandbox: loaded and waiting for
     /// its plan, so a start does not wait for meshbox to be executed again.
-    spare: std::sync::Mutex<Option<Init>>,
+    spare: Arc<std::sync::Mutex<Option<Init>>>,
+    /// Load another spare after each start ([`ProcessBackend::keep_spare`]).
+    keep_spare: std::sync::atomic::AtomicBool,
 }
+
+/// How long after a start the next spare init loads: past the boot of most
+/// servers, so that loading it (executing meshbox again) neither delays that
+/// start nor takes a core from the booting server.
+const SPARE_AFTER: Duration = Duration::from_millis(250);
 
 /// A started `meshbox sandbox-init`, and the read end of the pipe on which
 /// it tells how the server ended (before its own exit, which waits for the
@@ -183,7 +190,8 @@ impl ProcessBackend {
             user_home,
             is_root: root,
             seq: AtomicU64::new(0),
-            spare: std::sync::Mutex::new(None),
+            spare: Arc::default(),
+            keep_spare: false.into(),
             config,
         };
         backend.support = backend.probe();
@@ -212,26 +220,45 @@ impl ProcessBackend {
     /// init runs). It loads, then waits for its plan on stdin; it ends when
     /// its stdin closes, so it never outlives meshbox. Needs the runtime.
     pub fn start_spare(&self) {
-        let Some(init) = self
-            .config
+        if let Some(init) = self.init_program() {
+            fill_spare(&self.spare, init);
+        }
+    }
+
+    /// Keeps an init loaded ahead of every start, as `meshbox serve` wants:
+    /// one now, and after each start another, [`SPARE_AFTER`] later.
+    pub fn keep_spare(&self) {
+        self.keep_spare.store(true, Ordering::Relaxed);
+        self.start_spare();
+    }
+
+    /// The init program, when sandboxes start through one.
+    fn init_program(&self) -> Option<&Path> {
+        self.config
             .init_program
             .as_deref()
             .filter(|_| self.support.init)
-        else {
+    }
+
+    /// After a start: the next spare loads [`SPARE_AFTER`] later, on a
+    /// blocking thread, unless this backend is gone by then.
+    fn refill_spare_later(&self) {
+        if !self.keep_spare.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(init) = self.init_program().map(Path::to_path_buf) else {
             return;
         };
-        if self.spare.lock().expect("spare lock").is_some() {
-            return;
-        }
-        match start_init(init) {
-            Ok(init) => {
-                if let Some(extra) = self.spare.lock().expect("spare lock").replace(init) {
-                    // Another start kept one meanwhile: dropping it kills it.
-                    drop(extra);
+        let slot = Arc::downgrade(&self.spare);
+        tokio::spawn(async move {
+            tokio::time::sleep(SPARE_AFTER).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(slot) = slot.upgrade() {
+                    fill_spare(&slot, &init);
                 }
-            }
-            Err(e) => debug!(error = %e, "could not start a spare sandbox init"),
-        }
+            })
+            .await;
+        });
     }
 
     /// The spare init when it is still waiting, else a new one.
@@ -453,6 +480,18 @@ enum ProbeError {
     Refused { step: String, error: String },
     #[error("the init program did not answer")]
     Silent,
+}
+
+/// Starts an init into `slot` unless one waits there already.
+fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path) {
+    if slot.lock().expect("spare lock").is_some() {
+        return;
+    }
+    match start_init(init) {
+        // Another start filled it meanwhile: dropping the older one kills it.
+        Ok(init) => drop(slot.lock().expect("spare lock").replace(init)),
+        Err(e) => debug!(error = %e, "could not start a spare sandbox init"),
+    }
 }
 
 /// A sandbox init in its own process group, its stdio piped (the plan goes
@@ -1252,8 +1291,7 @@ impl Orchestrator for ProcessBackend {
                         source,
                     }),
                 };
-                // The server is starting: the next sandbox's init loads meanwhile.
-                self.start_spare();
+                self.refill_spare_later();
                 let (layers, rest) = match outcome {
                     Ok(x) => x,
                     Err(e) => {
