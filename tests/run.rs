@@ -442,19 +442,7 @@ fn run_keeps_no_sandbox_init_loaded_once_its_server_runs() {
     );
     // Longer than `serve` waits before it loads the next one.
     std::thread::sleep(Duration::from_secs(1));
-    let me = run.child.id();
-    let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap();
-    let waiting: Vec<String> = children
-        .split_whitespace()
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            // A waiting init has no child yet; the server's init has one.
-            String::from_utf8_lossy(&cmdline).contains("sandbox-init")
-                && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                    .is_ok_and(|c| c.trim().is_empty())
-        })
-        .map(str::to_owned)
-        .collect();
+    let waiting = common::waiting_inits(run.child.id());
     assert!(waiting.is_empty(), "inits left waiting: {waiting:?}");
     assert_eq!(run.stop_by("eof"), Some(0), "{}", run.stderr());
 }

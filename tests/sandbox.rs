@@ -502,25 +502,10 @@ fn started_at(pid: u32) -> i64 {
         .expect("starttime")
 }
 
-/// The live sandbox inits waiting among `parent`'s children (meshbox keeps
-/// one loaded ahead of the next start).
-fn waiting_inits(parent: u32) -> Vec<u32> {
-    with_marker("sandbox-init")
-        .into_iter()
-        .filter(|p| ppid(*p) == Some(parent))
-        .filter(|p| {
-            // A waiting init has no child yet; a running sandbox's init has one.
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
-                .map(|c| c.trim().is_empty())
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 async fn one_waiting_init(parent: u32, not: Option<u32>) -> u32 {
     let start = Instant::now();
     loop {
-        let inits: Vec<u32> = waiting_inits(parent)
+        let inits: Vec<u32> = common::waiting_inits(parent)
             .into_iter()
             .filter(|p| Some(*p) != not)
             .collect();

@@ -333,6 +333,41 @@ pub fn text_of(result: &Value) -> String {
         .to_owned()
 }
 
+/// The live sandbox inits among `parent`'s children that wait for a plan
+/// (loaded ahead of the next start): an init with no child, or whose one
+/// child is the pid namespace's init, itself with no child yet. A running
+/// sandbox's init has the server below it.
+pub fn waiting_inits(parent: u32) -> Vec<u32> {
+    // Of every thread: a runtime's worker may have started it.
+    let children = |pid: u32| -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let is_init = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sandbox-init"))
+    };
+    children(parent)
+        .into_iter()
+        .filter(|p| is_init(*p) && pid_alive(*p))
+        .filter(|p| {
+            children(*p)
+                .into_iter()
+                .all(|c| is_init(c) && children(c).is_empty())
+        })
+        .collect()
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     // A zombie still has /proc/PID; read its state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -17,6 +17,11 @@
 //!    capability, sets no_new_privs, enforces Landlock, installs the seccomp
 //!    filter, reports the layers it got on stderr and execs.
 //!
+//! An init started ahead of its sandbox (`--ahead`, where the plan has no
+//! user namespace) does steps 1 and 2 before the plan comes, but for the
+//! network namespace, which depends on the service; the pid namespace's
+//! init then reads the plan, joins the cgroups and goes on from step 3.
+//!
 //! Without a pid namespace the outer init is a child subreaper instead and
 //! kills every descendant when the server ends. The exit status of the
 //! server (code or signal) is passed up unchanged, and told to meshbox at
@@ -141,6 +146,20 @@ pub fn main() -> i32 {
     let ended = take_ended_fd();
     // Ahead of the plan (an init started ahead of its sandbox waits below).
     let filters = build_filters();
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    if let [flag, ahead] = &args[..] {
+        if flag == AHEAD_FLAG {
+            let e = match serde_json::from_str::<Ahead>(ahead).step("reading what to make ahead") {
+                Ok(ahead) => match run_ahead(ahead, filters, ended) {
+                    Ok(never) => match never {},
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            report(&failed(&e));
+            return 125;
+        }
+    }
     let plan = match read_plan() {
         Ok(p) => p,
         Err(e) => {
@@ -202,12 +221,24 @@ fn read_plan() -> Result<InitPlan, InitError> {
 /// join the cgroups, set the rlimits.
 fn adopt_limits(plan: &InitPlan) -> Result<(), InitError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
-    if plan.parent != 0 && nix::unistd::getppid().as_raw() as u32 != plan.parent {
+    check_parent(plan.parent)?;
+    join_limits(plan)
+}
+
+/// Fails when meshbox (`parent`, 0: unknown) is no longer this process's parent.
+fn check_parent(parent: u32) -> Result<(), InitError> {
+    if parent != 0 && nix::unistd::getppid().as_raw() as u32 != parent {
         return Err(InitError {
             step: "checking the parent",
             source: "meshbox is gone".into(),
         });
     }
+    Ok(())
+}
+
+/// Joins the sandbox's cgroups and sets its rlimits (inherited by what
+/// this process forks).
+fn join_limits(plan: &InitPlan) -> Result<(), InitError> {
     for procs in &plan.cgroups {
         std::fs::write(procs, "0").step("joining the sandbox's cgroups")?;
     }
@@ -243,9 +274,7 @@ fn run(
     ended: Option<OwnedFd>,
 ) -> Result<std::convert::Infallible, InitError> {
     adopt_limits(plan)?;
-    let mut old_mask = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
-        .step("blocking signals")?;
+    let old_mask = block_signals()?;
     let mut layers = Layers::default();
     match plan.user {
         UserPlan::Namespace { uid, gid } => {
@@ -260,6 +289,106 @@ fn run(
         UserPlan::Keep => {}
     }
     let ns = plan.namespaces;
+    let flags = namespace_flags(ns);
+    if !flags.is_empty() {
+        unshare(flags).step("creating namespaces")?;
+    }
+    layers.pid = ns.pid;
+    layers.mount = ns.mount;
+    layers.ipc = ns.ipc;
+    layers.uts = ns.uts;
+    layers.net = ns.net;
+    if ns.pid {
+        in_pid_namespace(ended, |status_out, ended| {
+            inner(plan, layers, Some(status_out), ended, &old_mask, filters)
+        })
+    } else {
+        nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
+        inner(plan, layers, None, ended, &old_mask, filters)
+    }
+}
+
+/// The argument before [`Ahead`] (as JSON) on an init's command line.
+pub const AHEAD_FLAG: &str = "--ahead";
+
+/// What an init started ahead of its sandbox makes before its plan comes:
+/// the namespaces every sandbox of that backend gets (not the network
+/// namespace, which depends on the service), and the pid namespace's init
+/// that then waits for the plan. Only where the plan switches the uid
+/// itself (no user namespace, which would have to come first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ahead {
+    /// meshbox: the init's parent.
+    pub parent: u32,
+    pub namespaces: super::plan::Namespaces,
+}
+
+/// An init started ahead: the namespaces first, then (in the pid
+/// namespace's init when there is one) the plan.
+fn run_ahead(
+    ahead: Ahead,
+    filters: Filters,
+    ended: Option<OwnedFd>,
+) -> Result<std::convert::Infallible, InitError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
+    check_parent(ahead.parent)?;
+    let old_mask = block_signals()?;
+    let made = super::plan::Namespaces {
+        net: false,
+        ..ahead.namespaces
+    };
+    let flags = namespace_flags(made);
+    if !flags.is_empty() {
+        unshare(flags).step("creating namespaces")?;
+    }
+    let start = move |status_out: Option<OwnedFd>, ended: Option<OwnedFd>| {
+        let plan = read_plan()?;
+        let ns = plan.namespaces;
+        if (super::plan::Namespaces { net: false, ..ns }) != made
+            || matches!(plan.user, UserPlan::Namespace { .. })
+        {
+            return Err(InitError {
+                step: "checking the plan",
+                source: "it differs from what was made ahead of it".into(),
+            });
+        }
+        join_limits(&plan)?;
+        if ns.net {
+            unshare(CloneFlags::CLONE_NEWNET).step("creating namespaces")?;
+        }
+        let layers = Layers {
+            own_uid: matches!(plan.user, UserPlan::Switch { .. }),
+            pid: ns.pid,
+            mount: ns.mount,
+            ipc: ns.ipc,
+            uts: ns.uts,
+            net: ns.net,
+            ..Layers::default()
+        };
+        inner(&plan, layers, status_out, ended, &old_mask, filters)
+    };
+    if made.pid {
+        in_pid_namespace(ended, |status_out, ended| {
+            // Dies with the outer init while it waits for the plan.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .step("setting the parent-death signal")?;
+            start(Some(status_out), ended)
+        })
+    } else {
+        nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
+        start(None, ended)
+    }
+}
+
+/// Blocks the signals the inits wait for; the mask to restore for the server.
+fn block_signals() -> Result<SigSet, InitError> {
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
+        .step("blocking signals")?;
+    Ok(old_mask)
+}
+
+fn namespace_flags(ns: super::plan::Namespaces) -> CloneFlags {
     let mut flags = CloneFlags::empty();
     for (on, f) in [
         (ns.pid, CloneFlags::CLONE_NEWPID),
@@ -272,42 +401,39 @@ fn run(
             flags |= f;
         }
     }
-    if !flags.is_empty() {
-        unshare(flags).step("creating namespaces")?;
-    }
-    layers.pid = ns.pid;
-    layers.mount = ns.mount;
-    layers.ipc = ns.ipc;
-    layers.uts = ns.uts;
-    layers.net = ns.net;
-    if ns.pid {
-        let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).step("creating a pipe")?;
-        // SAFETY: this process is single-threaded (no runtime was started).
-        match unsafe { fork() }.step("forking the namespace init")? {
-            ForkResult::Child => {
-                drop(status_r);
-                let e = match inner(plan, layers, Some(status_w), ended, &old_mask, filters) {
-                    Ok(never) => match never {},
-                    Err(e) => e,
-                };
-                report(&failed(&e));
-                std::process::exit(125);
-            }
-            ForkResult::Parent { child } => {
-                drop(status_w);
-                // The namespace's init tells meshbox; this copy would only
-                // keep the pipe open.
-                drop(ended);
-                release_stdio();
-                let own = supervise(child, Reaper::OnlyChild);
-                let mut relayed = String::new();
-                let _ = File::from(status_r).read_to_string(&mut relayed);
-                relay(parse_status(&relayed).unwrap_or(own))
-            }
+    flags
+}
+
+/// Forks the pid namespace's init (just unshared), which runs `body` with
+/// the pipe on which it passes the server's end up; this process lets go
+/// of the server's stdio, waits for it and exits the way the server did.
+fn in_pid_namespace(
+    ended: Option<OwnedFd>,
+    body: impl FnOnce(OwnedFd, Option<OwnedFd>) -> Result<std::convert::Infallible, InitError>,
+) -> Result<std::convert::Infallible, InitError> {
+    let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).step("creating a pipe")?;
+    // SAFETY: this process is single-threaded (no runtime was started).
+    match unsafe { fork() }.step("forking the namespace init")? {
+        ForkResult::Child => {
+            drop(status_r);
+            let e = match body(status_w, ended) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            report(&failed(&e));
+            std::process::exit(125);
         }
-    } else {
-        nix::sys::prctl::set_child_subreaper(true).step("becoming a subreaper")?;
-        inner(plan, layers, None, ended, &old_mask, filters)
+        ForkResult::Parent { child } => {
+            drop(status_w);
+            // The namespace's init tells meshbox; this copy would only
+            // keep the pipe open.
+            drop(ended);
+            release_stdio();
+            let own = supervise(child, Reaper::OnlyChild);
+            let mut relayed = String::new();
+            let _ = File::from(status_r).read_to_string(&mut relayed);
+            relay(parse_status(&relayed).unwrap_or(own))
+        }
     }
 }
 

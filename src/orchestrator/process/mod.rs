@@ -221,7 +221,7 @@ impl ProcessBackend {
     /// its stdin closes, so it never outlives meshbox. Needs the runtime.
     pub fn start_spare(&self) {
         if let Some(init) = self.init_program() {
-            fill_spare(&self.spare, init);
+            fill_spare(&self.spare, init, self.ahead());
         }
     }
 
@@ -250,11 +250,12 @@ impl ProcessBackend {
             return;
         };
         let slot = Arc::downgrade(&self.spare);
+        let ahead = self.ahead();
         tokio::spawn(async move {
             tokio::time::sleep(SPARE_AFTER).await;
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(slot) = slot.upgrade() {
-                    fill_spare(&slot, &init);
+                    fill_spare(&slot, &init, ahead);
                 }
             })
             .await;
@@ -269,7 +270,25 @@ impl ProcessBackend {
                 return Ok(i);
             }
         }
-        start_init(init)
+        start_init(init, self.ahead())
+    }
+
+    /// What an init makes before its plan comes: the namespaces that
+    /// [`ProcessBackend::prepare`] asks of every sandbox but the network
+    /// one; nothing where the plan starts with a user namespace.
+    fn ahead(&self) -> Option<init::Ahead> {
+        let l = &self.support.layers;
+        let switches = self.is_root && !self.without(Layer::Uid);
+        (switches || !l.userns).then(|| init::Ahead {
+            parent: std::process::id(),
+            namespaces: Namespaces {
+                pid: l.pid,
+                mount: l.mount,
+                ipc: l.ipc,
+                uts: l.uts,
+                net: false,
+            },
+        })
     }
 
     /// Whose uid the probe's server runs under (the strongest choice left).
@@ -483,11 +502,11 @@ enum ProbeError {
 }
 
 /// Starts an init into `slot` unless one waits there already.
-fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path) {
+fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path, ahead: Option<init::Ahead>) {
     if slot.lock().expect("spare lock").is_some() {
         return;
     }
-    match start_init(init) {
+    match start_init(init, ahead) {
         // Another start filled it meanwhile: dropping the older one kills it.
         Ok(init) => drop(slot.lock().expect("spare lock").replace(init)),
         Err(e) => debug!(error = %e, "could not start a spare sandbox init"),
@@ -498,13 +517,16 @@ fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path) {
 /// in at the head of stdin; stdin and stdout then become the server's).
 /// No pre_exec hook, so no fork of this (large, threaded) process: the init
 /// joins the cgroups and sets the limits itself.
-fn start_init(init: &Path) -> io::Result<Init> {
+fn start_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
     use command_fds::{CommandFdExt, FdMapping};
     let (ended, tell) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut c = Command::new(init);
-    c.arg0("meshbox")
-        .arg(init::COMMAND)
-        .env_clear()
+    c.arg0("meshbox").arg(init::COMMAND);
+    if let Some(a) = ahead {
+        c.arg(init::AHEAD_FLAG)
+            .arg(serde_json::to_string(&a).map_err(io::Error::other)?);
+    }
+    c.env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
