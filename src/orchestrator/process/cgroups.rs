@@ -18,9 +18,6 @@ use std::time::Duration;
 
 use super::{Enforced, Limits};
 
-/// Slots of a sandbox's pids limit taken by its two init processes.
-pub const INIT_PIDS: u64 = 2;
-
 /// The cgroup hierarchy this host offers us.
 #[derive(Debug, Clone)]
 pub enum Hierarchy {
@@ -217,7 +214,14 @@ impl Cgroups {
 
     /// Creates the sandbox's directories (the controllers of its limits, and
     /// pids when `track`) and writes its limits: what cgroups enforce.
-    pub fn create(h: &Hierarchy, name: &str, limits: &Limits, track: bool) -> (Cgroups, Enforced) {
+    /// `inits`: the sandbox's own init processes in it, on top of its pids limit.
+    pub fn create(
+        h: &Hierarchy,
+        name: &str,
+        limits: &Limits,
+        track: bool,
+        inits: u64,
+    ) -> (Cgroups, Enforced) {
         let mut cg = Cgroups::default();
         let mut enforced = Enforced::default();
         let quota = |c: f64| ((c * 100_000.0).round() as u64).max(1000);
@@ -246,7 +250,7 @@ impl Cgroups {
                 }
                 if let Some(p) = limits.pids {
                     enforced.pids =
-                        fs::write(dir.join("pids.max"), (p + INIT_PIDS).to_string()).is_ok();
+                        fs::write(dir.join("pids.max"), (p + inits).to_string()).is_ok();
                 }
             }
             Hierarchy::V1 { memory, cpu, pids } => {
@@ -282,8 +286,7 @@ impl Cgroups {
                         cg.dirs.push(dir.clone());
                         if let Some(p) = limits.pids {
                             enforced.pids =
-                                fs::write(dir.join("pids.max"), (p + INIT_PIDS).to_string())
-                                    .is_ok();
+                                fs::write(dir.join("pids.max"), (p + inits).to_string()).is_ok();
                         }
                     }
                 }

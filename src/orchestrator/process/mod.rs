@@ -273,6 +273,17 @@ impl ProcessBackend {
         start_init(init, self.ahead())
     }
 
+    /// The init processes inside a sandbox's limits (its pids count):
+    /// the outer init joins them unless it was started ahead, the pid
+    /// namespace's init always; none for a bare child.
+    fn inits_in_sandbox(&self) -> u64 {
+        match (self.init_program(), self.ahead(), self.support.layers.pid) {
+            (None, _, _) => 0,
+            (Some(_), None, true) => 2,
+            (Some(_), _, _) => 1,
+        }
+    }
+
     /// What an init makes before its plan comes: the namespaces that
     /// [`ProcessBackend::prepare`] asks of every sandbox but the network
     /// one; nothing where the plan starts with a user namespace.
@@ -1202,7 +1213,9 @@ impl Orchestrator for ProcessBackend {
         // A pid namespace kills the whole tree with its init; without one a
         // tracking cgroup finds what left the process group.
         let track = !(self.support.init && self.support.layers.pid);
-        let (cgroups, by_cgroup) = Cgroups::create(&self.hierarchy, &name, &spec.limits, track);
+        let inits = self.inits_in_sandbox();
+        let (cgroups, by_cgroup) =
+            Cgroups::create(&self.hierarchy, &name, &spec.limits, track, inits);
         let cgroups = Arc::new(cgroups);
         let cgrouped = Self::cgrouped(&spec.limits, &by_cgroup);
 
@@ -1211,7 +1224,7 @@ impl Orchestrator for ProcessBackend {
             data: (spec.limits.memory_mb.is_some() && !by_cgroup.memory)
                 .then(|| spec.limits.memory_mb.unwrap_or(0) * 1024 * 1024),
             nproc: (spec.limits.pids.is_some() && !by_cgroup.pids && !self.is_root)
-                .then(|| spec.limits.pids.unwrap_or(0) + cgroups::INIT_PIDS),
+                .then(|| spec.limits.pids.unwrap_or(0) + inits),
         };
         enforced.memory =
             spec.limits.memory_mb.is_some() && (by_cgroup.memory || rlimits.data.is_some());
