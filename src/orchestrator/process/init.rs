@@ -293,11 +293,7 @@ fn run(
     if !flags.is_empty() {
         unshare(flags).step("creating namespaces")?;
     }
-    layers.pid = ns.pid;
-    layers.mount = ns.mount;
-    layers.ipc = ns.ipc;
-    layers.uts = ns.uts;
-    layers.net = ns.net;
+    with_namespaces(&mut layers, ns);
     if ns.pid {
         in_pid_namespace(ended, |status_out, ended| {
             inner(plan, layers, Some(status_out), ended, &old_mask, filters)
@@ -356,15 +352,11 @@ fn run_ahead(
         if ns.net {
             unshare(CloneFlags::CLONE_NEWNET).step("creating namespaces")?;
         }
-        let layers = Layers {
+        let mut layers = Layers {
             own_uid: matches!(plan.user, UserPlan::Switch { .. }),
-            pid: ns.pid,
-            mount: ns.mount,
-            ipc: ns.ipc,
-            uts: ns.uts,
-            net: ns.net,
             ..Layers::default()
         };
+        with_namespaces(&mut layers, ns);
         inner(&plan, layers, status_out, ended, &old_mask, filters)
     };
     if made.pid {
@@ -386,6 +378,15 @@ fn block_signals() -> Result<SigSet, InitError> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited()), Some(&mut old_mask))
         .step("blocking signals")?;
     Ok(old_mask)
+}
+
+/// Records the namespaces made in the layers the server reports.
+fn with_namespaces(layers: &mut Layers, ns: super::plan::Namespaces) {
+    layers.pid = ns.pid;
+    layers.mount = ns.mount;
+    layers.ipc = ns.ipc;
+    layers.uts = ns.uts;
+    layers.net = ns.net;
 }
 
 fn namespace_flags(ns: super::plan::Namespaces) -> CloneFlags {

@@ -1231,20 +1231,20 @@ impl Orchestrator for ProcessBackend {
         enforced.cpus = by_cgroup.cpus;
         enforced.pids = by_cgroup.pids || rlimits.nproc.is_some();
 
-        let prepared = match (self.support.init, &self.config.init_program) {
-            (true, Some(init)) => match self.prepare(&spec, &name, resolved.clone()) {
+        let prepared = match self.init_program() {
+            Some(init) => match self.prepare(&spec, &name, resolved.clone()) {
                 Ok(mut p) => {
                     p.plan.parent = std::process::id();
                     p.plan.cgroups = cgroups.procs_files();
                     p.plan.rlimits = rlimits;
-                    Some((p, init.clone()))
+                    Some((p, init.to_path_buf()))
                 }
                 Err(e) => {
                     cgroups.remove().await;
                     return Err(e);
                 }
             },
-            _ => None,
+            None => None,
         };
         let spawned = match &prepared {
             Some((_, init)) => self.take_init(init).map(|i| (i.child, Some(i.ended))),
