@@ -79,6 +79,14 @@ async fn cgroup_limits_are_enforced_and_reported() {
         started < 32,
         "pids limit not enforced: {started} threads started"
     );
+    // Those threads are gone before the answer: calls side by side (each a
+    // thread of the fixture) still get pids, so what ends the server below
+    // is memory, not a thread it could not start.
+    let (a, b) = tokio::join!(
+        d.call("lim", "cg", "slow", json!({"ms": 300})),
+        d.call("lim", "cg", "slow", json!({"ms": 300}))
+    );
+    assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
 
     // memory: past the limit the OOM killer ends the server, status says so, and it restarts.
     let (code, r) = d.call("lim", "cg", "alloc", json!({"mb": 256})).await;
