@@ -15,6 +15,7 @@ fn main() {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(INIT)) {
         std::process::exit(meshbox::orchestrator::process::init::main());
     }
+    meshbox::orchestrator::process::host::keep_inherited_fds_from_children();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",

@@ -279,3 +279,35 @@ async fn a_bad_redeploy_changes_nothing() {
         .await;
     assert_eq!(st["restarts"], 0, "{st}");
 }
+
+/// A file meshbox inherited from whoever started it (a supervisor's pipe,
+/// a terminal, a secret opened by a wrapper) never reaches a server or the
+/// init above it: only the pipes meshbox gives them are open there.
+#[tokio::test]
+async fn a_descriptor_meshbox_inherited_never_reaches_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("inherited-secret");
+    std::fs::write(&secret, "not for servers").unwrap();
+    // The shell opens fd 9 without close-on-exec and execs meshbox on it.
+    let open = format!("exec 9<'{}'; exec \"$0\" \"$@\"", secret.display());
+    let d = Daemon::start_wrapped(&["bash", "-c", &open], &[]);
+    let (code, st) = d.deploy_py("h", "fds", &[], json!({})).await;
+    assert_eq!(code, 200, "{st}");
+    let server = st["pid"].as_u64().unwrap() as u32;
+    let parent = std::fs::read_to_string(format!("/proc/{server}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .map(|p| p.trim().parse::<u32>().unwrap())
+        .unwrap();
+    for pid in [server, parent] {
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| std::fs::read_link(e.unwrap().path()).unwrap_or_default())
+            .collect();
+        assert!(
+            !fds.contains(&secret),
+            "pid {pid} holds the file meshbox inherited: {fds:?}"
+        );
+    }
+}

@@ -154,6 +154,31 @@ pub fn runtime_dirs(
     out
 }
 
+/// Marks every descriptor from 3 up close-on-exec: what this process
+/// inherited from whoever started it (a supervisor's pipe, a terminal, a
+/// file a wrapper opened) must never reach a server, an installer or any
+/// other child. Descriptors a child is meant to have are passed explicitly.
+pub fn keep_inherited_fds_from_children() {
+    let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+    // SAFETY: a syscall on this process's own descriptor table.
+    let done = unsafe { libc::close_range(3, libc::c_uint::MAX, flags) };
+    if done == 0 {
+        return;
+    }
+    // Kernels before 5.11: one descriptor at a time (collected first: the
+    // directory's own descriptor is open while it is read).
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: sets a flag; a descriptor closed meanwhile fails with EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +245,15 @@ mod tests {
             shebang(&bin.join("tool"), ""),
             Some(PathBuf::from("/bin/sh"))
         );
+    }
+
+    #[test]
+    fn inherited_descriptors_are_kept_from_children() {
+        use nix::fcntl::{fcntl, open, FcntlArg, FdFlag, OFlag};
+        let fd = open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+        let flags = |fd| FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD).unwrap());
+        assert!(!flags(&fd).contains(FdFlag::FD_CLOEXEC));
+        keep_inherited_fds_from_children();
+        assert!(flags(&fd).contains(FdFlag::FD_CLOEXEC));
     }
 }

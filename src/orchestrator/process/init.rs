@@ -144,6 +144,8 @@ fn failed(e: &InitError) -> Report {
 pub fn main() -> i32 {
     // First, before anything here opens a file that could take its number.
     let ended = take_ended_fd();
+    // The server gets its stdio and nothing else this init was handed.
+    super::host::keep_inherited_fds_from_children();
     // Ahead of the plan (an init started ahead of its sandbox waits below).
     let filters = build_filters();
     let args: Vec<String> = std::env::args().skip(2).collect();
