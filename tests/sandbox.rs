@@ -1329,3 +1329,28 @@ async fn server_memory_keeps_each_services_graph_in_its_own_home() {
         "the graph did not persist"
     );
 }
+
+/// Fast lane: servers started from inits loaded ahead outlive the thread
+/// that loaded them. An init's parent-death signal fires when the *thread*
+/// that forked it ends; spares loaded on a blocking-pool thread (which ends
+/// after 10 s idle) killed their servers with SIGKILL some 10 s later.
+#[tokio::test]
+async fn servers_outlive_the_thread_that_loaded_their_init() {
+    let d = Daemon::start();
+    let mut pids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let (code, st) = d.deploy_py("spare", name, &[], json!({})).await;
+        assert_eq!(code, 200, "{st}");
+        pids.push(st["pid"].clone());
+        // Past the refill delay: the next start takes a spare loaded meanwhile.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // Past the blocking pool's 10 s keep-alive.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    for (name, pid) in ["a", "b", "c"].into_iter().zip(pids) {
+        let st = d.status("spare", name).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert_eq!(st["restarts"], 0, "{name} was restarted: {st}");
+        assert_eq!(st["pid"], pid, "{st}");
+    }
+}

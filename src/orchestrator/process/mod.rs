@@ -528,7 +528,51 @@ fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path, ahead: Option<
 /// in at the head of stdin; stdin and stdout then become the server's).
 /// No pre_exec hook, so no fork of this (large, threaded) process: the init
 /// joins the cgroups and sets the limits itself.
+///
+/// Forked by the [`launcher`] thread: an init's parent-death signal fires
+/// when the *thread* that forked it ends, and a blocking-pool thread (where
+/// spares load) ends after 10 s idle, taking its inits' servers with it.
 fn start_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
+    let runtime = tokio::runtime::Handle::current();
+    let init = init.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let job: LaunchJob = Box::new(move || {
+        let _in_runtime = runtime.enter();
+        let _ = tx.send(fork_init(&init, ahead));
+    });
+    launcher()?
+        .send(job)
+        .map_err(|_| io::Error::other("the init launcher thread is gone"))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the init launcher thread is gone"))?
+}
+
+type LaunchJob = Box<dyn FnOnce() + Send>;
+
+/// The thread every sandbox init is forked from: it lives as long as
+/// meshbox, so an init's parent-death signal means meshbox's death.
+fn launcher() -> io::Result<&'static std::sync::mpsc::Sender<LaunchJob>> {
+    static LAUNCHER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<LaunchJob>>> =
+        std::sync::OnceLock::new();
+    LAUNCHER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<LaunchJob>();
+            std::thread::Builder::new()
+                .name("meshbox-inits".into())
+                .spawn(move || {
+                    for job in rx {
+                        // A panic must not end the thread: its inits would die.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+        .ok_or_else(|| io::Error::other("cannot start the init launcher thread"))
+}
+
+fn fork_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
     use command_fds::{CommandFdExt, FdMapping};
     let (ended, tell) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut c = Command::new(init);
