@@ -6,8 +6,13 @@
 //!   concurrently with no lock (the strongest baseline);
 //! - `meshbox serve` (its own process), `POST /v1/.../call`;
 //! - the seed runner (../shared/peers/seed-runner.mjs, node), `POST /call`,
-//!   on a copy of the fixture (it installs into its source directory).
+//!   on a copy of the fixture (it installs into its source directory);
+//! - as a reference, no contender: an HTTP server that does nothing (no
+//!   server behind it; see `common::BareHttp`). Its figures are the floor and
+//!   the ceiling of any HTTP runner on this machine: a runner's call is that
+//!   hop plus the pipe's round trip.
 //!
+//! The one-caller figures come from interleaved slices of each way.
 //! Each HTTP caller owns one keep-alive connection (no pool, no lock).
 //!
 //! Figures: added p50 at 1 caller; calls/s at 64 callers as ratios; meshbox
@@ -23,10 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{cpu_time, median, rss_kib, us, verdict, Direct, HttpCaller, ProcDaemon};
+use common::{cpu_time, median, rss_kib, us, verdict, BareHttp, Direct, HttpCaller, ProcDaemon};
 use serde_json::json;
 
 const SEQ_CALLS: usize = 3000;
+const ROUNDS: usize = 10;
 const CONC: usize = 64;
 const CONC_CALLS_EACH: usize = 200;
 const STARTS: usize = 10;
@@ -69,6 +75,12 @@ type MakeCaller =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Box<dyn Caller>> + Send>> + Send + Sync>;
 
 async fn run_load(callers: usize, each: usize, make: &MakeCaller) -> Stats {
+    let (lat, wall) = run_load_raw(callers, each, make).await;
+    stats(lat, wall)
+}
+
+/// Every latency of a run, and its wall time.
+async fn run_load_raw(callers: usize, each: usize, make: &MakeCaller) -> (Vec<Duration>, Duration) {
     let mut clients = Vec::new();
     for _ in 0..callers {
         clients.push(make().await);
@@ -94,7 +106,23 @@ async fn run_load(callers: usize, each: usize, make: &MakeCaller) -> Stats {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    stats(all, start.elapsed())
+    (all, start.elapsed())
+}
+
+/// One caller on each way, in `ROUNDS` interleaved slices of `calls / ROUNDS`
+/// (so that the machine's slow minutes fall on every way alike).
+async fn one_caller(ways: &[&MakeCaller], calls: usize) -> Vec<Stats> {
+    let mut runs: Vec<(Vec<Duration>, Duration)> = vec![Default::default(); ways.len()];
+    for _ in 0..ROUNDS {
+        for (way, run) in ways.iter().zip(runs.iter_mut()) {
+            let (lat, wall) = run_load_raw(1, calls / ROUNDS, way).await;
+            run.0.extend(lat);
+            run.1 += wall;
+        }
+    }
+    runs.into_iter()
+        .map(|(lat, wall)| stats(lat, wall))
+        .collect()
 }
 
 struct DirectCaller(Arc<Direct>);
@@ -152,6 +180,17 @@ fn row(label: &str, base: &Stats, other: &Stats, who: &str) {
     );
 }
 
+/// The do-nothing HTTP server's figures: it relays nothing, so they are
+/// not compared with the pipe's.
+fn reference_row(label: &str, s: &Stats) {
+    println!(
+        "{label:<24} reference: an HTTP server that does nothing | p50 {:>7.1} µs p99 {:>7.1} µs {:>7.0}/s",
+        us(s.p50),
+        us(s.p99),
+        s.per_sec,
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -176,6 +215,7 @@ async fn http_caller_factory(base: String, path: String, body: Bytes) -> MakeCal
 
 #[tokio::main]
 async fn main() {
+    common::serve_bare_http_if_asked().await;
     let fixture = node_fixture();
     println!(
         "meshbox bench — calls: node echo server (tests/fixtures/node_server), process backend"
@@ -245,14 +285,22 @@ async fn main() {
     )
     .await;
 
+    let bare = BareHttp::start();
+    let bare_make = http_caller_factory(
+        bare.base.clone(),
+        "/call".into(),
+        Bytes::from(json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string()),
+    )
+    .await;
+
     // Warm up every path.
-    for m in [&direct_make, &mesh_make, &seed_make] {
+    for m in [&direct_make, &bare_make, &mesh_make, &seed_make] {
         run_load(4, 200, m).await;
     }
 
     // ---- 1 caller -----------------------------------------------------------
     println!();
-    println!("== one caller, {SEQ_CALLS} sequential `echo` calls ==");
+    println!("== one caller, {SEQ_CALLS} sequential `echo` calls each, in {ROUNDS} interleaved slices ==");
     let floor = {
         let mut c = HttpCaller::connect(&daemon.base).await;
         let mut lat = Vec::new();
@@ -268,11 +316,16 @@ async fn main() {
         "HTTP floor (GET /v1/health on one connection): p50 {:.1} µs",
         us(floor)
     );
-    let b1 = run_load(1, SEQ_CALLS, &direct_make).await;
-    let m1 = run_load(1, SEQ_CALLS, &mesh_make).await;
-    let s1 = run_load(1, SEQ_CALLS, &seed_make).await;
+    let [b1, h1, m1, s1]: [Stats; 4] = one_caller(
+        &[&direct_make, &bare_make, &mesh_make, &seed_make],
+        SEQ_CALLS,
+    )
+    .await
+    .try_into()
+    .unwrap_or_else(|_| unreachable!());
     row("1 caller", &b1, &m1, "meshbox");
     row("1 caller", &b1, &s1, "seed");
+    reference_row("1 caller", &h1);
     let added = us(m1.p50) - us(b1.p50);
 
     // ---- 64 callers ---------------------------------------------------------
@@ -283,8 +336,17 @@ async fn main() {
     let m64 = run_load(CONC, CONC_CALLS_EACH, &mesh_make).await;
     let cpu = cpu_time(daemon.pid()) - cpu0;
     let s64 = run_load(CONC, CONC_CALLS_EACH, &seed_make).await;
+    let (bare_cpu0, client_cpu0) = (cpu_time(bare.pid()), cpu_time(std::process::id()));
+    let h64 = run_load(CONC, CONC_CALLS_EACH, &bare_make).await;
+    let bare_cores = (cpu_time(bare.pid()) - bare_cpu0 + cpu_time(std::process::id())
+        - client_cpu0)
+        .as_secs_f64()
+        * h64.per_sec
+        / h64.calls as f64;
+    drop(bare);
     row("64 callers", &b64, &m64, "meshbox");
     row("64 callers", &b64, &s64, "seed");
+    reference_row("64 callers", &h64);
     let cpu_per_call = us(cpu) / m64.calls as f64;
     let of_direct = m64.per_sec / b64.per_sec;
     let of_seed = m64.per_sec / s64.per_sec;
@@ -384,6 +446,18 @@ async fn main() {
         "64 callers: meshbox {:.2}x the seed runner (target ≥ 3x): {}",
         of_seed,
         verdict(of_seed >= 3.0)
+    );
+    println!(
+        "what an HTTP hop alone costs here (a server that does nothing, same client, same run): \
+         1 caller p50 {:.1} µs, about the least any HTTP runner adds to the pipe's round trip \
+         (target for meshbox's whole call: ≤ 60 µs added); 64 callers {:.0}/s using {:.2} cores \
+         with its client = {:.2}x the seed runner and {:.0}% of the direct pipe, with no server \
+         behind it (targets for meshbox with the server: ≥ 3x, ≥ 50%)",
+        us(h1.p50),
+        h64.per_sec,
+        bare_cores,
+        h64.per_sec / s64.per_sec,
+        h64.per_sec / b64.per_sec * 100.0
     );
     println!(
         "64 callers: metrics + tracing (exporter off) {:.0}/s vs --no-metrics {:.0}/s: cost {:.1}% (target ≤ 3%): {}",

@@ -13,6 +13,9 @@
 //! - for reference, meshbox's own REST route (`POST /v1/…/call`), which
 //!   shows what the HTTP server and the session cost without the gateway.
 //!
+//! A reference, no contender: the gateway's request to an HTTP server that
+//! does nothing (`common::BareHttp`): the least any HTTP gateway adds here.
+//!
 //! Each HTTP caller owns one keep-alive connection (no pool, no lock) and
 //! reads the whole answer (JSON or SSE). The peers come from
 //! scripts/mcp-clients.sh; without them the bench fails and says so.
@@ -301,6 +304,7 @@ struct Row {
 
 #[tokio::main]
 async fn main() {
+    common::serve_bare_http_if_asked().await;
     let clients = root().join("target/mcp-clients");
     let supergateway = clients.join("node_modules/supergateway/dist/index.js");
     let mcp_proxy = clients.join("proxy-venv/bin/mcp-proxy");
@@ -426,12 +430,22 @@ async fn main() {
         callers: Default::default(),
     });
 
-    let ways: [(&'static str, &dyn Way); 5] = [
+    // A reference, no contender: the same request to an HTTP server that
+    // does nothing (no server behind it).
+    let bare = common::BareHttp::start();
+    let bare_way = Arc::new(Http {
+        base: bare.base.clone(),
+        path: "/mcp/bench/echo".into(),
+        ..clone_http(&gateway)
+    });
+
+    let ways: [(&'static str, &dyn Way); 6] = [
         ("direct pipe", &Pipe(direct.clone())),
         ("meshbox gateway", &gateway),
         ("supergateway", &supergateway_way),
         ("mcp-proxy", &proxy_way),
         ("meshbox REST", &rest_way),
+        ("bare HTTP", &bare_way),
     ];
     for (name, way) in &ways {
         eprintln!("warming up: {name}");
@@ -503,7 +517,7 @@ async fn main() {
             r.many.per_sec()
         );
     }
-    let [direct_row, gateway_row, sg_row, mp_row, rest_row] = &rows[..] else {
+    let [direct_row, gateway_row, sg_row, mp_row, rest_row, bare_row] = &rows[..] else {
         unreachable!()
     };
     let added = gateway_row.p50 - direct_row.p50;
@@ -533,6 +547,13 @@ async fn main() {
         rest_row.p50 - direct_row.p50,
         gateway_row.p50 - rest_row.p50
     );
+    println!(
+        "what an HTTP hop alone costs here (the same request to a server that does nothing, same client, same run): \
+         1 caller p50 {:.1} µs, about the least any HTTP gateway adds to the pipe's round trip; \
+         the 100 µs target leaves {:.1} µs for relaying the call",
+        bare_row.p50,
+        100.0 - bare_row.p50
+    );
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / SEQUENTIAL as f64;
     println!(
         "meshbox CPU per call: 1 caller gateway {:.1} µs, REST {:.1} µs; 64 callers gateway {:.1} µs, REST {:.1} µs",
@@ -541,5 +562,17 @@ async fn main() {
         cpu["meshbox gateway"],
         cpu["meshbox REST"]
     );
-    drop((sg, mp));
+    drop((sg, mp, bare));
+}
+
+/// A copy of `way` with no callers made yet.
+fn clone_http(way: &Http) -> Http {
+    Http {
+        base: way.base.clone(),
+        path: way.path.clone(),
+        headers: way.headers.clone(),
+        rest: way.rest.clone(),
+        numbered: way.numbered,
+        callers: Default::default(),
+    }
 }

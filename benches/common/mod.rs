@@ -455,3 +455,85 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// Set in a bench process that is to be [`BareHttp`]'s server.
+const BARE_HTTP: &str = "MESHBOX_BENCH_BARE_HTTP";
+
+/// The answer [`BareHttp`] gives every request: the size and shape of
+/// meshbox's answer to an `echo` call.
+const BARE_ANSWER: &str = r#"{"result":{"content":[{"type":"text","text":"hello"}]}}"#;
+
+/// A reference, not a contender: an HTTP/1.1 server with no work behind it
+/// (hyper on a multi-thread tokio runtime, as meshbox serves; each request's
+/// body read whole and a fixed answer sent), in its own process: the bench's
+/// own binary, started again. What one call to it costs is what the HTTP hop
+/// alone costs on this machine before a runner relays anything to a server.
+pub struct BareHttp {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl BareHttp {
+    pub fn start() -> BareHttp {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(BARE_HTTP, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("bare http on ")
+            .unwrap_or_else(|| panic!("the bare HTTP server did not start: {line:?}"))
+            .to_owned();
+        BareHttp { child, base }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for BareHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a process started by [`BareHttp::start`], serves until killed; in any
+/// other, returns at once. Call it first thing in a bench's `main`.
+pub async fn serve_bare_http_if_asked() {
+    use http_body_util::BodyExt;
+    if std::env::var_os(BARE_HTTP).is_none() {
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("bare http on http://{}", listener.local_addr().unwrap());
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    req.into_body().collect().await?;
+                    let mut resp =
+                        hyper::Response::new(Full::new(Bytes::from_static(BARE_ANSWER.as_bytes())));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, hyper::Error>(resp)
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
