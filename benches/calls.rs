@@ -10,7 +10,10 @@
 //! - as a reference, no contender: an HTTP server that does nothing (no
 //!   server behind it; see `common::BareHttp`). Its figures are the floor and
 //!   the ceiling of any HTTP runner on this machine: a runner's call is that
-//!   hop plus the pipe's round trip.
+//!   hop plus the pipe's round trip;
+//! - as a reference too: the least a runner can be (the same HTTP server
+//!   relaying each call to the same node server over its pipes, with no
+//!   checks, limits or lifecycle; `common::BareHttp::relaying`).
 //!
 //! The one-caller figures come from interleaved slices of each way.
 //! Each HTTP caller owns one keep-alive connection (no pool, no lock).
@@ -285,16 +288,29 @@ async fn main() {
     )
     .await;
 
-    let bare = BareHttp::start();
+    let bare = BareHttp::answering();
     let bare_make = http_caller_factory(
         bare.base.clone(),
         "/call".into(),
         Bytes::from(json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string()),
     )
     .await;
+    let relay = BareHttp::relaying(&fixture);
+    let relay_make = http_caller_factory(
+        relay.base.clone(),
+        "/call".into(),
+        Bytes::from(json!({"tool": "echo", "arguments": {"text": "hello"}}).to_string()),
+    )
+    .await;
 
     // Warm up every path.
-    for m in [&direct_make, &bare_make, &mesh_make, &seed_make] {
+    for m in [
+        &direct_make,
+        &bare_make,
+        &relay_make,
+        &mesh_make,
+        &seed_make,
+    ] {
         run_load(4, 200, m).await;
     }
 
@@ -316,8 +332,14 @@ async fn main() {
         "HTTP floor (GET /v1/health on one connection): p50 {:.1} µs",
         us(floor)
     );
-    let [b1, h1, m1, s1]: [Stats; 4] = one_caller(
-        &[&direct_make, &bare_make, &mesh_make, &seed_make],
+    let [b1, h1, r1, m1, s1]: [Stats; 5] = one_caller(
+        &[
+            &direct_make,
+            &bare_make,
+            &relay_make,
+            &mesh_make,
+            &seed_make,
+        ],
         SEQ_CALLS,
     )
     .await
@@ -326,6 +348,7 @@ async fn main() {
     row("1 caller", &b1, &m1, "meshbox");
     row("1 caller", &b1, &s1, "seed");
     reference_row("1 caller", &h1);
+    row("1 caller", &b1, &r1, "bare relay");
     let added = us(m1.p50) - us(b1.p50);
 
     // ---- 64 callers ---------------------------------------------------------
@@ -344,9 +367,12 @@ async fn main() {
         * h64.per_sec
         / h64.calls as f64;
     drop(bare);
+    let r64 = run_load(CONC, CONC_CALLS_EACH, &relay_make).await;
+    drop(relay);
     row("64 callers", &b64, &m64, "meshbox");
     row("64 callers", &b64, &s64, "seed");
     reference_row("64 callers", &h64);
+    row("64 callers", &b64, &r64, "bare relay");
     let cpu_per_call = us(cpu) / m64.calls as f64;
     let of_direct = m64.per_sec / b64.per_sec;
     let of_seed = m64.per_sec / s64.per_sec;
@@ -458,6 +484,15 @@ async fn main() {
         bare_cores,
         h64.per_sec / s64.per_sec,
         h64.per_sec / b64.per_sec * 100.0
+    );
+    println!(
+        "the least a runner can be (HTTP in, the same server's pipes out, no checks or limits; same run): \
+         1 caller adds {:.1} µs p50 over the direct pipe (target for meshbox ≤ 60 µs); 64 callers {:.0}/s \
+         = {:.0}% of the direct pipe (≥ 50%) and {:.2}x the seed runner (≥ 3x)",
+        us(r1.p50) - us(b1.p50),
+        r64.per_sec,
+        r64.per_sec / b64.per_sec * 100.0,
+        r64.per_sec / s64.per_sec
     );
     println!(
         "64 callers: metrics + tracing (exporter off) {:.0}/s vs --no-metrics {:.0}/s: cost {:.1}% (target ≤ 3%): {}",

@@ -14,7 +14,9 @@
 //!   shows what the HTTP server and the session cost without the gateway.
 //!
 //! A reference, no contender: the gateway's request to an HTTP server that
-//! does nothing (`common::BareHttp`): the least any HTTP gateway adds here.
+//! does nothing (`common::BareHttp`): the least any HTTP gateway adds here;
+//! and to the least a gateway can be, the same server relaying each call to
+//! the echo server's pipes with no checks or limits.
 //!
 //! Each HTTP caller owns one keep-alive connection (no pool, no lock) and
 //! reads the whole answer (JSON or SSE). The peers come from
@@ -432,20 +434,27 @@ async fn main() {
 
     // A reference, no contender: the same request to an HTTP server that
     // does nothing (no server behind it).
-    let bare = common::BareHttp::start();
+    let bare = common::BareHttp::answering();
     let bare_way = Arc::new(Http {
         base: bare.base.clone(),
         path: "/mcp/bench/echo".into(),
         ..clone_http(&gateway)
     });
 
-    let ways: [(&'static str, &dyn Way); 6] = [
+    let relay = common::BareHttp::relaying(&fixture);
+    let relay_way = Arc::new(Http {
+        base: relay.base.clone(),
+        ..clone_http(&gateway)
+    });
+
+    let ways: [(&'static str, &dyn Way); 7] = [
         ("direct pipe", &Pipe(direct.clone())),
         ("meshbox gateway", &gateway),
         ("supergateway", &supergateway_way),
         ("mcp-proxy", &proxy_way),
         ("meshbox REST", &rest_way),
         ("bare HTTP", &bare_way),
+        ("bare relay", &relay_way),
     ];
     for (name, way) in &ways {
         eprintln!("warming up: {name}");
@@ -517,7 +526,7 @@ async fn main() {
             r.many.per_sec()
         );
     }
-    let [direct_row, gateway_row, sg_row, mp_row, rest_row, bare_row] = &rows[..] else {
+    let [direct_row, gateway_row, sg_row, mp_row, rest_row, bare_row, relay_row] = &rows[..] else {
         unreachable!()
     };
     let added = gateway_row.p50 - direct_row.p50;
@@ -554,6 +563,13 @@ async fn main() {
         bare_row.p50,
         100.0 - bare_row.p50
     );
+    println!(
+        "the least a gateway can be (the same HTTP server relaying each call to the same server's pipes, \
+         no checks or limits; same run): 1 caller adds {:.1} µs p50 over the direct pipe (target for \
+         meshbox ≤ 100 µs); 64 callers {:.2}x the better peer",
+        relay_row.p50 - direct_row.p50,
+        relay_row.many.per_sec() / better_rate
+    );
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / SEQUENTIAL as f64;
     println!(
         "meshbox CPU per call: 1 caller gateway {:.1} µs, REST {:.1} µs; 64 callers gateway {:.1} µs, REST {:.1} µs",
@@ -562,7 +578,7 @@ async fn main() {
         cpu["meshbox gateway"],
         cpu["meshbox REST"]
     );
-    drop((sg, mp, bare));
+    drop((sg, mp, bare, relay));
 }
 
 /// A copy of `way` with no callers made yet.

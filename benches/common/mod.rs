@@ -456,28 +456,42 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Set in a bench process that is to be [`BareHttp`]'s server.
+/// Set in a bench process that is to be [`BareHttp`]'s server: `answer`, or
+/// `relay:` and the directory of a node server to relay to.
 const BARE_HTTP: &str = "MESHBOX_BENCH_BARE_HTTP";
 
-/// The answer [`BareHttp`] gives every request: the size and shape of
-/// meshbox's answer to an `echo` call.
+/// The answer [`BareHttp`] gives every request when it relays nothing: the
+/// size and shape of meshbox's answer to an `echo` call.
 const BARE_ANSWER: &str = r#"{"result":{"content":[{"type":"text","text":"hello"}]}}"#;
 
-/// A reference, not a contender: an HTTP/1.1 server with no work behind it
-/// (hyper on a multi-thread tokio runtime, as meshbox serves; each request's
-/// body read whole and a fixed answer sent), in its own process: the bench's
-/// own binary, started again. What one call to it costs is what the HTTP hop
-/// alone costs on this machine before a runner relays anything to a server.
+/// References, not contenders, each in its own process (the bench's own
+/// binary, started again) and serving HTTP/1.1 as meshbox does (hyper on a
+/// multi-thread tokio runtime, each request's body read whole):
+/// - [`BareHttp::answering`] relays nothing: a fixed answer. What one call
+///   to it costs is what the HTTP hop alone costs on this machine.
+/// - [`BareHttp::relaying`] is the least a runner can be: every request goes
+///   to one node server over its pipes as a `tools/call` ([`Direct`]: callers
+///   write concurrently, one reader matches replies by id) and its result
+///   comes back. No validation, limits, deadlines, logs, metrics, auth or
+///   lifecycle.
 pub struct BareHttp {
     child: std::process::Child,
     pub base: String,
 }
 
 impl BareHttp {
-    pub fn start() -> BareHttp {
+    pub fn answering() -> BareHttp {
+        Self::start("answer".into())
+    }
+
+    pub fn relaying(server_dir: &Path) -> BareHttp {
+        Self::start(format!("relay:{}", server_dir.display()))
+    }
+
+    fn start(mode: String) -> BareHttp {
         use std::io::BufRead;
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env(BARE_HTTP, "1")
+            .env(BARE_HTTP, mode)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -506,31 +520,68 @@ impl Drop for BareHttp {
     }
 }
 
-/// In a process started by [`BareHttp::start`], serves until killed; in any
-/// other, returns at once. Call it first thing in a bench's `main`.
+/// What the relaying [`BareHttp`] answers: a JSON-RPC request gets its
+/// answer under the client's id; any other body `{"tool", "arguments"}` gets
+/// `{"result": …}`.
+async fn relay(direct: &Direct, body: &[u8]) -> Value {
+    let req: Value = serde_json::from_slice(body).unwrap_or_default();
+    match req.get("method").and_then(Value::as_str) {
+        Some(method) => {
+            let mut params = req.get("params").cloned().unwrap_or_default();
+            if let Some(p) = params.as_object_mut() {
+                p.remove("_meta");
+            }
+            let mut r = direct.request(method, params).await;
+            r["id"] = req["id"].clone();
+            r
+        }
+        None => {
+            let params = json!({"name": req["tool"], "arguments": req["arguments"]});
+            let r = direct.request("tools/call", params).await;
+            json!({"result": r["result"]})
+        }
+    }
+}
+
+/// In a process started by [`BareHttp`], serves until killed; in any other,
+/// returns at once. Call it first thing in a bench's `main`.
 pub async fn serve_bare_http_if_asked() {
     use http_body_util::BodyExt;
-    if std::env::var_os(BARE_HTTP).is_none() {
+    let Some(mode) = std::env::var_os(BARE_HTTP) else {
         return;
-    }
+    };
+    let direct = match mode.to_str().and_then(|m| m.strip_prefix("relay:")) {
+        Some(dir) => {
+            let d = Direct::spawn(&["node", "server.js"], Path::new(dir)).await;
+            d.handshake().await;
+            Some(Arc::new(d))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("bare http on http://{}", listener.local_addr().unwrap());
     loop {
         let (stream, _) = listener.accept().await.unwrap();
         stream.set_nodelay(true).unwrap();
+        let direct = direct.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(
-                |req: hyper::Request<hyper::body::Incoming>| async move {
-                    req.into_body().collect().await?;
-                    let mut resp =
-                        hyper::Response::new(Full::new(Bytes::from_static(BARE_ANSWER.as_bytes())));
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, hyper::Error>(resp)
-                },
-            );
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let direct = direct.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let answer = match &direct {
+                            Some(d) => Bytes::from(relay(d, &body).await.to_string()),
+                            None => Bytes::from_static(BARE_ANSWER.as_bytes()),
+                        };
+                        let mut resp = hyper::Response::new(Full::new(answer));
+                        resp.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, hyper::Error>(resp)
+                    }
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
