@@ -10,7 +10,8 @@
 //!
 //! Cost when no endpoint is set: the per-call spans are at DEBUG level, so
 //! with the default log level their call sites are disabled once and for all,
-//! and [`upstream_meta`] is one relaxed atomic load.
+//! and [`upstream_meta`] is one relaxed atomic load and a task-local lookup
+//! (a caller's `traceparent` is passed on as it came, [`with_caller_trace`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -201,12 +202,47 @@ impl Injector for MetaInjector<'_> {
     }
 }
 
-/// `_meta` entries that carry the current span to a server (`traceparent`,
-/// `tracestate`), so its own spans join the trace; `None` when spans are
-/// not exported.
+tokio::task_local! {
+    /// The caller's trace context as `_meta` entries, while spans are not
+    /// exported (when they are, the call's span carries it).
+    static CALLER_TRACE: Map<String, Value>;
+}
+
+/// A caller's W3C trace context read by name from its headers, checked by
+/// the propagator and written back as `_meta` entries; `None` when there is
+/// no valid `traceparent`.
+fn caller_meta<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Map<String, Value>> {
+    let propagator = TraceContextPropagator::new();
+    let cx = propagator.extract(&Getter(get, std::marker::PhantomData));
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut meta = Map::new();
+    propagator.inject_context(&cx, &mut MetaInjector(&mut meta));
+    (!meta.is_empty()).then_some(meta)
+}
+
+/// Runs `call` so that, when spans are not exported, the caller's trace
+/// context (read by name from its headers) still reaches the server as it
+/// came: [`upstream_meta`] gives it while `call` runs. When spans are
+/// exported, [`continue_trace`] has made it the call span's parent instead.
+pub async fn with_caller_trace<'a, F: std::future::Future>(
+    get: impl Fn(&str) -> Option<&'a str>,
+    call: F,
+) -> F::Output {
+    match (exporting(), caller_meta(get)) {
+        (false, Some(meta)) => CALLER_TRACE.scope(meta, call).await,
+        _ => call.await,
+    }
+}
+
+/// `_meta` entries that carry the trace to a server (`traceparent`,
+/// `tracestate`): the current span's, so the server's own spans join the
+/// trace, when spans are exported; else the caller's as it came (see
+/// [`with_caller_trace`]), if it sent one.
 pub fn upstream_meta() -> Option<Map<String, Value>> {
     if !exporting() {
-        return None;
+        return CALLER_TRACE.try_with(Map::clone).ok();
     }
     let cx = Span::current().context();
     if !cx.span().span_context().is_valid() {
@@ -228,6 +264,29 @@ pub fn record_outcome(outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callers_trace_context_is_checked_and_passed_as_it_came() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let headers = |tp: &'static str, ts: &'static str| {
+            move |name: &str| match name {
+                TRACEPARENT => Some(tp),
+                TRACESTATE => Some(ts),
+                _ => None,
+            }
+        };
+        let meta = caller_meta(headers(tp, "a=1,b=2")).unwrap();
+        assert_eq!(meta[TRACEPARENT], tp);
+        assert_eq!(meta[TRACESTATE], "a=1,b=2");
+        for bad in [
+            "",
+            "00-zz-yy-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        ] {
+            assert_eq!(caller_meta(headers(bad, "a=1")), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn endpoint_urls() {

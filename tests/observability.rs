@@ -541,6 +541,54 @@ fn start_prometheus(target: &str) -> Prometheus {
     }
 }
 
+#[tokio::test]
+async fn a_callers_trace_reaches_the_server_without_an_exporter() {
+    // No OTLP endpoint: meshbox makes no spans of its own, but a caller's
+    // W3C trace context still reaches the server, as sent.
+    let d = Daemon::start();
+    let (code, st) = d.deploy_py("acme", "py", &["--log-meta"], json!({})).await;
+    assert_eq!(code, 200, "{st}");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let post = |tp: &str| {
+        d.http
+            .post(format!("{}/v1/meshes/acme/services/py/call", d.url))
+            .header("traceparent", tp)
+            .header("tracestate", "vendor=abc")
+            .json(&json!({"tool": "echo", "arguments": {"text": "x"}}))
+            .send()
+    };
+    // A malformed one goes nowhere (and fails nothing).
+    for bad in [
+        "00-zz-yy-01",
+        &format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+    ] {
+        assert_eq!(post(bad).await.unwrap().status(), 200);
+    }
+    assert_eq!(post(traceparent).await.unwrap().status(), 200);
+    let metas = logged_meta(&d, "py").await;
+    let sent: Vec<_> = metas
+        .iter()
+        .filter_map(|m| m["traceparent"].as_str())
+        .collect();
+    assert_eq!(sent, [traceparent], "REST: {metas:?}");
+    assert_eq!(
+        metas.last().unwrap()["tracestate"],
+        "vendor=abc",
+        "{metas:?}"
+    );
+
+    // The gateway: from the header when the client's `_meta` has none.
+    let gateway_tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = stateless_call(&d, "/mcp/acme/py", "echo", Some(gateway_tp)).await;
+    assert_eq!(r["result"]["content"][0]["text"], "hi", "{r}");
+    let metas = logged_meta(&d, "py").await;
+    assert_eq!(
+        metas.last().unwrap()["traceparent"],
+        gateway_tp,
+        "gateway: {metas:?}"
+    );
+}
+
 /// Polls Prometheus' query API until `query` has a sample equal to `want`.
 async fn wait_query(p: &Prometheus, query: &str, want: f64) {
     let http = reqwest::Client::new();

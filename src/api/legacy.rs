@@ -206,12 +206,11 @@ async fn call(
         Err(e) => return e.into_response(),
     };
     let span = super::call_span(&key, &tool, &headers);
-    match st
+    let call = st
         .supervisor
         .call_raw(&key, &tool, args, None)
-        .instrument(span)
-        .await
-    {
+        .instrument(span);
+    match super::traced_call(&headers, call).await {
         Ok(result) => super::result_response(&result),
         // The seed answered call failures with 200 {error}; keep that.
         Err(e @ SupervisorError::Call { .. }) => {

@@ -141,10 +141,21 @@ pub(crate) fn call_span(
         tool = %tool,
         outcome = tracing::field::Empty,
     );
-    crate::telemetry::continue_trace(&span, |name| {
-        headers.get(name).and_then(|v| v.to_str().ok())
-    });
+    crate::telemetry::continue_trace(&span, |name| caller_header(headers, name));
     span
+}
+
+fn caller_header<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Runs a tool call so that the caller's `traceparent` reaches the server
+/// in `_meta` even when meshbox exports no spans of its own.
+pub(crate) async fn traced_call<F: std::future::Future>(
+    headers: &axum::http::HeaderMap,
+    call: F,
+) -> F::Output {
+    crate::telemetry::with_caller_trace(|name| caller_header(headers, name), call).await
 }
 
 /// Serves `router` with the connection bounds of a [`ServeConfig`] (header,

@@ -175,7 +175,7 @@ async fn call(
 ) -> Result<axum::response::Response, ApiError> {
     check_call(&body.tool, &body.arguments, body.timeout_ms)?;
     let span = super::call_span(&key, &body.tool, &headers);
-    let result = st
+    let call = st
         .supervisor
         .call_raw(
             &key,
@@ -183,8 +183,8 @@ async fn call(
             body.arguments,
             body.timeout_ms.map(Duration::from_millis),
         )
-        .instrument(span)
-        .await?;
+        .instrument(span);
+    let result = super::traced_call(&headers, call).await?;
     Ok(super::result_response(&result))
 }
 
