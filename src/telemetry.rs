@@ -230,9 +230,12 @@ pub async fn with_caller_trace<'a, F: std::future::Future>(
     get: impl Fn(&str) -> Option<&'a str>,
     call: F,
 ) -> F::Output {
-    match (exporting(), caller_meta(get)) {
-        (false, Some(meta)) => CALLER_TRACE.scope(meta, call).await,
-        _ => call.await,
+    if exporting() || get(TRACEPARENT).is_none() {
+        return call.await;
+    }
+    match caller_meta(get) {
+        Some(meta) => CALLER_TRACE.scope(meta, call).await,
+        None => call.await,
     }
 }
 
