@@ -12,8 +12,7 @@ use bollard::Docker;
 use flate2::write::GzEncoder;
 use futures_util::StreamExt;
 
-use crate::model::runner_image;
-use crate::model::Runtime;
+use crate::model::{runner_image, Runtime, RUNNER_VERSION_LABEL};
 use crate::orchestrator::docker::stream;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +121,28 @@ pub fn write_context(
         .map_err(ImageError::Pack)
 }
 
+/// The engine's options for building `image`: the base image as a build
+/// argument, and the version label ([`RUNNER_VERSION_LABEL`]) of the meshbox
+/// that goes in.
+fn build_options(image: &str, opts: &BuildOptions) -> bollard::query_parameters::BuildImageOptions {
+    let mut args = HashMap::new();
+    if let Some(b) = &opts.base_image {
+        args.insert("BASE_IMAGE".to_owned(), b.clone());
+    }
+    let labels = HashMap::from([(
+        RUNNER_VERSION_LABEL.to_owned(),
+        env!("CARGO_PKG_VERSION").to_owned(),
+    )]);
+    BuildImageOptionsBuilder::default()
+        .dockerfile("Dockerfile")
+        .t(image)
+        .rm(true)
+        .forcerm(true)
+        .buildargs(&args)
+        .labels(&labels)
+        .build()
+}
+
 /// Builds one runner image; `progress` gets the build's output lines.
 pub async fn build(
     docker: &Docker,
@@ -133,17 +154,7 @@ pub async fn build(
     // The context is packed on the blocking pool as the request sends it.
     let packing = opts.clone();
     let (ctx, packer) = stream::produced(move |w| write_context(runtime, &packing, w));
-    let mut args = HashMap::new();
-    if let Some(b) = &opts.base_image {
-        args.insert("BASE_IMAGE".to_owned(), b.clone());
-    }
-    let options = BuildImageOptionsBuilder::default()
-        .dockerfile("Dockerfile")
-        .t(&image)
-        .rm(true)
-        .forcerm(true)
-        .buildargs(&args)
-        .build();
+    let options = build_options(&image, opts);
     let built = follow(
         docker.build_image(options, None, Some(bollard::body_try_stream(ctx))),
         &image,
@@ -198,6 +209,24 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_are_labelled_with_the_meshbox_that_builds_them() {
+        let o = build_options(
+            "meshbox/runner-node:latest",
+            &BuildOptions {
+                base_image: Some("local/node".into()),
+                ..BuildOptions::default()
+            },
+        );
+        let labels = o.labels.expect("labels");
+        assert_eq!(labels[RUNNER_VERSION_LABEL], env!("CARGO_PKG_VERSION"));
+        assert_eq!(o.buildargs.expect("build args")["BASE_IMAGE"], "local/node");
+        assert_eq!(
+            crate::model::RunnerBuild::of(Some(&labels)),
+            crate::model::RunnerBuild::Current
+        );
+    }
 
     #[test]
     fn context_holds_dockerfile_binary_and_ca() {

@@ -175,6 +175,48 @@ pub fn runner_image(runtime: Runtime) -> String {
     format!("meshbox/runner-{runtime}:latest")
 }
 
+/// The label on a runner image: the version of the meshbox that built it,
+/// whose binary is inside it (install steps run it).
+pub const RUNNER_VERSION_LABEL: &str = "io.meshbox.version";
+
+/// Which meshbox a runner image holds, next to this one, by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerBuild {
+    /// This version of meshbox.
+    Current,
+    /// Another version (the label's value).
+    Other(String),
+    /// No version label: built before images carried one.
+    Unlabelled,
+}
+
+impl RunnerBuild {
+    pub fn of(labels: Option<&std::collections::HashMap<String, String>>) -> RunnerBuild {
+        match labels.and_then(|l| l.get(RUNNER_VERSION_LABEL)) {
+            None => RunnerBuild::Unlabelled,
+            Some(v) if v == env!("CARGO_PKG_VERSION") => RunnerBuild::Current,
+            Some(v) => RunnerBuild::Other(shown(v, 64)),
+        }
+    }
+}
+
+impl std::fmt::Display for RunnerBuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let this = env!("CARGO_PKG_VERSION");
+        match self {
+            RunnerBuild::Current => write!(f, "present (meshbox {this})"),
+            RunnerBuild::Other(v) => write!(
+                f,
+                "present, but holds meshbox {v} (this is {this}): rebuild it with `meshbox images build`"
+            ),
+            RunnerBuild::Unlabelled => write!(
+                f,
+                "present, but from a meshbox that did not label its images (this is {this}): rebuild it with `meshbox images build`"
+            ),
+        }
+    }
+}
+
 /// Network policy of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -467,6 +509,25 @@ impl ProtocolChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runner_builds_are_told_apart_by_their_version_label() {
+        use std::collections::HashMap;
+        let this = env!("CARGO_PKG_VERSION");
+        let labelled = |v: &str| HashMap::from([(RUNNER_VERSION_LABEL.to_owned(), v.to_owned())]);
+        assert_eq!(RunnerBuild::of(Some(&labelled(this))), RunnerBuild::Current);
+        let old = RunnerBuild::of(Some(&labelled("0.0.1")));
+        assert_eq!(old, RunnerBuild::Other("0.0.1".into()));
+        assert!(old.to_string().contains("meshbox images build"), "{old}");
+        assert_eq!(RunnerBuild::of(None), RunnerBuild::Unlabelled);
+        assert_eq!(
+            RunnerBuild::of(Some(&HashMap::new())),
+            RunnerBuild::Unlabelled
+        );
+        // A label is the image author's text: shown bounded.
+        let long = RunnerBuild::of(Some(&labelled(&"9".repeat(10_000))));
+        assert!(long.to_string().len() < 300, "{long}");
+    }
 
     #[test]
     fn names() {

@@ -219,6 +219,36 @@ fn py_spec(extra: Value) -> Value {
 
 #[tokio::test]
 #[ignore = "needs docker"]
+async fn runner_images_carry_the_version_of_the_meshbox_inside() {
+    let docker = engine().await;
+    let this = env!("CARGO_PKG_VERSION");
+    for rt in ["node", "python", "bun"] {
+        let image = format!("meshbox/runner-{rt}:latest");
+        let info = docker.inspect_image(&image).await.unwrap();
+        let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
+        assert_eq!(
+            labels.get("io.meshbox.version").map(String::as_str),
+            Some(this),
+            "{image}: {labels:?}"
+        );
+    }
+    let out = std::process::Command::new(common::meshbox_bin())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for rt in ["node", "python", "bun"] {
+        assert!(
+            text.contains(&format!(
+                "meshbox/runner-{rt}:latest: present (meshbox {this})"
+            )),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs docker"]
 async fn containers_are_hardened_and_limited() {
     let docker = engine().await;
     let d = Daemon::start_docker(&[]);

@@ -15,7 +15,7 @@ use crate::api::{self, ApiConfig, ServeConfig};
 use crate::gateway::bind::SupervisorUpstreams;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::metrics::Metrics;
-use crate::orchestrator::docker::{DockerBackend, DockerConfig};
+use crate::orchestrator::docker::{self, DockerBackend, DockerConfig};
 use crate::orchestrator::process::{ProcessBackend, ProcessConfig};
 use crate::orchestrator::Orchestrator;
 use crate::secrets::SecretPolicy;
@@ -278,9 +278,16 @@ pub async fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<(), CliError> 
     };
     let backend: Arc<dyn Orchestrator> = match args.backend {
         Backend::Process => process(),
-        Backend::Docker => Arc::new(DockerBackend::connect(docker_config).await?),
+        Backend::Docker => {
+            let d = DockerBackend::connect(docker_config).await?;
+            docker::warn_of_stale_runner_images(&d).await;
+            Arc::new(d)
+        }
         Backend::Auto => match DockerBackend::connect(docker_config).await {
-            Ok(d) => Arc::new(d),
+            Ok(d) => {
+                docker::warn_of_stale_runner_images(&d).await;
+                Arc::new(d)
+            }
             Err(e) => {
                 info!(reason = %crate::error_chain(&e), "no docker engine; using the process backend");
                 process()

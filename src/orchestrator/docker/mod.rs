@@ -21,13 +21,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::Docker;
-use tracing::{debug, instrument};
+use tracing::{debug, instrument, warn};
 
 use super::{
     Capabilities, Completed, Enforced, Isolation, Layer, Orchestrator, OrchestratorError, Role,
     Sandbox, SandboxSpec, ServiceKey, Unsupported,
 };
-use crate::model::{runner_image, stable_hash as fnv, Runtime};
+use crate::model::{runner_image, stable_hash as fnv, RunnerBuild, Runtime};
 use container::Resolved;
 use network::{Attachment, MeshLocks};
 
@@ -378,17 +378,41 @@ impl Orchestrator for DockerBackend {
     }
 }
 
+/// Which meshbox each runtime's runner image holds (by its version label),
+/// or why that is not known.
+pub async fn runner_images(
+    backend: &DockerBackend,
+) -> Vec<(String, Result<RunnerBuild, OrchestratorError>)> {
+    let mut out = Vec::new();
+    for rt in [Runtime::Node, Runtime::Python, Runtime::Bun] {
+        let image = runner_image(rt);
+        let build = match backend.docker.inspect_image(&image).await {
+            Ok(info) => Ok(RunnerBuild::of(info.config.and_then(|c| c.labels).as_ref())),
+            Err(e) => Err(translate("inspecting an image", What::Image, &image, e)),
+        };
+        out.push((image, build));
+    }
+    out
+}
+
+/// Logs a warning for each runner image that holds another meshbox than
+/// this one (install steps run the meshbox inside the image).
+pub async fn warn_of_stale_runner_images(backend: &DockerBackend) {
+    for (image, build) in runner_images(backend).await {
+        if let Ok(b @ (RunnerBuild::Other(_) | RunnerBuild::Unlabelled)) = build {
+            warn!(%image, "runner image {b}");
+        }
+    }
+}
+
 /// What `meshbox doctor` reports about the engine.
 pub async fn describe(backend: &DockerBackend) -> Vec<(String, String)> {
     let mut out = vec![("docker API".to_owned(), backend.api_version().to_owned())];
-    for rt in [Runtime::Node, Runtime::Python, Runtime::Bun] {
-        let image = runner_image(rt);
-        let state = match backend.docker.inspect_image(&image).await {
-            Ok(_) => "present".to_owned(),
-            Err(e) => match translate("inspecting an image", What::Image, &image, e) {
-                OrchestratorError::NotFound { .. } => "missing (meshbox images build)".to_owned(),
-                other => format!("unknown ({})", crate::error_chain(&other)),
-            },
+    for (image, build) in runner_images(backend).await {
+        let state = match build {
+            Ok(b) => b.to_string(),
+            Err(OrchestratorError::NotFound { .. }) => "missing (meshbox images build)".to_owned(),
+            Err(other) => format!("unknown ({})", crate::error_chain(&other)),
         };
         out.push((image, state));
     }
