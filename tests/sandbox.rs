@@ -667,6 +667,43 @@ async fn sigkill_then_restart_leaves_nothing() {
     }
 }
 
+/// Without a pid namespace the init supervises the server as a subreaper:
+/// the server's own parent-death signal is all that ends it with meshbox,
+/// and it must survive the switch to the service's uid (the kernel clears
+/// it on a credential change).
+#[tokio::test]
+#[ignore = "needs root"]
+async fn without_a_pid_namespace_a_server_dies_with_meshbox() {
+    require_root();
+    let h = Host::start_env(&[], &[("MESHBOX_SANDBOX_WITHOUT", "pid-namespace")]);
+    // The server outlives its stdin's end, as a hostile one may.
+    let st = h
+        .deploy("orphan", "srv", json!({"args": ["--ignore-eof"]}))
+        .await;
+    assert_eq!(
+        st["limits"]["isolation"]["missing"],
+        json!(["pid-namespace"]),
+        "{st}"
+    );
+    let server = st["pid"].as_u64().expect("a pid while running");
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{server}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|f| !f.starts_with('Z')))
+    };
+    assert!(alive(), "the server runs");
+    let marker = format!("meshbox-orphan-{}", std::process::id());
+    leave_grandchild(&h, "orphan", "srv", &marker).await;
+    let mut h = h;
+    h.d.kill();
+    gone_within(&marker, Duration::from_secs(5)).await;
+    within(
+        Duration::from_secs(5),
+        || format!("server {server} outlived meshbox's SIGKILL"),
+        || !alive(),
+    )
+    .await;
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn allowlisted_sandbox_cannot_reach_the_host_loopback() {

@@ -625,12 +625,14 @@ fn inner(
         .iter()
         .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "encoding the environment"))
         .collect::<Result<Vec<_>, _>>()?;
+    let init_pid = nix::unistd::getpid();
     // SAFETY: still single-threaded: the forwarder's threads start after this fork.
     match unsafe { fork() }.step("forking the server")? {
         ForkResult::Child => {
             drop(status_out);
             drop(ended_out);
             let server = Server {
+                init_pid,
                 plan,
                 layers,
                 ruleset,
@@ -681,6 +683,8 @@ fn inner(
 
 /// The server's last steps before exec.
 struct Server<'a> {
+    /// The init that forked the server (as the server sees pids).
+    init_pid: Pid,
     plan: &'a InitPlan,
     layers: Layers,
     ruleset: Option<landlock::RulesetCreated>,
@@ -713,7 +717,6 @@ fn drop_capabilities() {
 
 impl Server<'_> {
     fn prepare(mut self) -> Result<Layers, InitError> {
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(self.old_mask), None)
             .step("restoring the signal mask")?;
         drop_capabilities();
@@ -722,6 +725,14 @@ impl Server<'_> {
             let (g, u) = (Gid::from_raw(gid), Uid::from_raw(uid));
             nix::unistd::setresgid(g, g, g).step("switching to the service's gid")?;
             nix::unistd::setresuid(u, u, u).step("switching to the service's uid")?;
+        }
+        // After the switch: the kernel clears the parent-death signal on a
+        // change of credentials. Without a pid namespace it is what ends the
+        // server when its init is killed (with meshbox); an init that ended
+        // before it was set has left the server to another parent already.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step("setting the parent-death signal")?;
+        if nix::unistd::getppid() != self.init_pid {
+            std::process::exit(126);
         }
         // A non-root uid with an empty ambient set keeps no capability past exec.
         self.layers.no_caps = !nix::unistd::geteuid().is_root();
