@@ -550,26 +550,32 @@ fn start_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
 type LaunchJob = Box<dyn FnOnce() + Send>;
 
 /// The thread every sandbox init is forked from: it lives as long as
-/// meshbox, so an init's parent-death signal means meshbox's death.
-fn launcher() -> io::Result<&'static std::sync::mpsc::Sender<LaunchJob>> {
-    static LAUNCHER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<LaunchJob>>> =
-        std::sync::OnceLock::new();
-    LAUNCHER
-        .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<LaunchJob>();
-            std::thread::Builder::new()
-                .name("meshbox-inits".into())
-                .spawn(move || {
-                    for job in rx {
-                        // A panic must not end the thread: its inits would die.
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                    }
-                })
-                .ok()
-                .map(|_| tx)
+/// meshbox, so an init's parent-death signal means meshbox's death. Started
+/// on first use; a start that fails (no threads left for now) is tried
+/// again by the next call.
+fn launcher() -> io::Result<std::sync::mpsc::Sender<LaunchJob>> {
+    static LAUNCHER: std::sync::Mutex<Option<std::sync::mpsc::Sender<LaunchJob>>> =
+        std::sync::Mutex::new(None);
+    let mut launcher = LAUNCHER.lock().expect("launcher lock");
+    if let Some(tx) = launcher.as_ref() {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<LaunchJob>();
+    std::thread::Builder::new()
+        .name("meshbox-inits".into())
+        .spawn(move || {
+            for job in rx {
+                // A panic must not end the thread: its inits would die.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
         })
-        .as_ref()
-        .ok_or_else(|| io::Error::other("cannot start the init launcher thread"))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start the init launcher thread: {e}"),
+            )
+        })?;
+    Ok(launcher.insert(tx).clone())
 }
 
 fn fork_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
