@@ -263,14 +263,14 @@ impl ProcessBackend {
     }
 
     /// The spare init when it is still waiting, else a new one.
-    fn take_init(&self, init: &Path) -> io::Result<Init> {
+    async fn take_init(&self, init: &Path) -> io::Result<Init> {
         let spare = self.spare.lock().expect("spare lock").take();
         if let Some(mut i) = spare {
             if matches!(i.child.try_wait(), Ok(None)) {
                 return Ok(i);
             }
         }
-        start_init(init, self.ahead())
+        start_init_async(init, self.ahead()).await
     }
 
     /// The init processes inside a sandbox's limits (its pids count):
@@ -533,18 +533,38 @@ fn fill_spare(slot: &std::sync::Mutex<Option<Init>>, init: &Path, ahead: Option<
 /// when the *thread* that forked it ends, and a blocking-pool thread (where
 /// spares load) ends after 10 s idle, taking its inits' servers with it.
 fn start_init(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    launch(init, ahead, move |r| drop(tx.send(r)))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the init launcher thread is gone"))?
+}
+
+/// [`start_init`] for async callers: the worker is not held while the
+/// launcher forks (it may be loading a spare first), and a start dropped
+/// meanwhile drops the init it would have got, killing it.
+async fn start_init_async(init: &Path, ahead: Option<init::Ahead>) -> io::Result<Init> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    launch(init, ahead, move |r| drop(tx.send(r)))?;
+    rx.await
+        .map_err(|_| io::Error::other("the init launcher thread is gone"))?
+}
+
+/// Hands the fork of an init to the [`launcher`] thread, inside the
+/// caller's runtime; `reply` gets the result there.
+fn launch(
+    init: &Path,
+    ahead: Option<init::Ahead>,
+    reply: impl FnOnce(io::Result<Init>) + Send + 'static,
+) -> io::Result<()> {
     let runtime = tokio::runtime::Handle::current();
     let init = init.to_path_buf();
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let job: LaunchJob = Box::new(move || {
         let _in_runtime = runtime.enter();
-        let _ = tx.send(fork_init(&init, ahead));
+        reply(fork_init(&init, ahead));
     });
     launcher()?
         .send(job)
-        .map_err(|_| io::Error::other("the init launcher thread is gone"))?;
-    rx.recv()
-        .map_err(|_| io::Error::other("the init launcher thread is gone"))?
+        .map_err(|_| io::Error::other("the init launcher thread is gone"))
 }
 
 type LaunchJob = Box<dyn FnOnce() + Send>;
@@ -1297,7 +1317,7 @@ impl Orchestrator for ProcessBackend {
             None => None,
         };
         let spawned = match &prepared {
-            Some((_, init)) => self.take_init(init).map(|i| (i.child, Some(i.ended))),
+            Some((_, init)) => self.take_init(init).await.map(|i| (i.child, Some(i.ended))),
             None => {
                 // Bare: the program itself (check() refused what needs the init).
                 let setup = ChildSetup {
