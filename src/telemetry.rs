@@ -3,7 +3,7 @@
 //! over OTLP/HTTP.
 //!
 //! Owns the subscriber's set-up and the W3C trace context at meshbox's
-//! edges: continuing a caller's `traceparent` ([`continue_trace`]) and
+//! edges: continuing a caller's `traceparent` ([`traced`]) and
 //! passing the current span on to a server in a request's `_meta`
 //! ([`upstream_meta`]). Layers record spans with `tracing` macros only and
 //! never name OpenTelemetry.
@@ -11,7 +11,7 @@
 //! Cost when no endpoint is set: the per-call spans are at DEBUG level, so
 //! with the default log level their call sites are disabled once and for all,
 //! and [`upstream_meta`] is one relaxed atomic load and a task-local lookup
-//! (a caller's `traceparent` is passed on as it came, [`with_caller_trace`]).
+//! (a caller's `traceparent` is passed on as it came, [`traced`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -184,7 +184,7 @@ impl<'a, F: Fn(&str) -> Option<&'a str>> Extractor for Getter<'a, F> {
 /// Makes `span` continue the caller's trace, given how to read the
 /// caller's headers (or `_meta`) by name. A missing or malformed
 /// `traceparent` leaves `span` a root.
-pub fn continue_trace<'a>(span: &Span, get: impl Fn(&str) -> Option<&'a str>) {
+fn continue_trace<'a>(span: &Span, get: impl Fn(&str) -> Option<&'a str>) {
     if !exporting() || span.is_disabled() {
         return;
     }
@@ -222,14 +222,18 @@ fn caller_meta<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Map<String, 
     (!meta.is_empty()).then_some(meta)
 }
 
-/// Runs `call` so that, when spans are not exported, the caller's trace
-/// context (read by name from its headers) still reaches the server as it
-/// came: [`upstream_meta`] gives it while `call` runs. When spans are
-/// exported, [`continue_trace`] has made it the call span's parent instead.
-pub async fn with_caller_trace<'a, F: std::future::Future>(
+/// Runs `call` in `span`, continuing the caller's trace (its headers read
+/// by name): when spans are exported, the caller's `traceparent` becomes
+/// the span's parent ([`continue_trace`]); when they are not, it still
+/// reaches the server as it came ([`upstream_meta`] gives it while `call`
+/// runs).
+pub async fn traced<'a, F: std::future::Future>(
+    span: Span,
     get: impl Fn(&str) -> Option<&'a str>,
     call: F,
 ) -> F::Output {
+    continue_trace(&span, &get);
+    let call = tracing::Instrument::instrument(call, span);
     if exporting() || get(TRACEPARENT).is_none() {
         return call.await;
     }
@@ -242,7 +246,7 @@ pub async fn with_caller_trace<'a, F: std::future::Future>(
 /// `_meta` entries that carry the trace to a server (`traceparent`,
 /// `tracestate`): the current span's, so the server's own spans join the
 /// trace, when spans are exported; else the caller's as it came (see
-/// [`with_caller_trace`]), if it sent one.
+/// [`traced`]), if it sent one.
 pub fn upstream_meta() -> Option<Map<String, Value>> {
     if !exporting() {
         return CALLER_TRACE.try_with(Map::clone).ok();

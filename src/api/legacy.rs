@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
-use tracing::Instrument;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::config::{EnvValue, Runtime, ServiceSpec};
@@ -205,12 +204,8 @@ async fn call(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let span = super::call_span(&key, &tool, &headers);
-    let call = st
-        .supervisor
-        .call_raw(&key, &tool, args, None)
-        .instrument(span);
-    match super::traced_call(&headers, call).await {
+    let call = st.supervisor.call_raw(&key, &tool, args, None);
+    match super::traced_call(&key, &tool, &headers, call).await {
         Ok(result) => super::result_response(&result),
         // The seed answered call failures with 200 {error}; keep that.
         Err(e @ SupervisorError::Call { .. }) => {

@@ -127,12 +127,14 @@ pub(crate) fn result_response(raw: &serde_json::value::RawValue) -> axum::respon
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// The span of one tool call, continuing the caller's `traceparent`.
-pub(crate) fn call_span(
+/// Runs one tool call in its span, continuing the caller's `traceparent`
+/// (which reaches the server in `_meta` even when meshbox exports no spans).
+pub(crate) async fn traced_call<F: std::future::Future>(
     key: &crate::supervisor::ServiceKey,
     tool: &str,
     headers: &axum::http::HeaderMap,
-) -> tracing::Span {
+    call: F,
+) -> F::Output {
     let span = tracing::debug_span!(
         "tools/call",
         otel.kind = "server",
@@ -141,21 +143,8 @@ pub(crate) fn call_span(
         tool = %tool,
         outcome = tracing::field::Empty,
     );
-    crate::telemetry::continue_trace(&span, |name| caller_header(headers, name));
-    span
-}
-
-fn caller_header<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Runs a tool call so that the caller's `traceparent` reaches the server
-/// in `_meta` even when meshbox exports no spans of its own.
-pub(crate) async fn traced_call<F: std::future::Future>(
-    headers: &axum::http::HeaderMap,
-    call: F,
-) -> F::Output {
-    crate::telemetry::with_caller_trace(|name| caller_header(headers, name), call).await
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    crate::telemetry::traced(span, header, call).await
 }
 
 /// Serves `router` with the connection bounds of a [`ServeConfig`] (header,

@@ -10,7 +10,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::Instrument;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::config::{validate_name, ServiceSpec};
@@ -174,17 +173,13 @@ async fn call(
     JsonBody(body): JsonBody<CallBody>,
 ) -> Result<axum::response::Response, ApiError> {
     check_call(&body.tool, &body.arguments, body.timeout_ms)?;
-    let span = super::call_span(&key, &body.tool, &headers);
-    let call = st
-        .supervisor
-        .call_raw(
-            &key,
-            &body.tool,
-            body.arguments,
-            body.timeout_ms.map(Duration::from_millis),
-        )
-        .instrument(span);
-    let result = super::traced_call(&headers, call).await?;
+    let call = st.supervisor.call_raw(
+        &key,
+        &body.tool,
+        body.arguments,
+        body.timeout_ms.map(Duration::from_millis),
+    );
+    let result = super::traced_call(&key, &body.tool, &headers, call).await?;
     Ok(super::result_response(&result))
 }
 

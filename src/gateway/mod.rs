@@ -352,9 +352,8 @@ async fn post_mcp(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = tracing::debug_span!("mcp", otel.kind = "server", path = ?path);
-    crate::telemetry::continue_trace(&span, |name| header(&headers, name));
-    let call = post_mcp_in(inner, path, principal, &headers, body).instrument(span);
-    crate::telemetry::with_caller_trace(|name| header(&headers, name), call).await
+    let call = post_mcp_in(inner, path, principal, &headers, body);
+    crate::telemetry::traced(span, |name| header(&headers, name), call).await
 }
 
 async fn post_mcp_in(
