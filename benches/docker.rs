@@ -124,12 +124,16 @@ async fn main() {
     for i in 0..RUNS {
         let t = Instant::now();
         let mount = format!("{volume}:/cache:ro");
+        // Named, to be removed: killing the docker CLI leaves its container.
+        let name = format!("meshbox-bench-bare-{}-{i}", std::process::id());
         let d = Direct::spawn(
             &[
                 "docker",
                 "run",
                 "-i",
                 "--rm",
+                "--name",
+                &name,
                 "-v",
                 &mount,
                 "-w",
@@ -144,6 +148,16 @@ async fn main() {
         d.handshake().await;
         bare.push(t.elapsed());
         drop(d);
+        let _ = docker
+            .client()
+            .remove_container(
+                &name,
+                Some(bollard::query_parameters::RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
         let t = Instant::now();
         let r = http
             .put(format!("{base}/v1/meshes/bench/services/warm{i}"))
@@ -164,12 +178,15 @@ async fn main() {
     let docker_p50 = call_p50(&http, &base, "first").await;
     // A shutdown leaves containers to be adopted by the next meshbox: the
     // bench removes what it deployed.
-    let r = http
-        .delete(format!("{base}/v1/meshes/bench/services/first"))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    let deployed = std::iter::once("first".to_owned()).chain((0..RUNS).map(|i| format!("warm{i}")));
+    for name in deployed {
+        let r = http
+            .delete(format!("{base}/v1/meshes/bench/services/{name}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{name}: {}", r.status());
+    }
     sup.shutdown().await;
     let _ = stop.send(());
 
